@@ -1,0 +1,6 @@
+"""Delta structures: one module per structure (see DESIGN.md's table)."""
+from .base import Delta, delta_from_spec, structures
+from .full import FullDelta
+from .lowrank import LowRankDelta, lowrank_apply
+
+__all__ = ["Delta", "FullDelta", "LowRankDelta", "delta_from_spec", "lowrank_apply", "structures"]

@@ -1,0 +1,97 @@
+"""The delta protocol shared by every structure.
+
+A delta is a small ``nn.Module`` that represents an update ``dW`` of one frozen weight ``W`` (always in the
+*linear layout*, ``out x in``, whatever the wrapped layer stores) and knows how to
+
+- add its effect to the base output without materializing ``dW`` (:meth:`Delta.forward`, :meth:`Delta.add_to`,
+  :meth:`Delta.embed` for lookup tables);
+- materialize ``dW`` (:meth:`Delta.dense`) and, where it has one, a bias update (:meth:`Delta.dense_bias`);
+- describe itself as JSON (:meth:`Delta.spec`) plus a flat tensor dict (:meth:`Delta.tensors`), and be rebuilt
+  from that pair (:func:`delta_from_spec`).
+
+Generic code (injection, merging, saving, export) only ever talks to this interface.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_STRUCTURES: dict[str, type["Delta"]] = {}
+
+
+class Delta(nn.Module):
+    """Base class: an update ``dW`` (out x in) of one weight, applied additively: ``y = W x + b + dW x``."""
+
+    structure: ClassVar[str] = ""
+
+    def __init__(self, out_features: int, in_features: int):
+        super().__init__()
+        self.out_features = int(out_features)
+        self.in_features = int(in_features)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.structure:
+            _STRUCTURES[cls.structure] = cls
+
+    # -- application -------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Contribution ``dW x`` for a dense input ``x`` (..., in)."""
+        return F.linear(x.to(self.dense().dtype), self.dense())
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``out + dW x``; structures override this to fuse the addition into their last kernel."""
+        return out + self(x).to(out.dtype)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Contribution for a lookup table: row ``ids`` of ``dW^T`` (the one-hot input of a linear map)."""
+        return F.embedding(ids, self.dense().t())
+
+    def bind(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Called when the delta is installed on a layer (``weight`` in linear layout). Most structures need nothing."""
+
+    # -- materialization -----------------------------------------------------------------------------------
+    def dense(self) -> torch.Tensor:
+        """The full update ``dW`` (out x in)."""
+        raise NotImplementedError
+
+    def dense_bias(self) -> torch.Tensor | None:
+        """The bias update, or ``None`` when the structure leaves the bias alone (all but full replacement)."""
+        return None
+
+    # -- bookkeeping -----------------------------------------------------------------------------------------
+    def spec(self) -> dict:
+        """JSON-serializable description: enough, with :meth:`tensors`, to rebuild the delta."""
+        return {"structure": self.structure, "out_features": self.out_features, "in_features": self.in_features}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Flat ``{name: tensor}`` of everything needed to rebuild the delta."""
+        return {k: v.detach() for k, v in self.state_dict().items()}
+
+    @classmethod
+    def from_spec(cls, spec: dict, tensors: dict[str, torch.Tensor]) -> "Delta":
+        raise NotImplementedError
+
+    def num_parameters(self, trainable_only: bool = True) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def extra_repr(self) -> str:
+        return f"out_features={self.out_features}, in_features={self.in_features}"
+
+
+def delta_from_spec(spec: dict, tensors: dict[str, torch.Tensor]) -> Delta:
+    """Rebuild a delta of any registered structure from its :meth:`Delta.spec` and :meth:`Delta.tensors`."""
+    structure = spec.get("structure")
+    if structure not in _STRUCTURES:
+        raise ValueError(
+            f"unknown delta structure {structure!r}; this deltatune knows {sorted(_STRUCTURES)}. "
+            "Was the checkpoint written by a newer deltatune?"
+        )
+    return _STRUCTURES[structure].from_spec(spec, tensors)
+
+
+def structures() -> list[str]:
+    return sorted(_STRUCTURES)

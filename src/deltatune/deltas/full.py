@@ -1,0 +1,56 @@
+"""Full replacement: the module's own weight and bias train, ``dW = W' - W``, ``db = b' - b``.
+
+Used for small modules that must train in full alongside an adapter, typically a freshly initialized
+classification head (PEFT calls these ``modules_to_save``). The delta keeps a frozen copy ``W`` of the weight it
+replaces so that merge and unmerge stay exact and the checkpoint stores the trained values ``W'`` (a fresh base
+with a differently initialized head gets exactly the trained head back).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Delta
+
+
+class FullDelta(Delta):
+    """``y = W' x + b'`` in place of ``y = W x + b``; expressed additively as ``(W' - W) x + (b' - b)``."""
+
+    structure = "full"
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        out_features, in_features = weight.shape
+        super().__init__(out_features, in_features)
+        self.weight = nn.Parameter(weight.detach().clone())
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        self.register_buffer("weight0", weight.detach().clone(), persistent=False)
+        self.register_buffer("bias0", bias.detach().clone() if bias is not None else None, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.dense(), self.dense_bias())
+
+    def dense(self) -> torch.Tensor:
+        return self.weight - self.weight0
+
+    def dense_bias(self) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias - self.bias0
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        t = {"weight": self.weight.detach()}
+        if self.bias is not None:
+            t["bias"] = self.bias.detach()
+        return t
+
+    def bind(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Point the frozen reference at the weight this delta sits on (a loaded head replaces a fresh one)."""
+        self.weight0 = weight.detach().clone()
+        self.bias0 = None if bias is None else bias.detach().clone()
+
+    @classmethod
+    def from_spec(cls, spec: dict, tensors: dict[str, torch.Tensor]) -> "FullDelta":
+        w = tensors["weight"]
+        if tuple(w.shape) != (spec["out_features"], spec["in_features"]):
+            raise ValueError(f"full-replacement weight has shape {tuple(w.shape)}, spec says "
+                             f"({spec['out_features']}, {spec['in_features']})")
+        return cls(w, tensors.get("bias"))

@@ -1,0 +1,117 @@
+"""Checkpoints: deltatune's own format and the PEFT LoRA format.
+
+Own format, one folder per adapter:
+
+- ``adapter_config.json``: ``{"format": "deltatune", "format_version", "name", "method": {...},
+  "base_model_name_or_path", "task_type", "modules": {module name: {"layer", "structure", "out_features",
+  "in_features", ...structure fields}}}``
+- ``adapter_model.safetensors``: ``"<module name>.<tensor name>"`` for every delta tensor.
+
+Several adapters saved together go to one subfolder each, named after the adapter.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import __version__
+from .. import model as M
+from ..methods import Method
+from .files import CONFIG_NAME, WEIGHTS_NAME, adapter_folders, read_adapter, write_adapter
+from .peft_format import NotLowRank, from_peft, to_peft
+from .record import FORMAT_VERSION, AdapterRecord, build_deltas, check_fits, record_from_model
+
+FORMATS = ("deltatune", "peft")
+
+
+def to_own(record: AdapterRecord) -> tuple[dict, dict[str, torch.Tensor]]:
+    config = {
+        "format": "deltatune", "format_version": FORMAT_VERSION, "deltatune_version": __version__,
+        "name": record.name, "method": record.method, "base_model_name_or_path": record.base_model,
+        "task_type": record.task_type, "modules": record.modules, **record.extra,
+    }
+    tensors = {f"{mod}.{k}": v for mod, ts in record.tensors.items() for k, v in ts.items()}
+    return config, tensors
+
+
+def from_own(config: dict, tensors: dict[str, torch.Tensor], name: str | None = None) -> AdapterRecord:
+    if config.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"checkpoint format version {config['format_version']} is newer than this deltatune reads "
+                         f"({FORMAT_VERSION}); upgrade deltatune")
+    per_module: dict[str, dict[str, torch.Tensor]] = {m: {} for m in config["modules"]}
+    for key, t in tensors.items():
+        mod, _, tname = key.rpartition(".")
+        if mod not in per_module:
+            raise ValueError(f"checkpoint tensor {key!r} belongs to no module listed in its config")
+        per_module[mod][tname] = t
+    return AdapterRecord(name or config["name"], config["method"], config["modules"], per_module,
+                         base_model=config.get("base_model_name_or_path"), task_type=config.get("task_type"))
+
+
+def read_record(folder: str | Path, name: str | None = None, model: nn.Module | None = None) -> AdapterRecord:
+    """Read one adapter folder of either format. PEFT checkpoints need the ``model`` to know layer kinds."""
+    config, tensors = read_adapter(folder)
+    if config.get("format") == "deltatune":
+        return from_own(config, tensors, name)
+    if "peft_type" in config:
+        kinds = {}
+        if model is not None:
+            for mod, base in M.base_modules(model):
+                try:
+                    kinds[mod] = M._kind(base)
+                except TypeError:
+                    pass
+        return from_peft(config, tensors, name or "default", kinds)
+    raise ValueError(f"{Path(folder) / CONFIG_NAME} is neither a deltatune nor a PEFT adapter config")
+
+
+def write_record(folder: str | Path, record: AdapterRecord, format: str = "deltatune") -> None:
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; choose one of {FORMATS}")
+    config, tensors = to_peft(record) if format == "peft" else to_own(record)
+    write_adapter(folder, config, tensors)
+
+
+def save(model: nn.Module, path: str | Path, names: str | list[str] | None = None, format: str = "deltatune") -> Path:
+    """Save adapters (default: all). One adapter goes to ``path`` itself; several to ``path/<name>/``.
+
+    ``format="peft"`` writes PEFT's LoRA checkpoint (loads with ``PeftModel.from_pretrained``, servable by vLLM).
+    Files are written atomically.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; choose one of {FORMATS}")
+    names = M._check_names(model, M.adapters(model) if names is None else names)
+    if not names:
+        raise ValueError("the model has no adapters to save")
+    records = [record_from_model(model, n) for n in names]
+    path = Path(path)
+    for rec in records:  # convert all before writing any (a non-LoRA delta fails here, not half-way)
+        (to_peft if format == "peft" else to_own)(rec)
+    for rec in records:
+        write_record(path if len(records) == 1 else path / rec.name, rec, format)
+    return path
+
+
+def load(model: nn.Module, path: str | Path, name: str | None = None, activate: bool = True) -> nn.Module:
+    """Load adapter(s) saved by :func:`save` (either format) or by PEFT onto ``model``.
+
+    ``name`` renames a single adapter. Every module is checked to fit (name, kind, shape) before the model
+    is touched; the first mismatch raises ``ValueError``.
+    """
+    folders = adapter_folders(path)
+    if name is not None and len(folders) > 1:
+        raise ValueError(f"{path} holds {len(folders)} adapters ({', '.join(folders)}); name= renames one only")
+    records = [read_record(f, name or sub or None, model) for sub, f in folders.items()]
+    built = []
+    for rec in records:
+        M.check_new_name(model, rec.name)
+        built.append(build_deltas(model, rec))
+    for rec, deltas in zip(records, built):
+        M.install(model, rec.name, Method.from_dict(rec.method), deltas, activate=activate)
+    return model
+
+
+__all__ = ["AdapterRecord", "CONFIG_NAME", "NotLowRank", "WEIGHTS_NAME", "check_fits", "from_own", "from_peft",
+           "load", "read_record", "record_from_model", "save", "to_own", "to_peft", "write_record"]

@@ -1,0 +1,95 @@
+"""An adapter in memory, independent of any model or file format.
+
+``AdapterRecord`` is what every format reads into and writes from: the method config, and per adapted module
+its layer kind, the delta's spec (:meth:`Delta.spec`) and tensors (:meth:`Delta.tensors`), all in the linear
+layout (``out x in``).
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .. import model as M
+from ..deltas import Delta, delta_from_spec
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class AdapterRecord:
+    name: str
+    method: dict
+    modules: dict[str, dict]  # module name -> {"layer": kind, **delta spec}
+    tensors: dict[str, dict[str, torch.Tensor]]  # module name -> delta tensors
+    base_model: str | None = None
+    task_type: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def num_parameters(self) -> int:
+        return sum(t.numel() for ts in self.tensors.values() for t in ts.values())
+
+
+def task_type_of(model: nn.Module) -> str | None:
+    cls = type(M.unwrap(model)).__name__
+    for suffix, task in (("ForSequenceClassification", "SEQ_CLS"), ("ForCausalLM", "CAUSAL_LM"),
+                         ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"),
+                         ("ForSeq2SeqLM", "SEQ_2_SEQ_LM")):
+        if cls.endswith(suffix):
+            return task
+    return "FEATURE_EXTRACTION" if hasattr(model, "config") else None
+
+
+def record_from_model(model: nn.Module, name: str) -> AdapterRecord:
+    model = M.unwrap(model)
+    modules, tensors = {}, {}
+    for mod_name, layer in M.adapted_layers(model):
+        if name in layer.deltas:
+            delta = layer.deltas[name]
+            modules[mod_name] = {"layer": layer.kind, **delta.spec()}
+            tensors[mod_name] = delta.tensors()
+    config = getattr(model, "config", None)
+    return AdapterRecord(name, M.method_of(model, name).to_dict(), modules, tensors,
+                         base_model=getattr(config, "_name_or_path", None) or None, task_type=task_type_of(model))
+
+
+def check_fits(model: nn.Module, record: AdapterRecord) -> dict[str, nn.Module]:
+    """``{module name: base module}`` for every module of the record; raise on the first one that does not fit."""
+    bases = dict(M.base_modules(model))
+    found = {}
+    for mod_name, spec in record.modules.items():
+        base = bases.get(mod_name)
+        if base is None:
+            close = difflib.get_close_matches(mod_name, list(bases), n=3, cutoff=0.5)
+            raise ValueError(
+                f"adapter {record.name!r} does not fit this model: it has a delta for {mod_name!r}, which the model "
+                f"lacks (close names: {close or 'none'}). Was it trained on another base model "
+                f"({record.base_model or 'unknown'})?"
+            )
+        try:
+            kind = M._kind(base)
+        except TypeError:
+            raise ValueError(f"adapter {record.name!r} does not fit this model: {mod_name!r} is a "
+                             f"{type(base).__name__}, which deltatune cannot adapt") from None
+        shape = tuple(M.linear_weight(base).shape)
+        want = (spec["out_features"], spec["in_features"])
+        if shape != want or (spec.get("layer") and spec["layer"] != kind):
+            raise ValueError(
+                f"adapter {record.name!r} does not fit this model: {mod_name!r} is a {kind} with weight "
+                f"(out, in) = {shape}, but the adapter was trained on a {spec.get('layer') or 'layer'} with {want}. "
+                f"Load it onto the base model it was trained on ({record.base_model or 'unknown'})."
+            )
+        found[mod_name] = base
+    return found
+
+
+def build_deltas(model: nn.Module, record: AdapterRecord) -> dict[str, Delta]:
+    """Deltas for the record, placed on the device of the weights they will sit on."""
+    bases = check_fits(model, record)
+    built = {}
+    for mod_name, spec in record.modules.items():
+        w = M.linear_weight(bases[mod_name])
+        built[mod_name] = delta_from_spec(spec, record.tensors[mod_name]).to(w.device)
+    return built

@@ -1,0 +1,98 @@
+"""What every method shares: the config base class and the controller protocol.
+
+A *method* = a delta structure + an initializer (:meth:`Method.build`) + optionally a *controller*
+(:meth:`Method.controller`) that acts during training. Controllers have one protocol, called by the deltatune
+trainer, by :class:`deltatune.train.DeltatuneCallback` for Hugging Face ``Trainer``, or by hand in a bare loop::
+
+    loss.backward()
+    dt.after_backward(model)        # gradients are present: importance scores, regularizer gradients
+    optimizer.step()
+    dt.step(model, optimizer)       # after the update: masking, pruning, growing (may edit param groups)
+    optimizer.zero_grad()
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..deltas import Delta, FullDelta
+
+_METHODS: dict[str, type["Method"]] = {}
+
+
+class Controller:
+    """Acts on one adapter during training. Both hooks are optional; the default does nothing."""
+
+    def after_backward(self, model: nn.Module, step: int) -> None:
+        """Called after ``loss.backward()`` and before ``optimizer.step()``; gradients are present."""
+
+    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, step: int) -> None:
+        """Called after ``optimizer.step()``; may change parameters, shapes and the optimizer's param groups."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+@dataclass
+class Method:
+    """Base config. ``targets``/``exclude``: see :mod:`deltatune.targets`; ``modules_to_save``: modules (e.g. a
+    new classification head) that train in full and are saved with the adapter."""
+
+    name: ClassVar[str] = ""
+
+    targets: Any = "all-linear"
+    exclude: Any = None
+    modules_to_save: list[str] | None = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            _METHODS[cls.name] = cls
+
+    def build(self, module_name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Delta:
+        """The delta for one layer whose weight is ``weight`` (out x in, linear layout)."""
+        raise NotImplementedError
+
+    def controller(self, model: nn.Module, adapter_name: str) -> Controller | None:
+        return None
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` on bad hyperparameters before anything touches the model."""
+
+    # -- serialization -----------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"method": self.name, **dataclasses.asdict(self)}
+
+    @staticmethod
+    def from_dict(d: dict) -> "Method":
+        d = dict(d)
+        name = d.pop("method", None)
+        if name not in _METHODS:
+            raise ValueError(f"unknown method {name!r}; known methods: {sorted(_METHODS)}")
+        cls = _METHODS[name]
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def full_replacement(weight: torch.Tensor, bias: torch.Tensor | None) -> Delta:
+    """The delta for a ``modules_to_save`` entry."""
+    return FullDelta(weight, bias)
+
+
+def methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    """Adapters on half-precision weights train in float32 (as PEFT's ``autocast_adapter_dtype``)."""
+    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+
+
+__all__ = ["Controller", "Method", "adapter_dtype", "field", "full_replacement", "methods"]

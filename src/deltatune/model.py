@@ -1,0 +1,424 @@
+"""Attach deltas to any ``nn.Module``: the adapted-layer wrapper, the adapter registry and the public verbs.
+
+A targeted layer ``m`` is replaced by ``AdaptedLayer(base=m)`` that holds one delta per adapter name::
+
+    y = base(x) + sum over active, unmerged adapters a of  delta_a(x)
+
+Everything here is generic: it only uses the :class:`~deltatune.deltas.Delta` and
+:class:`~deltatune.methods.Method` interfaces.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .deltas import Delta
+from .methods.base import Controller, Method, full_replacement
+from .targets import linear_types, resolve_targets
+
+REGISTRY_ATTR = "_deltatune"
+_NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+# -- layer kinds: how each wrapped layer maps to the linear layout ---------------------------------------------
+def _kind(module: nn.Module) -> str:
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, linear_types()):
+        return "conv1d"  # transformers' GPT-2 Conv1D: weight stored (in x out)
+    raise TypeError(f"deltatune cannot adapt {type(module).__name__}; adaptable: Linear, Conv1D, Embedding")
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The module's weight as an (out x in) view that shares storage (in-place edits write through)."""
+    return module.weight if _kind(module) == "linear" else module.weight.t()
+
+
+def add_dense_(weight: torch.Tensor, bias: torch.Tensor | None, delta: Delta, sign: float = 1.0) -> None:
+    """``W += sign * dW`` (and ``b += sign * db``) in place; half-precision weights accumulate in float32."""
+    with torch.no_grad():
+        for target, update in ((weight, delta.dense()), (bias, delta.dense_bias())):
+            if update is None or target is None:
+                continue
+            if target.dtype in (torch.float16, torch.bfloat16):
+                target.copy_((target.float() + sign * update.float()).to(target.dtype))
+            else:
+                target.add_(update.to(target.dtype), alpha=sign)
+
+
+class AdaptedLayer(nn.Module):
+    """A frozen layer plus named deltas. ``y = base(x) + sum_a delta_a(x)`` over active, unmerged adapters."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        self.kind = _kind(base)
+        self.deltas = nn.ModuleDict()
+        self.active: tuple[str, ...] = ()
+        self.merged: list[str] = []
+        self.enabled = True
+        self._live: tuple[Delta, ...] = ()
+
+    # the wrapped layer still looks like its base to code that reads its attributes
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return getattr(self.base, "bias", None)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base":
+                raise
+            return getattr(self.base, name)
+
+    def linear_weight(self) -> torch.Tensor:
+        return linear_weight(self.base)
+
+    def add(self, name: str, delta: Delta) -> None:
+        w = self.linear_weight()
+        if (delta.out_features, delta.in_features) != tuple(w.shape):
+            raise ValueError(f"delta of shape ({delta.out_features}, {delta.in_features}) does not fit a weight of "
+                             f"shape {tuple(w.shape)}")
+        delta.bind(w, self.bias if self.kind != "embedding" else None)
+        self.deltas[name] = delta
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Recompute the tuple of deltas the forward applies (kept out of the hot path)."""
+        live = [self.deltas[n] for n in self.active if n in self.deltas and n not in self.merged]
+        self._live = tuple(live) if self.enabled else ()
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base(x, *args, **kwargs)
+        if self.kind == "embedding":
+            for d in self._live:
+                out = out + d.embed(x).to(out.dtype)
+            return out
+        for d in self._live:
+            out = d.add_to(out, x)
+        return out
+
+    def merge(self, name: str) -> None:
+        if name in self.merged or name not in self.deltas:
+            return
+        add_dense_(self.linear_weight(), self.bias if self.kind != "embedding" else None, self.deltas[name], +1.0)
+        self.merged.append(name)
+        self.refresh()
+
+    def unmerge(self, name: str) -> None:
+        if name not in self.merged:
+            return
+        add_dense_(self.linear_weight(), self.bias if self.kind != "embedding" else None, self.deltas[name], -1.0)
+        self.merged.remove(name)
+        self.refresh()
+
+    def extra_repr(self) -> str:
+        return f"active={list(self.active)}, merged={self.merged}"
+
+
+@dataclass
+class AdapterInfo:
+    method: Method
+    modules: list[str]
+    controller: Controller | None = None
+
+
+@dataclass
+class Registry:
+    """Per-model state: adapters by name (in attach order), the active ones, the controller step counter."""
+
+    adapters: dict[str, AdapterInfo] = field(default_factory=dict)
+    active: list[str] = field(default_factory=list)
+    step: int = 0
+
+
+# -- helpers ---------------------------------------------------------------------------------------------------
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's model inside DDP / FSDP / DataParallel / torch.compile wrappers."""
+    while not hasattr(model, REGISTRY_ATTR):
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            break
+        model = inner
+    return model
+
+
+def registry(model: nn.Module, create: bool = False) -> Registry:
+    model = unwrap(model)
+    reg = model.__dict__.get(REGISTRY_ATTR)
+    if reg is None:
+        if not create:
+            raise ValueError("this model has no deltatune adapters; attach one first with dt.attach(model, dt.LoRA())")
+        reg = Registry()
+        model.__dict__[REGISTRY_ATTR] = reg
+    return reg
+
+
+def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
+    for name, module in unwrap(model).named_modules():
+        if isinstance(module, AdaptedLayer):
+            yield name, module
+
+
+def base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``named_modules`` as if no layer were wrapped (a wrapped layer shows as its base; deltas are hidden)."""
+    hidden: list[str] = []
+    for name, module in unwrap(model).named_modules():
+        if any(name.startswith(h) for h in hidden):
+            continue
+        if isinstance(module, AdaptedLayer):
+            hidden.append(name + ".")
+            yield name, module.base
+        else:
+            yield name, module
+
+
+class _BaseView(nn.Module):
+    """Shows ``base_modules`` to target resolution (which calls ``named_modules``)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.__dict__["_model"] = model
+
+    def named_modules(self, *args, **kwargs):
+        return base_modules(self._model)
+
+    def get_output_embeddings(self):
+        m = self._model
+        out = m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None
+        return out.base if isinstance(out, AdaptedLayer) else out
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def _sync(model: nn.Module) -> None:
+    """Push the registry's active list to every layer; ``requires_grad`` only on active adapters' parameters."""
+    reg = registry(model)
+    for _, layer in adapted_layers(model):
+        layer.active = tuple(reg.active)
+        layer.refresh()
+        for name, delta in layer.deltas.items():
+            for p in delta.parameters():
+                p.requires_grad_(name in reg.active)
+
+
+def check_new_name(model: nn.Module, name: str) -> None:
+    if not isinstance(name, str) or not _NAME_RE.match(name) or name == "base":
+        raise ValueError(f"adapter name {name!r} must be letters, digits, '_' or '-' (and not 'base')")
+    reg = unwrap(model).__dict__.get(REGISTRY_ATTR)
+    if reg is not None and name in reg.adapters:
+        raise ValueError(f"an adapter named {name!r} is already attached; pick another name or dt.delete() it first")
+
+
+# -- public verbs --------------------------------------------------------------------------------------------------
+def attach(model: nn.Module, method: Method, name: str = "default", activate: bool = True) -> nn.Module:
+    """Add adapter ``name`` built by ``method`` to ``model`` (in place) and return the model.
+
+    The base model's parameters are frozen. With ``activate=True`` (default) the new adapter becomes the only
+    active one; otherwise the active set is unchanged. On any error the model is left untouched.
+    """
+    if not isinstance(method, Method):
+        raise TypeError(f"expected a method config such as dt.LoRA(r=8), got {type(method).__name__}")
+    check_new_name(model, name)
+    method.validate()
+    model = unwrap(model)
+
+    view = _BaseView(model)
+    saved = resolve_targets(view, method.modules_to_save, kinds=linear_types() + (nn.Embedding,)) \
+        if method.modules_to_save else []
+    targets = resolve_targets(view, method.targets, method.exclude, skip=saved)
+    modules = dict(base_modules(model))
+
+    built: dict[str, Delta] = {}  # build everything first: nothing changes on error
+    for mod_name in targets + saved:
+        base = modules[mod_name]
+        w = linear_weight(base)
+        b = getattr(base, "bias", None) if _kind(base) != "embedding" else None
+        built[mod_name] = full_replacement(w, b) if mod_name in saved else method.build(mod_name, w, b)
+    install(model, name, method, built, activate)
+    return model
+
+
+def install(model: nn.Module, name: str, method: Method, built: dict[str, Delta], activate: bool = True) -> None:
+    """Put already-built deltas ``{module name: delta}`` on the model as adapter ``name`` (used by attach and load).
+
+    The caller has checked that every delta fits its module; this step cannot fail half-way.
+    """
+    check_new_name(model, name)
+    model = unwrap(model)
+    reg = registry(model, create=True)
+    if not reg.adapters:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    for mod_name, delta in built.items():
+        layer = model.get_submodule(mod_name)
+        if not isinstance(layer, AdaptedLayer):
+            layer = AdaptedLayer(layer)
+            _set_submodule(model, mod_name, layer)
+        layer.add(name, delta)
+    reg.adapters[name] = AdapterInfo(method, list(built))
+    reg.adapters[name].controller = method.controller(model, name)
+    if activate or not reg.active:
+        reg.active = [name]
+    _sync(model)
+
+
+def adapters(model: nn.Module) -> list[str]:
+    """Names of the attached adapters, in attach order."""
+    reg = unwrap(model).__dict__.get(REGISTRY_ATTR)
+    return list(reg.adapters) if reg else []
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    return list(registry(model).active)
+
+
+def _check_names(model: nn.Module, names: Iterable[str]) -> list[str]:
+    reg = registry(model)
+    names = [names] if isinstance(names, str) else list(names)
+    for n in names:
+        if n not in reg.adapters:
+            raise ValueError(f"no adapter named {n!r}; attached adapters: {list(reg.adapters)}")
+    return names
+
+
+def set_active(model: nn.Module, names: str | Iterable[str]) -> nn.Module:
+    """Make ``names`` (one or several; their outputs add) the active adapters. Only they get gradients."""
+    names = _check_names(model, names)
+    reg = registry(model)
+    for _, layer in adapted_layers(model):
+        stale = [n for n in layer.merged if n not in names]
+        if stale:
+            raise ValueError(f"adapters {stale} are merged into the weights; dt.unmerge(model) before switching")
+    reg.active = names
+    _sync(model)
+    return model
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module):
+    """Run the plain base model inside the block (merged adapters are unmerged and re-merged after)."""
+    layers = [layer for _, layer in adapted_layers(model)]
+    merged = {id(layer): list(layer.merged) for layer in layers}
+    for layer in layers:
+        for n in reversed(merged[id(layer)]):
+            layer.unmerge(n)
+        layer.enabled = False
+        layer.refresh()
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enabled = True
+            for n in merged[id(layer)]:
+                layer.merge(n)
+            layer.refresh()
+
+
+def merge(model: nn.Module, names: str | Iterable[str] | None = None) -> nn.Module:
+    """Add the adapters' dense deltas into the base weights (exact; default: the active adapters)."""
+    names = _check_names(model, registry(model).active if names is None else names)
+    for _, layer in adapted_layers(model):
+        for n in names:
+            layer.merge(n)
+    return model
+
+
+def unmerge(model: nn.Module, names: str | Iterable[str] | None = None) -> nn.Module:
+    """Subtract merged adapters from the base weights again (default: all merged adapters)."""
+    for _, layer in adapted_layers(model):
+        for n in list(reversed(layer.merged)) if names is None else _check_names(model, names):
+            layer.unmerge(n)
+    return model
+
+
+def unload(model: nn.Module, merge: bool = False) -> nn.Module:
+    """Remove every adapter and return the plain model; with ``merge=True`` the active adapters stay merged in."""
+    model = unwrap(model)
+    reg = registry(model)
+    for name, layer in list(adapted_layers(model)):
+        keep = reg.active if merge else []
+        for n in list(reversed(layer.merged)):
+            if n not in keep:
+                layer.unmerge(n)
+        for n in keep:
+            layer.merge(n)
+        _set_submodule(model, name, layer.base)
+    del model.__dict__[REGISTRY_ATTR]
+    return model
+
+
+def delete(model: nn.Module, name: str) -> nn.Module:
+    """Remove adapter ``name`` (unmerged first if needed); layers left without deltas are unwrapped."""
+    _check_names(model, name)
+    model = unwrap(model)
+    reg = registry(model)
+    for mod_name, layer in list(adapted_layers(model)):
+        if name not in layer.deltas:
+            continue
+        layer.unmerge(name)
+        del layer.deltas[name]
+        if not len(layer.deltas):
+            _set_submodule(model, mod_name, layer.base)
+    del reg.adapters[name]
+    reg.active = [n for n in reg.active if n != name] or list(reg.adapters)[-1:]
+    if not reg.adapters:
+        del model.__dict__[REGISTRY_ATTR]
+        return model
+    _sync(model)
+    return model
+
+
+def deltas(model: nn.Module, name: str) -> dict[str, Delta]:
+    """``{module name: delta}`` of adapter ``name``."""
+    _check_names(model, name)
+    return {mod: layer.deltas[name] for mod, layer in adapted_layers(model) if name in layer.deltas}
+
+
+def method_of(model: nn.Module, name: str) -> Method:
+    _check_names(model, name)
+    return registry(model).adapters[name].method
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts (each shared tensor counted once)."""
+    seen: dict[int, nn.Parameter] = {id(p): p for p in unwrap(model).parameters()}
+    trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
+    return trainable, sum(p.numel() for p in seen.values())
+
+
+# -- controllers -----------------------------------------------------------------------------------------------
+def _controllers(model: nn.Module) -> list[Controller]:
+    reg = registry(model)
+    return [reg.adapters[n].controller for n in reg.active if reg.adapters[n].controller is not None]
+
+
+def after_backward(model: nn.Module) -> None:
+    """Call after ``loss.backward()``, before ``optimizer.step()``: controllers that need gradients act here."""
+    reg = registry(model)
+    for c in _controllers(model):
+        c.after_backward(unwrap(model), reg.step)
+
+
+def step(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Call after ``optimizer.step()``: controllers update masks, ranks or sparsity and the step counter advances."""
+    reg = registry(model)
+    for c in _controllers(model):
+        c.after_step(unwrap(model), optimizer, reg.step)
+    reg.step += 1
