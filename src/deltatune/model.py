@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -65,6 +66,7 @@ class AdaptedLayer(nn.Module):
         self.merged: list[str] = []
         self.enabled = True
         self._live: tuple[Delta, ...] = ()
+        self._replacing: Delta | None = None
 
     # the wrapped layer still looks like its base to code that reads its attributes
     @property
@@ -98,10 +100,17 @@ class AdaptedLayer(nn.Module):
     def refresh(self) -> None:
         """Recompute the tuple of deltas the forward applies (kept out of the hot path)."""
         live = [self.deltas[n] for n in self.active if n in self.deltas and n not in self.merged]
-        self._live = tuple(live) if self.enabled else ()
+        live = live if self.enabled else []
+        replacing = [d for d in live if d.replaces_output]
+        # one replacing delta computes the whole output; several fall back to adding their dense updates
+        self._replacing = replacing[0] if len(replacing) == 1 and not self.merged else None
+        self._live = tuple(d for d in live if d is not self._replacing)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = self.base(x, *args, **kwargs)
+        if self._replacing is not None:
+            out = self._replacing.replace(x, embedding=self.kind == "embedding")
+        else:
+            out = self.base(x, *args, **kwargs)
         if self.kind == "embedding":
             for d in self._live:
                 out = out + d.embed(x).to(out.dtype)
@@ -331,12 +340,32 @@ def disabled(model: nn.Module):
             layer.refresh()
 
 
-def merge(model: nn.Module, names: str | Iterable[str] | None = None) -> nn.Module:
-    """Add the adapters' dense deltas into the base weights (exact; default: the active adapters)."""
-    names = _check_names(model, registry(model).active if names is None else names)
-    for _, layer in adapted_layers(model):
+def _untie(model: nn.Module, layers: list[AdaptedLayer]) -> None:
+    """Give each layer about to be merged its own weight if the weight is shared (tied input/output embeddings),
+    so that merging a delta into one module does not silently change the other."""
+    count: dict[int, int] = {}
+    for _, p in unwrap(model).named_parameters(remove_duplicate=False):
+        count[id(p)] = count.get(id(p), 0) + 1
+    for layer in layers:
+        w = layer.base.weight
+        if count.get(id(w), 0) > 1:
+            warnings.warn(f"untying a shared weight of shape {tuple(w.shape)} before merging into it (tied "
+                          "embeddings); the other module keeps the original values", stacklevel=3)
+            layer.base.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
+
+
+def _merge_layers(model: nn.Module, names: list[str]) -> None:
+    todo = [layer for _, layer in adapted_layers(model) if any(n in layer.deltas and n not in layer.merged
+                                                              for n in names)]
+    _untie(model, todo)
+    for layer in todo:
         for n in names:
             layer.merge(n)
+
+
+def merge(model: nn.Module, names: str | Iterable[str] | None = None) -> nn.Module:
+    """Add the adapters' dense deltas into the base weights (exact; default: the active adapters)."""
+    _merge_layers(model, _check_names(model, registry(model).active if names is None else names))
     return model
 
 
@@ -351,14 +380,13 @@ def unmerge(model: nn.Module, names: str | Iterable[str] | None = None) -> nn.Mo
 def unload(model: nn.Module, merge: bool = False) -> nn.Module:
     """Remove every adapter and return the plain model; with ``merge=True`` the active adapters stay merged in."""
     model = unwrap(model)
-    reg = registry(model)
-    for name, layer in list(adapted_layers(model)):
-        keep = reg.active if merge else []
+    keep = registry(model).active if merge else []
+    for _, layer in adapted_layers(model):
         for n in list(reversed(layer.merged)):
             if n not in keep:
                 layer.unmerge(n)
-        for n in keep:
-            layer.merge(n)
+    _merge_layers(model, keep)
+    for name, layer in list(adapted_layers(model)):
         _set_submodule(model, name, layer.base)
     del model.__dict__[REGISTRY_ATTR]
     return model

@@ -26,6 +26,9 @@ class Delta(nn.Module):
     """Base class: an update ``dW`` (out x in) of one weight, applied additively: ``y = W x + b + dW x``."""
 
     structure: ClassVar[str] = ""
+    #: True for structures that compute the layer's whole output themselves (:meth:`replace`) instead of adding
+    #: to the base output; the layer then skips the base computation.
+    replaces_output: ClassVar[bool] = False
 
     def __init__(self, out_features: int, in_features: int):
         super().__init__()
@@ -45,6 +48,10 @@ class Delta(nn.Module):
     def add_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``out + dW x``; structures override this to fuse the addition into their last kernel."""
         return out + self(x).to(out.dtype)
+
+    def replace(self, x: torch.Tensor, embedding: bool = False) -> torch.Tensor:
+        """The layer's full output ``(W + dW) x + b + db`` (only for ``replaces_output`` structures)."""
+        raise NotImplementedError
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Contribution for a lookup table: row ``ids`` of ``dW^T`` (the one-hot input of a linear map)."""

@@ -18,6 +18,7 @@ class FullDelta(Delta):
     """``y = W' x + b'`` in place of ``y = W x + b``; expressed additively as ``(W' - W) x + (b' - b)``."""
 
     structure = "full"
+    replaces_output = True
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         out_features, in_features = weight.shape
@@ -29,6 +30,12 @@ class FullDelta(Delta):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.to(self.weight.dtype), self.dense(), self.dense_bias())
+
+    def replace(self, x: torch.Tensor, embedding: bool = False) -> torch.Tensor:
+        """``W' x + b'`` computed directly, so a loaded head gives bit-identical outputs on any base."""
+        if embedding:
+            return F.embedding(x, self.weight.t())
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
 
     def dense(self) -> torch.Tensor:
         return self.weight - self.weight0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections import Counter
 
 import torch
@@ -127,7 +128,13 @@ def from_peft(config: dict, tensors: dict[str, torch.Tensor], name: str, kinds: 
         scale = alpha / math.sqrt(r) if rslora else alpha / r
         modules[mod] = {"structure": "lowrank", "layer": kinds.get(mod), "out_features": t["B"].shape[0],
                         "in_features": t["A"].shape[1], "r": r, "scale": scale}
+    base_copies = sorted(k for k in rest if ".base_layer." in k)
+    if base_copies:  # PEFT's save_embedding_layers: copies of the base embeddings, the model has its own
+        warnings.warn(f"PEFT checkpoint carries copies of base weights ({', '.join(base_copies[:3])}); deltatune "
+                      "keeps the model's own base weights", stacklevel=3)
     for key, t in rest.items():
+        if key in base_copies:
+            continue
         mod, _, pname = key.rpartition(".")
         mod = mod.replace(".modules_to_save", "")
         if pname not in ("weight", "bias") or mod not in kinds:
