@@ -137,14 +137,15 @@ def from_peft(config: dict, tensors: dict[str, torch.Tensor], name: str, kinds: 
             continue
         mod, _, pname = key.rpartition(".")
         mod = mod.replace(".modules_to_save", "")
-        if pname not in ("weight", "bias") or mod not in kinds:
+        saved = any(mod == k or mod.endswith("." + k) for k in config.get("modules_to_save") or [])
+        if pname not in ("weight", "bias") or not (mod in kinds or saved):
             raise ValueError(f"PEFT checkpoint has a tensor deltatune does not understand: {key!r}")
+        kind = kinds.get(mod, "linear")  # without a model to look at, assume a Linear head
         if pname == "weight":
-            t = _in_module_layout(t, kinds[mod])
-        out.setdefault(mod, {})[pname] = t
-        if pname == "weight":
-            modules[mod] = {"structure": "full", "layer": kinds[mod], "out_features": t.shape[0],
+            t = _in_module_layout(t, kind)
+            modules[mod] = {"structure": "full", "layer": kinds.get(mod), "out_features": t.shape[0],
                             "in_features": t.shape[1]}
+        out.setdefault(mod, {})[pname] = t
     method = {"method": "lora", "r": int(config["r"]), "alpha": config["lora_alpha"],
               "dropout": config.get("lora_dropout", 0.0), "use_rslora": rslora,
               "targets": sorted(m for m, s in modules.items() if s["structure"] == "lowrank"),

@@ -1,0 +1,62 @@
+"""The command line on real adapters, and the demo end to end."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+from conftest import logits, make_minilm, randomize
+
+import deltatune as dt
+from deltatune.cli import main
+
+
+def _saved(minilm_dir, tmp_path):
+    model = make_minilm(minilm_dir)
+    dt.attach(model, dt.PiSSA(r=4, targets=["query", "value"], modules_to_save=["classifier"]), name="cli")
+    randomize(model, "cli")
+    dt.save(model, tmp_path / "a")
+    return model
+
+
+def test_inspect_prints_method_modules_and_parameters(minilm_dir, tmp_path, capsys):
+    model = _saved(minilm_dir, tmp_path)
+    assert main(["inspect", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "method    pissa" in out and "13 (12 lowrank, 1 full)" in out
+    assert "bert.encoder.layer.0.attention.self.query  lowrank    384x384  8" in out  # rank 2r after residual fold
+    total = sum(t.numel() for d in dt.deltas(model, "cli").values() for t in d.tensors().values())
+    assert f"params    {total:,}" in out
+    assert main(["inspect", str(tmp_path / "a"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["params"] == total and len(info["modules"]) == 13
+
+
+def test_export_to_peft_loads_in_peft(minilm_dir, minilm_batch, tmp_path):
+    from peft import PeftModel
+
+    model = _saved(minilm_dir, tmp_path)
+    assert main(["export", str(tmp_path / "a"), "--to", "peft", str(tmp_path / "p")]) == 0
+    ref = PeftModel.from_pretrained(make_minilm(minilm_dir, seed=3), tmp_path / "p").eval()
+    torch.testing.assert_close(logits(ref, minilm_batch), logits(model, minilm_batch), atol=1e-5, rtol=0)
+
+
+def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("deltatune inspect: error:") and "no adapter_config.json" in err
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "deltatune.cli", "demo", "--out", str(tmp_path / "demo"),
+                           "--steps", "40", "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    before = float(out.split("accuracy before fine-tuning: ")[1].split()[0])
+    after = float(out.split("accuracy after 40 steps: ")[1].split()[0])
+    assert after >= before + 0.25 and after >= 0.85, out
+    assert "predictions identical = True" in out and "merged into the base weights: predictions identical = True" in out
+    assert (tmp_path / "demo" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "demo" / "adapter-peft" / "adapter_config.json").is_file()
+    assert (tmp_path / "demo" / "run" / "metrics.jsonl").is_file()
