@@ -91,6 +91,7 @@ def test_our_peft_checkpoint_loads_in_peft(minilm_dir, minilm_batch, tmp_path):
 def test_peft_checkpoint_loads_with_dt_load(smollm_dir, smollm_batch, tmp_path):
     from peft import LoraConfig, get_peft_model
 
+    torch.manual_seed(0)  # init_lora_weights=False draws random A and B
     ref = get_peft_model(make_smollm(smollm_dir), LoraConfig(
         r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"], init_lora_weights=False,
     )).eval()
@@ -105,4 +106,6 @@ def test_peft_checkpoint_loads_with_dt_load(smollm_dir, smollm_batch, tmp_path):
     with pytest.warns(UserWarning, match="untying"):
         dt.merge(ours)
     assert ours.lm_head.weight is not ours.model.embed_tokens.base.weight
-    torch.testing.assert_close(logits(ours, smollm_batch), y_ref, atol=1e-3, rtol=1e-4)
+    # merged fp32 weights round differently from x W^T + s (x A^T) B^T; over 30 layers with large random deltas
+    # that is ~1e-3 on logits of magnitude ~20
+    torch.testing.assert_close(logits(ours, smollm_batch), y_ref, atol=3e-3, rtol=1e-4)

@@ -1,0 +1,239 @@
+"""Training data: read rows from files, tokenize them for one of two tasks, pad batches.
+
+Rows are plain dicts (column name -> value). Supported files:
+
+- ``.jsonl``: one JSON object per line;
+- ``.json``: a list of objects;
+- ``.csv`` / ``.tsv``: a header line with column names (TSV is read without quote handling, as GLUE needs).
+
+Tasks:
+
+- ``classification``: ``text`` (and optionally ``text_pair``) column(s) plus a ``label`` column. Labels that are
+  all integers (or integer strings, as read from CSV) are used as they are; anything else is mapped to ids in
+  sorted order (:func:`label_map`).
+- ``causal_lm``: instruction tuning. The prompt is a column or a template over several columns, the response a
+  column; the example is ``prompt tokens + response tokens + eos`` and the labels are ``-100`` on the prompt (and
+  on padding), so the loss is on the response only.
+
+An encoded example is a dict of lists (``input_ids``, ``attention_mask``, maybe ``token_type_ids``) plus
+``labels`` (an int for classification, a list for causal LM). :class:`Collator` pads a list of them into tensors.
+"""
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+IGNORE_INDEX = -100
+FILE_TYPES = (".jsonl", ".json", ".csv", ".tsv")
+TASKS = ("classification", "causal_lm")
+
+# Named prompt templates. A template is a str.format string over row columns, or a pair
+# (with_input, without_input) chosen by whether the row's "input" column is empty (the Alpaca convention).
+TEMPLATES: dict[str, str | tuple[str, str]] = {
+    "alpaca": (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
+        "Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Response:\n",
+    ),
+}
+
+
+# -- reading files ---------------------------------------------------------------------------------------------
+def read_rows(path: str | Path, max_rows: int | None = None) -> list[dict]:
+    """Rows of a ``.jsonl``, ``.json`` (list of objects), ``.csv`` or ``.tsv`` (with header) file.
+
+    ``max_rows`` keeps the first rows only (jsonl/csv/tsv files are not read further).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    if suffix not in FILE_TYPES:
+        raise ValueError(f"cannot read {str(path)!r}: unsupported file type {suffix or '(none)'!r}; "
+                         f"use one of {', '.join(FILE_TYPES)}")
+    with open(path, encoding="utf-8", newline="") as f:
+        if suffix == ".json":
+            rows = _json_rows(f, path)
+        elif suffix == ".jsonl":
+            rows = _jsonl_rows(f, path)
+        else:
+            rows = _table_rows(f, path, tsv=suffix == ".tsv")
+        return list(itertools.islice(rows, max_rows))
+
+
+def _json_rows(f, path: Path) -> list[dict]:
+    data = json.load(f)
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise ValueError(f"{str(path)!r} must hold a JSON list of objects (one per row)")
+    return data
+
+
+def _jsonl_rows(f, path: Path) -> Iterator[dict]:
+    for lineno, line in enumerate(f, 1):
+        if line.strip():
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError(f"{str(path)!r} line {lineno}: expected a JSON object, got {type(row).__name__}")
+            yield row
+
+
+def _table_rows(f, path: Path, tsv: bool) -> Iterator[dict]:
+    """CSV with standard quoting; TSV without quote handling (GLUE files contain bare quote characters)."""
+    reader = csv.DictReader(f, delimiter="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+    for row in reader:
+        if None in row or None in row.values():
+            raise ValueError(f"{str(path)!r} line {reader.line_num}: the number of fields differs from the header "
+                             f"{reader.fieldnames}")
+        yield row
+
+
+def check_columns(rows: Sequence[dict], columns: Sequence[str | None], source: str = "data") -> None:
+    """Raise ``KeyError`` naming the first column (of the non-None ``columns``) missing from some row."""
+    if not rows:
+        raise ValueError(f"{source} has no rows")
+    for i, row in enumerate(rows):
+        for col in columns:
+            if col is not None and col not in row:
+                raise KeyError(f"{source}: row {i} has no column {col!r}; columns present: {sorted(row)}")
+
+
+# -- classification ----------------------------------------------------------------------------------------------
+def _as_int(value) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value.strip())
+    return None
+
+
+def label_map(labels: Sequence) -> dict[str, int]:
+    """``{label as str: id}``. Non-negative integer labels keep their value; other labels get ids in sorted order."""
+    ints = [_as_int(v) for v in labels]
+    if all(i is not None and i >= 0 for i in ints):
+        return {str(i): i for i in sorted(set(ints))}
+    return {name: i for i, name in enumerate(sorted({str(v) for v in labels}))}
+
+
+def encode_classification(
+    rows: Sequence[dict],
+    tokenizer,
+    text: str,
+    label: str,
+    text_pair: str | None = None,
+    max_length: int = 128,
+    label2id: dict[str, int] | None = None,
+    source: str = "data",
+) -> tuple[list[dict], dict[str, int]]:
+    """Tokenize classification rows. Returns ``(examples, label2id)``; ``label2id`` is built from the rows unless
+    given (pass the training set's map when encoding the evaluation set)."""
+    check_columns(rows, [text, text_pair, label], source)
+    label2id = label2id or label_map([r[label] for r in rows])
+    unknown = sorted({str(r[label]) for r in rows} - set(label2id), key=str)
+    if unknown:
+        raise ValueError(f"{source}: labels {unknown[:5]} are not in the label map {sorted(label2id)}")
+    texts = [str(r[text]) for r in rows]
+    pairs = [str(r[text_pair]) for r in rows] if text_pair else None
+    enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+    examples = [{k: enc[k][i] for k in keys} | {"labels": label2id[str(r[label])]} for i, r in enumerate(rows)]
+    return examples, label2id
+
+
+# -- causal LM instruction tuning --------------------------------------------------------------------------------
+def format_prompt(row: dict, template: str | tuple[str, str], source: str = "data") -> str:
+    """Fill a template (a format string, a named template from :data:`TEMPLATES`, or a (with_input, no_input)
+    pair) with the row's columns."""
+    template = TEMPLATES.get(template, template) if isinstance(template, str) else template
+    if isinstance(template, (tuple, list)):
+        with_input, without_input = template
+        template = with_input if str(row.get("input") or "").strip() else without_input
+    try:
+        return template.format(**row)
+    except KeyError as e:
+        raise KeyError(f"{source}: the prompt template uses column {e.args[0]!r}, which the row lacks; "
+                       f"columns present: {sorted(row)}") from None
+
+
+def encode_instruction(prompt: str, response: str, tokenizer, max_length: int = 512) -> dict:
+    """One causal-LM example: ``prompt + response + eos``, truncated to ``max_length`` at the end, with labels
+    ``-100`` on the prompt tokens. Prompt and response are tokenized separately, so the boundary is exact."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos token; causal-LM examples end with one")
+    p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = (p + r)[:max_length]
+    labels = ([IGNORE_INDEX] * len(p) + r)[:max_length]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def encode_instructions(
+    rows: Sequence[dict],
+    tokenizer,
+    response: str,
+    prompt: str | None = None,
+    template: str | tuple[str, str] | None = None,
+    max_length: int = 512,
+    source: str = "data",
+) -> list[dict]:
+    """Tokenize instruction rows (prompt column *or* template, plus response column). Rows whose prompt fills
+    ``max_length`` (no response token left to learn from) are dropped with a warning."""
+    if (prompt is None) == (template is None):
+        raise ValueError("give exactly one of prompt (a column) or template (a format string over columns)")
+    check_columns(rows, [prompt, response], source)
+    examples = []
+    for row in rows:
+        text = str(row[prompt]) if prompt else format_prompt(row, template, source)
+        ex = encode_instruction(text, str(row[response]), tokenizer, max_length)
+        if any(t != IGNORE_INDEX for t in ex["labels"]):
+            examples.append(ex)
+    dropped = len(rows) - len(examples)
+    if not examples:
+        raise ValueError(f"{source}: every prompt is at least max_length={max_length} tokens; raise max_length")
+    if dropped:
+        warnings.warn(f"{source}: dropped {dropped} of {len(rows)} rows whose prompt fills max_length={max_length}")
+    return examples
+
+
+# -- batching --------------------------------------------------------------------------------------------------------
+@dataclass
+class Collator:
+    """Pad a list of encoded examples on the right to the longest one: ``input_ids`` with ``pad_id``, masks and
+    token types with 0, sequence labels with -100; integer labels become a 1-D tensor."""
+
+    pad_id: int = 0
+
+    def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(ex["input_ids"]) for ex in examples)
+        fill = {"input_ids": self.pad_id, "labels": IGNORE_INDEX}
+        batch = {}
+        for key in examples[0]:
+            values = [ex[key] for ex in examples]
+            if isinstance(values[0], (list, tuple)):
+                pad = fill.get(key, 0)
+                values = [list(v) + [pad] * (width - len(v)) for v in values]
+            batch[key] = torch.tensor(values)
+        return batch
+
+
+def pad_id_of(tokenizer) -> int:
+    """The tokenizer's pad id, else its eos id (padded positions are masked out anyway), else 0."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+__all__ = ["Collator", "IGNORE_INDEX", "TEMPLATES", "check_columns", "encode_classification", "encode_instruction",
+           "encode_instructions", "format_prompt", "label_map", "pad_id_of", "read_rows"]

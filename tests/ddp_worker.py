@@ -1,0 +1,59 @@
+"""Worker for tests/test_ddp.py: LoRA-train MiniLM on fixed SST-2 rows and save the adapter.
+
+Under ``torchrun`` (WORLD_SIZE > 1) every rank saves its own copy to ``OUT/rank<r>``; a plain run saves to
+``OUT/single``. Model dropout and LoRA dropout are 0 and the data order is fixed, so a 2-rank run with batch 4 must
+match a single run with batch 8.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import deltatune as dt
+from deltatune.train import TrainArgs, encode_classification, read_rows, set_seed, train
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--batch-size", type=int, required=True)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rows", type=int, default=48)
+    opts = parser.parse_args()
+    torch.set_num_threads(1)
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from deltatune.zoo import minilm_path
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        dist.init_process_group("gloo")
+    path = minilm_path()
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    examples, _ = encode_classification(read_rows(opts.data, opts.rows), tok, "sentence", "label", max_length=64)
+
+    set_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, local_files_only=True)
+    dt.attach(model, dt.LoRA(r=4, alpha=8, dropout=0.0, modules_to_save=["classifier"]))
+    args = TrainArgs(lr=1e-3, batch_size=opts.batch_size, max_steps=opts.steps, shuffle=False, progress=False,
+                     plot=False, save_adapter=False)
+    result = train(model, examples, args)
+
+    name = f"rank{dist.get_rank()}" if distributed else "single"
+    dt.save(model, Path(opts.out) / name)
+    (Path(opts.out) / name / "result.json").write_text(json.dumps(
+        {"world_size": result["world_size"], "losses": [r["loss"] for r in result["history"]]}))
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
