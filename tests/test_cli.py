@@ -48,6 +48,32 @@ def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert err.startswith("deltatune inspect: error:") and "no adapter_config.json" in err
 
 
+def test_train_from_a_yaml_run_config(minilm_dir, minilm_batch, tmp_path, capsys):
+    import yaml
+    from conftest import SHARED
+
+    sst2 = SHARED / "data" / "glue" / "SST-2"
+    config = {"model": {"path": "minilm", "task": "classification"},
+              "data": {"train": str(sst2 / "train.tsv"), "eval": str(sst2 / "dev.tsv"), "text": "sentence",
+                       "max_length": 48, "max_train_rows": 32, "max_eval_rows": 16},
+              "method": {"name": "lora", "r": 4, "targets": ["query", "value"]},
+              "train": {"batch_size": 8, "max_steps": 2, "progress": False}, "output_dir": "run"}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", str(tmp_path / "run.yaml")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 2 and summary["adapter_path"] == str(tmp_path / "run" / "adapter")
+    assert 0.0 <= summary["eval"]["eval_accuracy"] <= 1.0
+    model = dt.load(make_minilm(minilm_dir), tmp_path / "run" / "adapter")
+    assert len(dt.deltas(model, "default")) == 6 * 2 + 1  # query, value in 6 layers + the classifier head
+
+    config["data"]["text"] = "sentense"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
+    capsys.readouterr()
+    assert main(["train", str(tmp_path / "bad.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("deltatune train: error:") and "no column 'sentense'" in err and "\n" not in err.strip()
+
+
 def test_demo_runs_end_to_end(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "deltatune.cli", "demo", "--out", str(tmp_path / "demo"),
                            "--steps", "40", "--no-progress"], capture_output=True, text=True, timeout=600)

@@ -110,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
-        print(f"deltatune {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, KeyError, FileNotFoundError, ModuleNotFoundError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError's str() adds quotes
+        print(f"deltatune {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 
