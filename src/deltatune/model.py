@@ -42,6 +42,11 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     return module.weight if _kind(module) == "linear" else module.weight.t()
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling the module runs hooks (user hooks, accelerate's device hooks): then it must be called."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"))
+
+
 def add_dense_(weight: torch.Tensor, bias: torch.Tensor | None, delta: Delta, sign: float = 1.0) -> None:
     """``W += sign * dW`` (and ``b += sign * db``) in place; half-precision weights accumulate in float32."""
     with torch.no_grad():
@@ -67,6 +72,9 @@ class AdaptedLayer(nn.Module):
         self.enabled = True
         self._live: tuple[Delta, ...] = ()
         self._replacing: Delta | None = None
+        # exactly nn.Linear / Conv1D (not quantized or other subclasses): its output is x W^T + b, so a single
+        # live delta may compute the whole layer in one fused node (Delta.fuse)
+        self._plain = type(base) is nn.Linear or self.kind == "conv1d"
 
     # the wrapped layer still looks like its base to code that reads its attributes
     @property
@@ -107,17 +115,28 @@ class AdaptedLayer(nn.Module):
         self._live = tuple(d for d in live if d is not self._replacing)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self._replacing is not None:
-            out = self._replacing.replace(x, embedding=self.kind == "embedding")
-        else:
-            out = self.base(x, *args, **kwargs)
         if self.kind == "embedding":
+            out = self._base_output(x, *args, **kwargs)
             for d in self._live:
                 out = out + d.embed(x).to(out.dtype)
             return out
+        # linear maps act on the last dim: run them on a 2-D (tokens x features) view, so the base output is a
+        # fresh tensor (not a view) that deltas can add into in place
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])
+        if len(self._live) == 1 and self._replacing is None and self._plain and not _hooked(self.base):
+            out = self._live[0].fuse(x, self.linear_weight(), self.bias)
+            if out is not None:
+                return out.view(*lead, out.shape[-1])
+        out = self._base_output(x, *args, **kwargs)
         for d in self._live:
             out = d.add_to(out, x)
-        return out
+        return out.view(*lead, out.shape[-1])
+
+    def _base_output(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self._replacing is not None:
+            return self._replacing.replace(x, embedding=self.kind == "embedding")
+        return self.base(x, *args, **kwargs)
 
     def merge(self, name: str) -> None:
         if name in self.merged or name not in self.deltas:

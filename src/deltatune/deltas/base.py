@@ -49,6 +49,12 @@ class Delta(nn.Module):
         """``out + dW x``; structures override this to fuse the addition into their last kernel."""
         return out + self(x).to(out.dtype)
 
+    def fuse(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """The whole output ``x (W + dW)^T + b`` of a plain linear layer, for 2-D ``x``, when this delta is the only
+        one live on it: a structure may compute it as one fused autograd node. ``None`` (the default) means "no
+        fused kernel": the layer then calls its base and :meth:`add_to`."""
+        return None
+
     def replace(self, x: torch.Tensor, embedding: bool = False) -> torch.Tensor:
         """The layer's full output ``(W + dW) x + b + db`` (only for ``replaces_output`` structures)."""
         raise NotImplementedError

@@ -8,8 +8,15 @@
   adapters can live on one base, and the delta is always a plain low-rank update of the original ``W``
   (:meth:`LowRankDelta.factors` returns it as rank ``2r`` factors ``[B | -B0]``, ``[A ; A0]``).
 
-The unmerged forward never forms ``dW``: ``y = base(x) + s * (x A^T) B^T``, with the scale and the addition fused
-into one ``addmm`` kernel.
+The unmerged forward never forms ``dW``: ``y = x W^T + b + s * (x A^T) B^T``. When this delta is the only one live
+on a plain frozen linear layer, the whole layer runs as one autograd node (:func:`lowrank_linear`); otherwise the
+update is added into the base layer's output (:func:`lowrank_apply`, in place when that output owns its storage).
+Both spell out the backward so that every product keeps a BLAS-friendly orientation and nothing of the size of
+the activations is allocated beyond what the frozen layer itself needs (``g = dL/dy``, ``u^T = s B^T g^T``)::
+
+    dL/dA = u^T x            (r x in)
+    dL/dB = s (xa^T g)^T     (out x r; computed as r x out, the fast orientation for a tall g)
+    dL/dx = g W + u A        (fused: one mm plus an in-place addmm)
 """
 from __future__ import annotations
 
@@ -20,12 +27,77 @@ from torch import nn
 from .base import Delta
 
 
+def _factor_grads(g2, xd2, xa, A, B, s, need_A, need_B):
+    """``(u^T, dL/dA, dL/dB)`` of ``y += s (xd A^T) B^T`` for ``g2 = dL/dy`` (tokens x out)."""
+    gB = torch.mm(xa.t(), g2).mul_(s).t().contiguous() if need_B else None
+    uT = torch.mm(B.t().contiguous(), g2.t()).mul_(s)  # faster than g2 @ B for a tall g2
+    gA = torch.mm(uT, xd2) if need_A else None
+    return uT, gA, gB
+
+
+class _LowRankAdd(torch.autograd.Function):
+    """``out + s * (x A^T) B^T``, written into ``out`` when it owns its storage."""
+
+    @staticmethod
+    def forward(ctx, out, x, A, B, s, inplace):
+        x2 = x.reshape(-1, A.shape[1])
+        xa = x2 @ A.t()
+        if inplace:
+            out.view(-1, B.shape[0]).addmm_(xa, B.t(), alpha=s)
+            ctx.mark_dirty(out)
+        else:
+            out = torch.addmm(out.reshape(-1, B.shape[0]), xa, B.t(), alpha=s).view(out.shape)
+        ctx.save_for_backward(x2, A, B, xa)
+        ctx.s, ctx.x_shape = s, x.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, A, B, xa = ctx.saved_tensors
+        need_out, need_x, need_A, need_B = ctx.needs_input_grad[:4]
+        uT, gA, gB = _factor_grads(g.reshape(-1, B.shape[0]), x2, xa, A, B, ctx.s, need_A, need_B)
+        gx = torch.mm(uT.t(), A).view(ctx.x_shape) if need_x else None
+        return (g if need_out else None), gx, gA, gB, None, None
+
+
 def lowrank_apply(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
-    """``out + s * (x @ A^T) @ B^T`` as one ``mm`` and one fused ``addmm`` over flattened leading dims."""
-    lead = out.shape[:-1]
-    xa = x.reshape(-1, A.shape[1]) @ A.t()
-    y = torch.addmm(out.reshape(-1, B.shape[0]), xa, B.t(), alpha=s)
-    return y.view(*lead, B.shape[0])
+    """``out + s * (x @ A^T) @ B^T`` over flattened leading dims. When ``out`` is a contiguous tensor that owns its
+    storage (not a view: autograd would then copy the whole base on backward), the sum is written into it and
+    ``out`` must not be used afterwards; the base layers' backward never needs their output."""
+    inplace = out.is_contiguous() and out._base is None
+    return _LowRankAdd.apply(out, x, A, B, float(s), inplace)
+
+
+class _LowRankLinear(torch.autograd.Function):
+    """``x W^T + b + s * (xd A^T) B^T`` for a frozen ``W, b``; ``xd`` is ``x`` or its dropout."""
+
+    @staticmethod
+    def forward(ctx, x, xd, W, b, A, B, s):
+        out = torch.addmm(b, x, W.t()) if b is not None else torch.mm(x, W.t())
+        xa = xd @ A.t()
+        out.addmm_(xa, B.t(), alpha=s)
+        ctx.save_for_backward(xd, W, A, B, xa)
+        ctx.s, ctx.same = s, xd is x
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        xd, W, A, B, xa = ctx.saved_tensors
+        need_x, need_xd, _, _, need_A, need_B = ctx.needs_input_grad[:6]
+        uT, gA, gB = _factor_grads(g, xd, xa, A, B, ctx.s, need_A, need_B)
+        gx = gxd = None
+        if ctx.same:  # one input gradient for both paths, accumulated in place
+            gx = torch.mm(g, W).addmm_(uT.t(), A) if need_x else None
+        else:
+            gx = torch.mm(g, W) if need_x else None
+            gxd = torch.mm(uT.t(), A) if need_xd else None
+        return gx, gxd, None, None, gA, gB, None
+
+
+def lowrank_linear(x, xd, W, b, A, B, s: float) -> torch.Tensor:
+    """The frozen linear layer plus its low-rank update, ``x W^T + b + s (xd A^T) B^T``, as one autograd node.
+    ``x``, ``xd``: (tokens x in); ``W``: (out x in) without gradient; ``b``: (out,) or None."""
+    return _LowRankLinear.apply(x, xd, W, b, A, B, float(s))
 
 
 class LowRankDelta(Delta):
@@ -79,6 +151,13 @@ class LowRankDelta(Delta):
             return out + self(x).to(out.dtype)
         B, A = self.factors()
         return lowrank_apply(out, self._input(x), A, B, self.scale)
+
+    def fuse(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        if weight.requires_grad or (bias is not None and bias.requires_grad) or not (
+                x.dtype == weight.dtype == self.A.dtype):
+            return None
+        B, A = self.factors()
+        return lowrank_linear(x, self._input(x), weight, bias, A, B, self.scale)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         B, A = self.factors()

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 
 from .. import model as M
 from ..io import save
+from ..runtime import retain_freed_memory
 from .data import IGNORE_INDEX, TASKS, Collator
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -69,6 +70,7 @@ class TrainArgs:
     progress: bool = True
     plot: bool = True
     save_adapter: bool = True
+    retain_freed_memory: bool = True  # on CPU: see deltatune.runtime (avoids page faults every step)
 
     def validate(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -289,7 +291,8 @@ def train(
     collate_fn: Callable | None = None,
     output_dir: str | Path | None = None,
 ) -> dict:
-    """Train the model's trainable parameters (its active adapters) on encoded examples.
+    """Train the model's trainable parameters on encoded examples: its active adapters, or whatever else the caller
+    left trainable (every weight, for a full fine-tuning baseline; controllers and adapter saving then do nothing).
 
     ``train_data`` / ``eval_data``: sequences of encoded examples (see :mod:`deltatune.train.data`);
     ``collate_fn`` defaults to :class:`~deltatune.train.data.Collator` with pad id 0. With ``output_dir``, rank 0
@@ -304,7 +307,7 @@ def train(
         raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
     if not len(train_data):
         raise ValueError("train_data is empty")
-    M.registry(model)  # clear error if no adapter is attached
+    adapted = M.REGISTRY_ATTR in M.unwrap(model).__dict__  # controllers run only on models with adapters
     rank, world = _dist()
     main = rank == 0
     collate_fn = collate_fn or Collator()
@@ -313,6 +316,8 @@ def train(
 
     inner = M.unwrap(model)
     device = _device(inner)
+    if device.type == "cpu" and args.retain_freed_memory:
+        retain_freed_memory()
     if world > 1:
         sampler = DistributedSampler(train_data, num_replicas=world, rank=rank, shuffle=args.shuffle, seed=args.seed)
     elif args.shuffle:
@@ -355,9 +360,11 @@ def train(
         if args.max_grad_norm:  # read the groups each step: a controller may have changed them
             torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
                                            args.max_grad_norm)
-        M.after_backward(inner)
+        if adapted:
+            M.after_backward(inner)
         optimizer.step()
-        M.step(inner, optimizer)
+        if adapted:
+            M.step(inner, optimizer)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -387,7 +394,7 @@ def train(
         if args.plot:
             plot = write_plot(log.records, output_dir / PLOT_NAME)
             result["plot_path"] = str(plot) if plot else None
-        if args.save_adapter:
+        if args.save_adapter and adapted:
             result["adapter_path"] = str(save(inner, output_dir / "adapter"))
     if world > 1:
         dist.barrier()

@@ -1,0 +1,86 @@
+"""The hand-written low-rank autograd nodes: exact gradients, and the fused path equals the generic one."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_minilm, randomize
+
+import deltatune as dt
+from deltatune.deltas.lowrank import lowrank_apply, lowrank_linear
+
+
+def _double(*shape, grad=True):
+    return torch.randn(*shape, dtype=torch.float64, requires_grad=grad)
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["in-place", "base-output-is-a-view"])
+def test_lowrank_apply_gradients(flat):
+    torch.manual_seed(0)
+    x, A, B, W = _double(2, 3, 5), _double(4, 5), _double(6, 4), _double(6, 5)
+
+    def f(x, A, B, W):
+        base = F.linear(x.reshape(-1, 5) if flat else x, W)  # 2-D: a fresh tensor; 3-D: a view
+        return lowrank_apply(base, x, A, B, 0.7)
+
+    assert torch.autograd.gradcheck(f, (x, A, B, W))
+    ref = F.linear(x, W) + 0.7 * (x @ A.t()) @ B.t()
+    torch.testing.assert_close(f(x, A, B, W).reshape(ref.shape), ref)
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_lowrank_linear_gradients(dropout):
+    torch.manual_seed(0)
+    x, A, B = _double(6, 5), _double(4, 5), _double(7, 4)
+    W, b = _double(7, 5, grad=False), _double(7, grad=False)
+    mask = (torch.rand(6, 5) > 0.5).double() * 2
+
+    def f(x, A, B):
+        xd = x * mask if dropout else x
+        return lowrank_linear(x, xd, W, b, A, B, 0.3)
+
+    assert torch.autograd.gradcheck(f, (x, A, B))
+    xd = x * mask if dropout else x
+    torch.testing.assert_close(f(x, A, B), x @ W.t() + b + 0.3 * (xd @ A.t()) @ B.t())
+
+
+def _loss_and_grads(model, batch, seed):
+    torch.manual_seed(seed)  # the same dropout masks in both runs
+    model.train()
+    out = model(**batch)
+    loss = F.cross_entropy(out.logits, torch.arange(out.logits.shape[0]) % 2)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def test_fused_layers_equal_the_generic_path(minilm_dir, minilm_batch):
+    model = make_minilm(minilm_dir)
+    dt.attach(model, dt.LoRA(r=4, alpha=8, dropout=0.1, targets="all-linear", modules_to_save=["classifier"]))
+    randomize(model, "default")
+    fused = _loss_and_grads(model, minilm_batch, seed=3)
+
+    calls = []
+    for d in dt.deltas(model, "default").values():  # force the generic base(x) + add_to path
+        d.fuse = lambda *args, _calls=calls: _calls.append(1)
+    generic = _loss_and_grads(model, minilm_batch, seed=3)
+    assert len(calls) == 6 * 6 + 1  # every adapted linear layer (6 per block, and the pooler) was offered it
+    torch.testing.assert_close(fused[0], generic[0], atol=1e-6, rtol=0)
+    assert fused[1].keys() == generic[1].keys()
+    for name in fused[1]:
+        torch.testing.assert_close(fused[1][name], generic[1][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_hooked_base_layers_are_still_called(minilm_dir, minilm_batch):
+    model = make_minilm(minilm_dir).eval()
+    dt.attach(model, dt.LoRA(r=4, targets=["query"]))
+    randomize(model, "default")
+    with torch.no_grad():
+        y = model(**minilm_batch).logits
+    seen = []
+    layer = model.bert.encoder.layer[0].attention.self.query
+    layer.base.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+    with torch.no_grad():
+        torch.testing.assert_close(model(**minilm_batch).logits, y, atol=1e-5, rtol=0)
+    assert len(seen) == 1  # a hooked base (user hooks, accelerate offloading) is never bypassed
