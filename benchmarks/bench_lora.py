@@ -360,7 +360,8 @@ def main() -> None:
     for model_name in models:
         cfg = CONFIGS[model_name]
         targets = cfg["targets"] if isinstance(cfg["targets"], str) else "/".join(cfg["targets"])
-        body = [header(f"LoRA training step: {cfg['label']}, malloc {args.malloc}, {args.processes} process(es)")]
+        setting = "one process" if args.processes == "one" else "separate processes"
+        body = [header(f"LoRA training step: {cfg['label']}, malloc {args.malloc}, {setting}")]
         body.append(f"- setup: batch {cfg['batch']}, sequence length {cfg['seq']}, LoRA r={cfg['r']} "
                     f"alpha={cfg['alpha']} dropout=0 on {targets}"
                     + (f", modules_to_save={cfg['modules_to_save']} (both libraries)" if cfg["modules_to_save"]

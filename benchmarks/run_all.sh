@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Every benchmark of BENCHMARKS.md, one after another (about 40 minutes on 2 cores). Run from the repository root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python benchmarks/bench_lora.py --model minilm --malloc default --processes one --what speed,memory
+python benchmarks/bench_lora.py --model minilm --malloc retain --processes one --what speed
+python benchmarks/bench_lora.py --model minilm --malloc default --processes separate --rounds 5 --what speed
+python benchmarks/bench_lora.py --model smollm2 --malloc default --processes one --rounds 5 --steps 2 --what speed,memory,attach
+python benchmarks/bench_lora.py --model smollm2 --malloc retain --processes one --rounds 5 --steps 2 --what speed
+python benchmarks/bench_quality.py
