@@ -11,8 +11,9 @@
 The unmerged forward never forms ``dW``: ``y = x W^T + b + s * (x A^T) B^T``. When this delta is the only one live
 on a plain frozen linear layer, the whole layer runs as one autograd node (:func:`lowrank_linear`); otherwise the
 update is added into the base layer's output (:func:`lowrank_apply`, in place when that output owns its storage).
-Both spell out the backward so that every product keeps a BLAS-friendly orientation and nothing of the size of
-the activations is allocated beyond what the frozen layer itself needs (``g = dL/dy``, ``u^T = s B^T g^T``)::
+Both spell out the backward so that every product keeps a BLAS-friendly orientation; the fused node allocates
+nothing of the size of the activations beyond what the frozen layer itself needs (``g = dL/dy``,
+``u^T = s B^T g^T``)::
 
     dL/dA = u^T x            (r x in)
     dL/dB = s (xa^T g)^T     (out x r; computed as r x out, the fast orientation for a tall g)
