@@ -75,6 +75,10 @@ def run(out_dir: str | Path = "deltatune-demo", steps: int | None = None, progre
     from deltatune.train import Collator, TrainArgs, encode_classification, train
     from deltatune.zoo import minilm_path
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the demo says itself what it loads (the new head is expected)
+    hf_logging.disable_progress_bar()
     t0 = time.time()
     out = Path(out_dir)
     path = minilm_path()
