@@ -2,7 +2,7 @@
 
 Under ``torchrun`` (WORLD_SIZE > 1) every rank saves its own copy to ``OUT/rank<r>``; a plain run saves to
 ``OUT/single``. Model dropout and LoRA dropout are 0 and the data order is fixed, so a 2-rank run with batch 4 must
-match a single run with batch 8.
+match a single run with batch 8, and so must 2 ranks with batch 2 and 2 accumulated micro-batches.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ def main() -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--batch-size", type=int, required=True)
+    parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rows", type=int, default=48)
     opts = parser.parse_args()
@@ -43,14 +44,16 @@ def main() -> None:
     model = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, local_files_only=True)
     dt.attach(model, dt.LoRA(r=4, alpha=8, dropout=0.0, modules_to_save=["classifier"]))
-    args = TrainArgs(lr=1e-3, batch_size=opts.batch_size, max_steps=opts.steps, shuffle=False, progress=False,
-                     plot=False, save_adapter=False)
-    result = train(model, examples, args)
+    args = TrainArgs(lr=1e-3, batch_size=opts.batch_size, grad_accum=opts.grad_accum, max_steps=opts.steps,
+                     shuffle=False, progress=False, plot=False, save_adapter=False)
+    eval_set = examples[: 2 * opts.rows // 3]  # evaluated in shards under DDP, combined over ranks
+    result = train(model, examples, args, eval_data=eval_set)
 
     name = f"rank{dist.get_rank()}" if distributed else "single"
     dt.save(model, Path(opts.out) / name)
     (Path(opts.out) / name / "result.json").write_text(json.dumps(
-        {"world_size": result["world_size"], "losses": [r["loss"] for r in result["history"]]}))
+        {"world_size": result["world_size"], "losses": [r["loss"] for r in result["history"] if "loss" in r],
+         "eval": result["eval"]}))
     if distributed:
         dist.destroy_process_group()
 

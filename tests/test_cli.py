@@ -62,7 +62,9 @@ def test_train_from_a_yaml_run_config(minilm_dir, minilm_batch, tmp_path, capsys
     assert main(["train", str(tmp_path / "run.yaml")]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 2 and summary["adapter_path"] == str(tmp_path / "run" / "adapter")
-    assert 0.0 <= summary["eval"]["eval_accuracy"] <= 1.0
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert summary["eval"] == {k: v for k, v in last.items() if k.startswith("eval_")}
+    assert (summary["eval"]["eval_accuracy"] * 16).is_integer()  # scored on exactly max_eval_rows=16 rows
     model = dt.load(make_minilm(minilm_dir), tmp_path / "run" / "adapter")
     assert len(dt.deltas(model, "default")) == 6 * 2 + 1  # query, value in 6 layers + the classifier head
 

@@ -1,4 +1,4 @@
-"""DDP: two gloo ranks with per-rank batch 4 train exactly like one process with batch 8."""
+"""DDP: two gloo ranks with per-rank batch 4 (or 2 x 2 accumulated) train exactly like one process with batch 8."""
 from __future__ import annotations
 
 import json
@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -22,18 +23,27 @@ def run(cmd: list[str]) -> None:
 
 
 def test_two_ranks_match_one_process(tmp_path):
-    worker = [str(HERE / "ddp_worker.py"), "--data", str(SST2_TRAIN), "--out", str(tmp_path), "--steps", "3"]
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *worker,
-         "--batch-size", "4"])
-    run([sys.executable, *worker, "--batch-size", "8"])
+    worker = [str(HERE / "ddp_worker.py"), "--data", str(SST2_TRAIN), "--steps", "3"]
+    run([sys.executable, *worker, "--out", str(tmp_path / "one"), "--batch-size", "8"])
+    runs = {"batch4": ["--batch-size", "4"], "batch2x2": ["--batch-size", "2", "--grad-accum", "2"]}
+    for name, opts in runs.items():
+        run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *worker,
+             "--out", str(tmp_path / name), *opts])
 
-    weights = {n: load_file(tmp_path / n / "adapter_model.safetensors") for n in ("rank0", "rank1", "single")}
-    results = {n: json.loads((tmp_path / n / "result.json").read_text()) for n in weights}
-    assert [results[n]["world_size"] for n in ("rank0", "rank1", "single")] == [2, 2, 1]
-    assert weights["rank0"].keys() == weights["rank1"].keys() == weights["single"].keys()
-    for k, v in weights["rank0"].items():
-        assert torch.equal(v, weights["rank1"][k]), f"ranks disagree on {k}"
-        torch.testing.assert_close(v, weights["single"][k], atol=1e-5, rtol=1e-4, msg=k)
-    assert any(k.endswith(".B") and v.abs().max() > 0 for k, v in weights["single"].items())  # training happened
-    assert results["rank0"]["losses"] == results["rank1"]["losses"]  # rank-0 logs show the global loss
-    torch.testing.assert_close(results["rank0"]["losses"], results["single"]["losses"], atol=1e-5, rtol=1e-5)
+    single = load_file(tmp_path / "one" / "single" / "adapter_model.safetensors")
+    ref = json.loads((tmp_path / "one" / "single" / "result.json").read_text())
+    assert ref["world_size"] == 1
+    assert any(k.endswith(".B") and v.abs().max() > 0 for k, v in single.items())  # training happened
+    for name in runs:
+        ranks = [load_file(tmp_path / name / f"rank{r}" / "adapter_model.safetensors") for r in (0, 1)]
+        results = [json.loads((tmp_path / name / f"rank{r}" / "result.json").read_text()) for r in (0, 1)]
+        assert [r["world_size"] for r in results] == [2, 2]
+        assert ranks[0].keys() == ranks[1].keys() == single.keys()
+        for k, v in ranks[0].items():
+            assert torch.equal(v, ranks[1][k]), f"{name}: ranks disagree on {k}"
+            torch.testing.assert_close(v, single[k], atol=1e-5, rtol=1e-4, msg=f"{name}: {k}")
+        assert results[0]["losses"] == results[1]["losses"]  # every rank logs the global loss
+        torch.testing.assert_close(results[0]["losses"], ref["losses"], atol=1e-5, rtol=1e-5)
+        # evaluation runs on each rank's shard and combines: the same metrics as one process on the whole set
+        assert results[0]["eval"] == results[1]["eval"]
+        assert results[0]["eval"] == pytest.approx(ref["eval"], abs=1e-5)

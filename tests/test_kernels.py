@@ -14,18 +14,22 @@ def _double(*shape, grad=True):
     return torch.randn(*shape, dtype=torch.float64, requires_grad=grad)
 
 
-@pytest.mark.parametrize("flat", [True, False], ids=["in-place", "base-output-is-a-view"])
-def test_lowrank_apply_gradients(flat):
+@pytest.mark.parametrize("inplace", [True, False], ids=["in-place", "out-of-place"])
+def test_lowrank_apply_gradients(inplace):
     torch.manual_seed(0)
     x, A, B, W = _double(2, 3, 5), _double(4, 5), _double(6, 4), _double(6, 5)
 
     def f(x, A, B, W):
-        base = F.linear(x.reshape(-1, 5) if flat else x, W)  # 2-D: a fresh tensor; 3-D: a view
-        return lowrank_apply(base, x, A, B, 0.7)
+        return lowrank_apply(F.linear(x.reshape(-1, 5), W), x, A, B, 0.7, inplace=inplace)
 
     assert torch.autograd.gradcheck(f, (x, A, B, W))
     ref = F.linear(x, W) + 0.7 * (x @ A.t()) @ B.t()
-    torch.testing.assert_close(f(x, A, B, W).reshape(ref.shape), ref)
+    base = F.linear(x.reshape(-1, 5), W).detach()
+    out = lowrank_apply(base, x.detach(), A.detach(), B.detach(), 0.7, inplace=inplace)
+    torch.testing.assert_close(out.reshape(ref.shape), ref.detach())
+    assert (out.data_ptr() == base.data_ptr()) == inplace  # written into the base output only when allowed
+    view = F.linear(x.reshape(-1, 5), W).detach()[:, :6]  # a view of another tensor is never written into
+    assert lowrank_apply(view, x.detach(), A.detach(), B.detach(), 0.7).data_ptr() != view.data_ptr()
 
 
 @pytest.mark.parametrize("dropout", [False, True])
@@ -59,6 +63,10 @@ def test_fused_layers_equal_the_generic_path(minilm_dir, minilm_batch):
     model = make_minilm(minilm_dir)
     dt.attach(model, dt.LoRA(r=4, alpha=8, dropout=0.1, targets="all-linear", modules_to_save=["classifier"]))
     randomize(model, "default")
+    query = model.bert.encoder.layer[0].attention.self.query
+    with torch.enable_grad():
+        node = query(torch.randn(2, 3, 384)).grad_fn.next_functions[0][0]  # under the final reshape
+        assert "LowRankLinear" in type(node).__name__  # the fused node runs
     fused = _loss_and_grads(model, minilm_batch, seed=3)
 
     calls = []
@@ -72,15 +80,33 @@ def test_fused_layers_equal_the_generic_path(minilm_dir, minilm_batch):
         torch.testing.assert_close(fused[1][name], generic[1][name], atol=1e-6, rtol=1e-5, msg=name)
 
 
-def test_hooked_base_layers_are_still_called(minilm_dir, minilm_batch):
+def test_hooked_base_layers_are_called_as_they_are(minilm_dir, minilm_batch):
     model = make_minilm(minilm_dir).eval()
     dt.attach(model, dt.LoRA(r=4, targets=["query"]))
     randomize(model, "default")
     with torch.no_grad():
         y = model(**minilm_batch).logits
-    seen = []
-    layer = model.bert.encoder.layer[0].attention.self.query
-    layer.base.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+    layer = model.bert.encoder.layer[1].attention.self.query  # its input requires grad (layer 0 is adapted)
+    seen, grads = [], []
+    layer.base.register_forward_hook(lambda mod, inp, out: seen.append((inp[0].shape, out, out.clone())))
+    layer.base.register_full_backward_hook(lambda mod, gin, gout: grads.append(gout[0].shape))
+    out = model(**minilm_batch).logits
+    torch.testing.assert_close(out, y, atol=1e-5, rtol=0)
+    (x_shape, hooked_out, copy), = seen
+    assert len(x_shape) == 3 and hooked_out.dim() == 3  # the base sees the caller's shapes
+    assert torch.equal(hooked_out, copy)  # and its output is not overwritten by the adapter's update
+    out.sum().backward()
+    assert len(grads) == 1 and len(grads[0]) == 3  # backward hooks fire too (accelerate, user hooks)
+
+
+def test_autocast_takes_the_generic_path(minilm_dir, minilm_batch):
+    model = make_minilm(minilm_dir)
+    dt.attach(model, dt.LoRA(r=4, alpha=8, targets="all-linear", modules_to_save=["classifier"]))
+    randomize(model, "default")
     with torch.no_grad():
-        torch.testing.assert_close(model(**minilm_batch).logits, y, atol=1e-5, rtol=0)
-    assert len(seen) == 1  # a hooked base (user hooks, accelerate offloading) is never bypassed
+        ref = model(**minilm_batch).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**minilm_batch).logits
+    out.float().sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    torch.testing.assert_close(out.float(), ref, atol=0.15, rtol=0.05)  # bf16 rounding, same function

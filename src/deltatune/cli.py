@@ -7,6 +7,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from .train.data import ColumnError
+
 
 def _cmd_demo(args) -> int:
     from .demo import run
@@ -19,8 +21,9 @@ def _cmd_train(args) -> int:
     from .train import run_config
 
     result = run_config(args.config)
-    summary = {k: v for k, v in result.items() if k != "history"}
-    print(json.dumps(summary, indent=2, default=str))
+    if result["metrics_path"] is not None:  # rank 0 (under torchrun every rank runs this)
+        summary = {k: v for k, v in result.items() if k != "history"}
+        print(json.dumps(summary, indent=2, default=str))
     return 0
 
 
@@ -110,9 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, ModuleNotFoundError) as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError's str() adds quotes
-        print(f"deltatune {args.command}: error: {message}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, ModuleNotFoundError, ColumnError) as e:
+        print(f"deltatune {args.command}: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -43,8 +43,13 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
 
 
 def _hooked(module: nn.Module) -> bool:
-    """Whether calling the module runs hooks (user hooks, accelerate's device hooks): then it must be called."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"))
+    """Whether calling the module runs hooks (its own, global module hooks, accelerate's device hooks)."""
+    from torch.nn.modules import module as nn_module
+
+    own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+    global_ = [getattr(nn_module, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                                           "_global_backward_hooks", "_global_backward_pre_hooks")]
+    return any(own) or any(global_) or hasattr(module, "_hf_hook")
 
 
 def add_dense_(weight: torch.Tensor, bias: torch.Tensor | None, delta: Delta, sign: float = 1.0) -> None:
@@ -72,8 +77,8 @@ class AdaptedLayer(nn.Module):
         self.enabled = True
         self._live: tuple[Delta, ...] = ()
         self._replacing: Delta | None = None
-        # exactly nn.Linear / Conv1D (not quantized or other subclasses): its output is x W^T + b, so a single
-        # live delta may compute the whole layer in one fused node (Delta.fuse)
+        # exactly nn.Linear / Conv1D (not quantized or other subclasses): its output is x W^T + b, so it may run
+        # on 2-D inputs and a single live delta may compute the whole layer in one fused node (Delta.fuse)
         self._plain = type(base) is nn.Linear or self.kind == "conv1d"
 
     # the wrapped layer still looks like its base to code that reads its attributes
@@ -120,11 +125,17 @@ class AdaptedLayer(nn.Module):
             for d in self._live:
                 out = out + d.embed(x).to(out.dtype)
             return out
-        # linear maps act on the last dim: run them on a 2-D (tokens x features) view, so the base output is a
-        # fresh tensor (not a view) that deltas can add into in place
+        if not self._plain or _hooked(self.base):
+            # hooks and Linear subclasses see the layer as its callers do: original shapes, outputs left untouched
+            out = self._base_output(x, *args, **kwargs)
+            for d in self._live:
+                out = d.add_to(out, x, inplace=False)
+            return out
+        # a plain linear map acts on the last dim: run it on a 2-D (tokens x features) view, so that its output
+        # is a fresh tensor (not a view) that deltas can add into in place
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])
-        if len(self._live) == 1 and self._replacing is None and self._plain and not _hooked(self.base):
+        if len(self._live) == 1 and self._replacing is None:
             out = self._live[0].fuse(x, self.linear_weight(), self.bias)
             if out is not None:
                 return out.view(*lead, out.shape[-1])

@@ -7,11 +7,14 @@ the same memory back in: on MiniLM (batch 16, sequence 128) tens of thousands of
 the step time. How often it happens depends on the order of allocations, so it hits some training setups and
 not others (see BENCHMARKS.md).
 
-:func:`retain_freed_memory` keeps freed memory in the process instead. The cost: the resident size stays at its
-peak. :func:`deltatune.train.train` calls it on CPU unless ``TrainArgs(retain_freed_memory=False)``.
+:func:`retain_freed_memory` keeps freed memory in the process instead; the cost is that the resident size stays
+at its peak. :func:`release_freed_memory` hands the retained memory back and lets the heap shrink again (freed
+blocks above 64 MB at its top are returned). :func:`deltatune.train.train` retains on CPU while it trains and
+releases when it returns, unless ``TrainArgs(retain_freed_memory=False)``.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import sys
@@ -19,28 +22,56 @@ import sys
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's largest allowed mmap threshold on 64-bit systems
-_done = False
+_libc = None
+
+
+def _mallopt():
+    """glibc's ``(mallopt, malloc_trim)``, or None where they are missing (not Linux/glibc)."""
+    global _libc
+    if _libc is None:
+        _libc = False
+        if sys.platform.startswith("linux"):
+            try:
+                lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+                lib.mallopt.argtypes, lib.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+                lib.malloc_trim.argtypes, lib.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+                _libc = lib
+            except (OSError, AttributeError):
+                pass
+    return (_libc.mallopt, _libc.malloc_trim) if _libc else None
 
 
 def retain_freed_memory() -> bool:
-    """Tell glibc ``malloc`` never to trim the heap and to serve blocks below 32 MB from it (not from ``mmap``).
-
-    Process-wide and not undoable; idempotent. Returns True if applied, False where it does not apply (not Linux,
-    or a C library without ``mallopt``).
-    """
-    global _done
-    if _done:
-        return True
-    if not sys.platform.startswith("linux"):
+    """Tell glibc ``malloc`` to serve blocks below 32 MB from its heap (not from fresh ``mmap`` calls) and never to
+    trim the heap. Process-wide; idempotent. Returns False where it does not apply (not Linux/glibc)."""
+    fns = _mallopt()
+    if fns is None:
         return False
+    mallopt, _ = fns
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def release_freed_memory() -> bool:
+    """Return the memory kept by :func:`retain_freed_memory` to the system and let the heap shrink again (trim
+    threshold 64 MB, twice the mmap threshold, as glibc's own adaptive setting reaches). False where not glibc."""
+    fns = _mallopt()
+    if fns is None:
+        return False
+    mallopt, malloc_trim = fns
+    ok = bool(mallopt(M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD_MAX))
+    malloc_trim(0)
+    return ok
+
+
+@contextlib.contextmanager
+def freed_memory_retained():
+    """``with freed_memory_retained(): ...`` retains freed memory inside the block and releases it after."""
+    retained = retain_freed_memory()
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    _done = bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1)) and bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX))
-    return _done
+        yield retained
+    finally:
+        if retained:
+            release_freed_memory()
 
 
-__all__ = ["retain_freed_memory"]
+__all__ = ["freed_memory_retained", "release_freed_memory", "retain_freed_memory"]

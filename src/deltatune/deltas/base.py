@@ -45,8 +45,9 @@ class Delta(nn.Module):
         """Contribution ``dW x`` for a dense input ``x`` (..., in)."""
         return F.linear(x.to(self.dense().dtype), self.dense())
 
-    def add_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``out + dW x``; structures override this to fuse the addition into their last kernel."""
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, inplace: bool = True) -> torch.Tensor:
+        """``out + dW x``; structures override this to fuse the addition into their last kernel, writing into
+        ``out`` when ``inplace`` (the caller then never uses ``out`` again) and it owns its storage."""
         return out + self(x).to(out.dtype)
 
     def fuse(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:

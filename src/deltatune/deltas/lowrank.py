@@ -11,8 +11,8 @@
 The unmerged forward never forms ``dW``: ``y = x W^T + b + s * (x A^T) B^T``. When this delta is the only one live
 on a plain frozen linear layer, the whole layer runs as one autograd node (:func:`lowrank_linear`); otherwise the
 update is added into the base layer's output (:func:`lowrank_apply`, in place when that output owns its storage).
-Both spell out the backward so that every product keeps a BLAS-friendly orientation; the fused node allocates
-nothing of the size of the activations beyond what the frozen layer itself needs (``g = dL/dy``,
+Both spell out the backward so that every product keeps a BLAS-friendly orientation; without dropout the fused
+node allocates nothing of the size of the activations beyond what the frozen layer itself needs (``g = dL/dy``,
 ``u^T = s B^T g^T``)::
 
     dL/dA = u^T x            (r x in)
@@ -61,11 +61,12 @@ class _LowRankAdd(torch.autograd.Function):
         return (g if need_out else None), gx, gA, gB, None, None
 
 
-def lowrank_apply(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
-    """``out + s * (x @ A^T) @ B^T`` over flattened leading dims. When ``out`` is a contiguous tensor that owns its
-    storage (not a view: autograd would then copy the whole base on backward), the sum is written into it and
-    ``out`` must not be used afterwards; the base layers' backward never needs their output."""
-    inplace = out.is_contiguous() and out._base is None
+def lowrank_apply(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float,
+                  inplace: bool = True) -> torch.Tensor:
+    """``out + s * (x @ A^T) @ B^T`` over flattened leading dims. With ``inplace`` and ``out`` a contiguous tensor
+    that owns its storage (not a view: autograd would then copy the whole base on backward), the sum is written
+    into ``out``, which must not be used afterwards; the base layers' backward never needs their output."""
+    inplace = inplace and out.is_contiguous() and out._base is None
     return _LowRankAdd.apply(out, x, A, B, float(s), inplace)
 
 
@@ -99,6 +100,11 @@ def lowrank_linear(x, xd, W, b, A, B, s: float) -> torch.Tensor:
     """The frozen linear layer plus its low-rank update, ``x W^T + b + s (xd A^T) B^T``, as one autograd node.
     ``x``, ``xd``: (tokens x in); ``W``: (out x in) without gradient; ``b``: (out,) or None."""
     return _LowRankLinear.apply(x, xd, W, b, A, B, float(s))
+
+
+def _autocast(x: torch.Tensor) -> bool:
+    """Whether autocast is on for ``x``'s device (then products change dtype: use the generic path)."""
+    return torch.is_autocast_enabled(x.device.type)
 
 
 class LowRankDelta(Delta):
@@ -147,15 +153,15 @@ class LowRankDelta(Delta):
         B, A = self.factors()
         return F.linear(F.linear(self._input(x), A), B) * self.scale
 
-    def add_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if out.dtype != self.A.dtype:  # half-precision base with fp32 adapter: add in the output's dtype
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, inplace: bool = True) -> torch.Tensor:
+        if out.dtype != self.A.dtype:  # half-precision base (or autocast) with fp32 adapter: add in out's dtype
             return out + self(x).to(out.dtype)
         B, A = self.factors()
-        return lowrank_apply(out, self._input(x), A, B, self.scale)
+        return lowrank_apply(out, self._input(x), A, B, self.scale, inplace)
 
     def fuse(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
         if weight.requires_grad or (bias is not None and bias.requires_grad) or not (
-                x.dtype == weight.dtype == self.A.dtype):
+                x.dtype == weight.dtype == self.A.dtype) or _autocast(x):
             return None
         B, A = self.factors()
         return lowrank_linear(x, self._input(x), weight, bias, A, B, self.scale)

@@ -23,7 +23,8 @@ Sections and their keys:
 - ``output_dir`` (required), ``name`` (adapter name, default ``default``).
 
 Relative paths in a config file are relative to the file's folder (for a dict: to the working directory).
-Under ``torchrun`` the process group is initialized (gloo on CPU, nccl on GPU) if the caller has not done so.
+Under ``torchrun`` the process group is initialized (gloo on CPU, nccl on GPU) if the caller has not done so, and
+with CUDA each process trains on its own GPU (``LOCAL_RANK``).
 """
 from __future__ import annotations
 
@@ -250,8 +251,17 @@ def _init_distributed() -> bool:
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
         return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return True
+
+
+def run_device() -> torch.device:
+    """This process's device: its GPU (``LOCAL_RANK`` under torchrun) when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 # -- running ---------------------------------------------------------------------------------------------------------
@@ -273,7 +283,7 @@ def run_config(config: str | Path | dict) -> dict:
         pad_id = pad_id_of(tokenizer)
 
         set_seed(cfg.train.seed)  # a fresh classification head and the adapter init draw random numbers
-        model = load_model(cfg.model, path, label2id, pad_id)
+        model = load_model(cfg.model, path, label2id, pad_id).to(run_device())
         method = with_head(cfg.method, model) if cfg.model.task == "classification" else cfg.method
         M.attach(model, method, name=cfg.name)
 

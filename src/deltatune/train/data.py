@@ -31,6 +31,13 @@ from pathlib import Path
 import torch
 
 IGNORE_INDEX = -100
+
+
+class ColumnError(KeyError):
+    """A row lacks a column that the task or a prompt template needs."""
+
+    def __str__(self) -> str:  # KeyError's str() would quote the message
+        return str(self.args[0]) if self.args else ""
 FILE_TYPES = (".jsonl", ".json", ".csv", ".tsv")
 TASKS = ("classification", "causal_lm")
 
@@ -104,7 +111,7 @@ def check_columns(rows: Sequence[dict], columns: Sequence[str | None], source: s
     for i, row in enumerate(rows):
         for col in columns:
             if col is not None and col not in row:
-                raise KeyError(f"{source}: row {i} has no column {col!r}; columns present: {sorted(row)}")
+                raise ColumnError(f"{source}: row {i} has no column {col!r}; columns present: {sorted(row)}")
 
 
 # -- classification ----------------------------------------------------------------------------------------------
@@ -118,12 +125,19 @@ def _as_int(value) -> int | None:
     return None
 
 
+def label_key(value) -> str:
+    """A label as the key of a label map: integers (``1``, ``"1"``, ``" 1"``) as their decimal string, anything
+    else as ``str(value)``."""
+    i = _as_int(value)
+    return str(i) if i is not None else str(value)
+
+
 def label_map(labels: Sequence) -> dict[str, int]:
-    """``{label as str: id}``. Non-negative integer labels keep their value; other labels get ids in sorted order."""
+    """``{label key: id}``. Non-negative integer labels keep their value; other labels get ids in sorted order."""
     ints = [_as_int(v) for v in labels]
     if all(i is not None and i >= 0 for i in ints):
         return {str(i): i for i in sorted(set(ints))}
-    return {name: i for i, name in enumerate(sorted({str(v) for v in labels}))}
+    return {name: i for i, name in enumerate(sorted({label_key(v) for v in labels}))}
 
 
 def encode_classification(
@@ -140,14 +154,14 @@ def encode_classification(
     given (pass the training set's map when encoding the evaluation set)."""
     check_columns(rows, [text, text_pair, label], source)
     label2id = label2id or label_map([r[label] for r in rows])
-    unknown = sorted({str(r[label]) for r in rows} - set(label2id), key=str)
+    unknown = sorted({label_key(r[label]) for r in rows} - set(label2id))
     if unknown:
         raise ValueError(f"{source}: labels {unknown[:5]} are not in the label map {sorted(label2id)}")
     texts = [str(r[text]) for r in rows]
     pairs = [str(r[text_pair]) for r in rows] if text_pair else None
     enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
     keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
-    examples = [{k: enc[k][i] for k in keys} | {"labels": label2id[str(r[label])]} for i, r in enumerate(rows)]
+    examples = [{k: enc[k][i] for k in keys} | {"labels": label2id[label_key(r[label])]} for i, r in enumerate(rows)]
     return examples, label2id
 
 
@@ -162,7 +176,7 @@ def format_prompt(row: dict, template: str | tuple[str, str], source: str = "dat
     try:
         return template.format(**row)
     except KeyError as e:
-        raise KeyError(f"{source}: the prompt template uses column {e.args[0]!r}, which the row lacks; "
+        raise ColumnError(f"{source}: the prompt template uses column {e.args[0]!r}, which the row lacks; "
                        f"columns present: {sorted(row)}") from None
 
 
@@ -235,5 +249,5 @@ def pad_id_of(tokenizer) -> int:
     return 0
 
 
-__all__ = ["Collator", "IGNORE_INDEX", "TEMPLATES", "check_columns", "encode_classification", "encode_instruction",
-           "encode_instructions", "format_prompt", "label_map", "pad_id_of", "read_rows"]
+__all__ = ["Collator", "ColumnError", "IGNORE_INDEX", "TEMPLATES", "check_columns", "encode_classification",
+           "encode_instruction", "encode_instructions", "format_prompt", "label_key", "label_map", "pad_id_of", "read_rows"]

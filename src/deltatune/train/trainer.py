@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 
 from .. import model as M
 from ..io import save
-from ..runtime import retain_freed_memory
+from ..runtime import freed_memory_retained
 from .data import IGNORE_INDEX, TASKS, Collator
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -70,7 +70,7 @@ class TrainArgs:
     progress: bool = True
     plot: bool = True
     save_adapter: bool = True
-    retain_freed_memory: bool = True  # on CPU: see deltatune.runtime (avoids page faults every step)
+    retain_freed_memory: bool = True  # on CPU, while training: see deltatune.runtime (no page faults every step)
 
     def validate(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -91,13 +91,34 @@ class TrainArgs:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainArgs":
-        allowed = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(allowed))
+        """From a mapping (a YAML section): unknown keys, and values of the wrong type, raise ``ValueError``.
+        Numbers written as strings are converted (YAML reads ``1e-4`` without a dot as the string ``'1e-4'``)."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(fields))
         if unknown:
-            raise ValueError(f"unknown training argument(s) {unknown}; allowed: {allowed}")
-        args = cls(**d)
+            raise ValueError(f"unknown training argument(s) {unknown}; allowed: {list(fields)}")
+        args = cls(**{k: _typed(k, v, fields[k].type) for k, v in d.items()})
         args.validate()
         return args
+
+
+def _typed(name: str, value, annotation: str):
+    """``value`` as the field's type (``float``, ``int``, ``bool`` or optional ones); other fields pass through."""
+    kind = next((t for t in ("bool", "float", "int") if annotation.startswith(t)), None)
+    if value is None or kind is None:
+        return value
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"training argument {name} must be true or false, got {value!r}")
+    try:
+        number = float(value) if not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        number = None
+    if number is None or (kind == "int" and not number.is_integer()):
+        raise ValueError(f"training argument {name} must be a{'n integer' if kind == 'int' else ' number'}, "
+                         f"got {value!r}")
+    return int(number) if kind == "int" else number
 
 
 # -- small pure pieces -------------------------------------------------------------------------------------------
@@ -228,16 +249,17 @@ def eval_loader(data: Sequence, batch_size: int, collate_fn: Callable) -> DataLo
 # -- logging -------------------------------------------------------------------------------------------------------
 def write_plot(records: list[dict], path: str | Path) -> Path | None:
     """Training loss (and any ``eval_*`` metrics) against step, as a PNG. ``None`` if matplotlib is missing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:  # a Figure with its own Agg canvas: pyplot and the user's backend stay untouched
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
         return None
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if any(k.startswith("eval_") for k in r)]
     keys = sorted({k for r in evals for k in r if k.startswith("eval_")})
-    fig, axes = plt.subplots(1, 1 + len(keys), figsize=(5 * (1 + len(keys)), 3.5), squeeze=False)
+    fig = Figure(figsize=(5 * (1 + len(keys)), 3.5))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 1 + len(keys), squeeze=False)
     ax = axes[0, 0]
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
     if "eval_loss" in keys:
@@ -249,7 +271,6 @@ def write_plot(records: list[dict], path: str | Path) -> Path | None:
         ax.set(xlabel="step", title=key)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
-    plt.close(fig)
     return Path(path)
 
 
@@ -316,89 +337,90 @@ def train(
 
     inner = M.unwrap(model)
     device = _device(inner)
-    if device.type == "cpu" and args.retain_freed_memory:
-        retain_freed_memory()
-    if world > 1:
-        sampler = DistributedSampler(train_data, num_replicas=world, rank=rank, shuffle=args.shuffle, seed=args.seed)
-    elif args.shuffle:
-        sampler = RandomSampler(train_data, generator=torch.Generator().manual_seed(args.seed))
-    else:
-        sampler = SequentialSampler(train_data)
-    loader = DataLoader(train_data, batch_size=args.batch_size, sampler=sampler, collate_fn=collate_fn,
-                        num_workers=args.num_workers)
-    evals = eval_loader(eval_data, args.eval_batch_size or args.batch_size, collate_fn) if eval_data else None
+    retain = device.type == "cpu" and args.retain_freed_memory
+    with freed_memory_retained() if retain else contextlib.nullcontext():
+        if world > 1:
+            sampler = DistributedSampler(train_data, num_replicas=world, rank=rank, shuffle=args.shuffle,
+                                         seed=args.seed)
+        elif args.shuffle:
+            sampler = RandomSampler(train_data, generator=torch.Generator().manual_seed(args.seed))
+        else:
+            sampler = SequentialSampler(train_data)
+        loader = DataLoader(train_data, batch_size=args.batch_size, sampler=sampler, collate_fn=collate_fn,
+                            num_workers=args.num_workers)
+        evals = eval_loader(eval_data, args.eval_batch_size or args.batch_size, collate_fn) if eval_data else None
 
-    total = args.max_steps or max(1, math.ceil(args.epochs * len(loader) / args.grad_accum))
-    warmup = args.warmup_steps or int(args.warmup_ratio * total)
-    optimizer = torch.optim.AdamW(param_groups(inner, args.weight_decay), lr=args.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, args.schedule))
-    net = nn.parallel.DistributedDataParallel(inner) if world > 1 else inner
+        total = args.max_steps or max(1, math.ceil(args.epochs * len(loader) / args.grad_accum))
+        warmup = args.warmup_steps or int(args.warmup_ratio * total)
+        optimizer = torch.optim.AdamW(param_groups(inner, args.weight_decay), lr=args.lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, args.schedule))
+        net = nn.parallel.DistributedDataParallel(inner) if world > 1 else inner
 
-    log = _Log(output_dir, main)
-    bar = None
-    if main and args.progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=total, desc="train", dynamic_ncols=True)
+        log = _Log(output_dir, main)
+        bar = None
+        if main and args.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=total, desc="train", dynamic_ncols=True)
 
-    was_training = inner.training
-    inner.train()
-    stream = _batches(loader)
-    start, window, last_eval = time.perf_counter(), [], None
-    for step in range(total):
-        micro = [next(stream) for _ in range(args.grad_accum)]
-        items = _all_sum([sum(count_items(b, task) for b in micro)], device)[0]
-        if items == 0:
-            raise ValueError("a training step has no items with labels (every response token masked?)")
-        step_loss = 0.0
-        for i, batch in enumerate(micro):
-            inputs, labels = _split(_to(batch, device))
-            defer_sync = world > 1 and i < len(micro) - 1  # DDP all-reduces on the last micro-batch only
-            with net.no_sync() if defer_sync else contextlib.nullcontext():
-                loss, _ = loss_sum(_logits(net(**inputs)), labels, task)
-                (loss * (world / items)).backward()
-            step_loss += loss.item()
-        if args.max_grad_norm:  # read the groups each step: a controller may have changed them
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                           args.max_grad_norm)
-        if adapted:
-            M.after_backward(inner)
-        optimizer.step()
-        if adapted:
-            M.step(inner, optimizer)
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        was_training = inner.training
+        inner.train()
+        stream = _batches(loader)
+        start, window, last_eval = time.perf_counter(), [], None
+        for step in range(total):
+            micro = [next(stream) for _ in range(args.grad_accum)]
+            items = _all_sum([sum(count_items(b, task) for b in micro)], device)[0]
+            if items == 0:
+                raise ValueError("a training step has no items with labels (every response token masked?)")
+            step_loss = 0.0
+            for i, batch in enumerate(micro):
+                inputs, labels = _split(_to(batch, device))
+                defer_sync = world > 1 and i < len(micro) - 1  # DDP all-reduces on the last micro-batch only
+                with net.no_sync() if defer_sync else contextlib.nullcontext():
+                    loss, _ = loss_sum(_logits(net(**inputs)), labels, task)
+                    (loss * (world / items)).backward()
+                step_loss += loss.item()
+            if args.max_grad_norm:  # read the groups each step: a controller may have changed them
+                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                               args.max_grad_norm)
+            if adapted:
+                M.after_backward(inner)
+            optimizer.step()
+            if adapted:
+                M.step(inner, optimizer)
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
 
-        step_loss = _all_sum([step_loss], device)[0] / items
-        window.append(step_loss)
-        done = step + 1
-        if done % args.log_every == 0 or done == total:
-            log.add({"step": done, "loss": sum(window) / len(window), "lr": lr,
-                     "epoch": done * args.grad_accum / len(loader), "time": time.perf_counter() - start})
-            window = []
-        if evals is not None and ((args.eval_every and done % args.eval_every == 0) or done == total):
-            last_eval = evaluate(inner, evals, task)
-            log.add({"step": done, **last_eval, "time": time.perf_counter() - start})
+            step_loss = _all_sum([step_loss], device)[0] / items
+            window.append(step_loss)
+            done = step + 1
+            if done % args.log_every == 0 or done == total:
+                log.add({"step": done, "loss": sum(window) / len(window), "lr": lr,
+                         "epoch": done * args.grad_accum / len(loader), "time": time.perf_counter() - start})
+                window = []
+            if evals is not None and ((args.eval_every and done % args.eval_every == 0) or done == total):
+                last_eval = evaluate(inner, evals, task)
+                log.add({"step": done, **last_eval, "time": time.perf_counter() - start})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.4f}")
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}")
-    if bar is not None:
-        bar.close()
-    inner.train(was_training)
+            bar.close()
+        inner.train(was_training)
 
-    result = {"steps": total, "train_loss": next((r["loss"] for r in reversed(log.records) if "loss" in r), None),
-              "eval": last_eval, "history": log.records, "time": time.perf_counter() - start, "world_size": world,
-              "metrics_path": None, "plot_path": None, "adapter_path": None}
-    if main and output_dir is not None:
-        result["metrics_path"] = str(log.path)
-        if args.plot:
-            plot = write_plot(log.records, output_dir / PLOT_NAME)
-            result["plot_path"] = str(plot) if plot else None
-        if args.save_adapter and adapted:
-            result["adapter_path"] = str(save(inner, output_dir / "adapter"))
-    if world > 1:
-        dist.barrier()
-    return result
+        result = {"steps": total, "train_loss": next((r["loss"] for r in reversed(log.records) if "loss" in r), None),
+                  "eval": last_eval, "history": log.records, "time": time.perf_counter() - start, "world_size": world,
+                  "metrics_path": None, "plot_path": None, "adapter_path": None}
+        if main and output_dir is not None:
+            result["metrics_path"] = str(log.path)
+            if args.plot:
+                plot = write_plot(log.records, output_dir / PLOT_NAME)
+                result["plot_path"] = str(plot) if plot else None
+            if args.save_adapter and adapted:
+                result["adapter_path"] = str(save(inner, output_dir / "adapter"))
+        if world > 1:
+            dist.barrier()
+        return result
 
 
 __all__ = ["TrainArgs", "evaluate", "eval_loader", "loss_sum", "lr_factor", "param_groups", "set_seed", "train",
