@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.modules import module as nn_module
 
 from .deltas import Delta
 from .methods.base import Controller, Method, full_replacement
@@ -42,14 +43,15 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     return module.weight if _kind(module) == "linear" else module.weight.t()
 
 
+_GLOBAL_HOOKS = [getattr(nn_module, name) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                                        "_global_backward_hooks", "_global_backward_pre_hooks")
+                 if hasattr(nn_module, name)]  # the dicts torch.nn.modules.module.register_module_*_hook fill
+
+
 def _hooked(module: nn.Module) -> bool:
     """Whether calling the module runs hooks (its own, global module hooks, accelerate's device hooks)."""
-    from torch.nn.modules import module as nn_module
-
     own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
-    global_ = [getattr(nn_module, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
-                                                           "_global_backward_hooks", "_global_backward_pre_hooks")]
-    return any(own) or any(global_) or hasattr(module, "_hf_hook")
+    return any(own) or any(_GLOBAL_HOOKS) or hasattr(module, "_hf_hook")
 
 
 def add_dense_(weight: torch.Tensor, bias: torch.Tensor | None, delta: Delta, sign: float = 1.0) -> None:
