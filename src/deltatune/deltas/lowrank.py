@@ -28,10 +28,11 @@ from torch import nn
 from .base import Delta
 
 
-def _factor_grads(g2, xd2, xa, A, B, s, need_A, need_B):
-    """``(u^T, dL/dA, dL/dB)`` of ``y += s (xd A^T) B^T`` for ``g2 = dL/dy`` (tokens x out)."""
+def _factor_grads(g2, xd2, xa, A, B, s, need_A, need_B, need_u):
+    """``(u^T, dL/dA, dL/dB)`` of ``y += s (xd A^T) B^T`` for ``g2 = dL/dy`` (tokens x out); each None when not
+    needed (``u^T`` is needed for the input gradient)."""
     gB = torch.mm(xa.t(), g2).mul_(s).t().contiguous() if need_B else None
-    uT = torch.mm(B.t().contiguous(), g2.t()).mul_(s)  # faster than g2 @ B for a tall g2
+    uT = torch.mm(B.t().contiguous(), g2.t()).mul_(s) if need_A or need_u else None  # faster than g2 @ B
     gA = torch.mm(uT, xd2) if need_A else None
     return uT, gA, gB
 
@@ -56,7 +57,7 @@ class _LowRankAdd(torch.autograd.Function):
     def backward(ctx, g):
         x2, A, B, xa = ctx.saved_tensors
         need_out, need_x, need_A, need_B = ctx.needs_input_grad[:4]
-        uT, gA, gB = _factor_grads(g.reshape(-1, B.shape[0]), x2, xa, A, B, ctx.s, need_A, need_B)
+        uT, gA, gB = _factor_grads(g.reshape(-1, B.shape[0]), x2, xa, A, B, ctx.s, need_A, need_B, need_x)
         gx = torch.mm(uT.t(), A).view(ctx.x_shape) if need_x else None
         return (g if need_out else None), gx, gA, gB, None, None
 
@@ -86,7 +87,7 @@ class _LowRankLinear(torch.autograd.Function):
     def backward(ctx, g):
         xd, W, A, B, xa = ctx.saved_tensors
         need_x, need_xd, _, _, need_A, need_B = ctx.needs_input_grad[:6]
-        uT, gA, gB = _factor_grads(g, xd, xa, A, B, ctx.s, need_A, need_B)
+        uT, gA, gB = _factor_grads(g, xd, xa, A, B, ctx.s, need_A, need_B, need_x or need_xd)
         gx = gxd = None
         if ctx.same:  # one input gradient for both paths, accumulated in place
             gx = torch.mm(g, W).addmm_(uT.t(), A) if need_x else None

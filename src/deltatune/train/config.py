@@ -42,6 +42,7 @@ from .. import model as M
 from ..methods.base import Method
 from ..targets import name_matches
 from .data import TASKS, Collator, encode_classification, encode_instructions, pad_id_of, read_rows
+from .fields import typed_fields
 from .trainer import TrainArgs, set_seed, train
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -87,20 +88,16 @@ class RunConfig:
 
 # -- parsing and validation -----------------------------------------------------------------------------------
 def _section(cls, d, where: str):
-    """Build dataclass ``cls`` from mapping ``d``; unknown or missing keys raise ``ValueError`` naming them."""
+    """Build dataclass ``cls`` from mapping ``d``; unknown, missing or mistyped keys raise ``ValueError``."""
     if not isinstance(d, dict):
         raise ValueError(f"config section {where!r} must be a mapping, got {type(d).__name__}")
-    fields = dataclasses.fields(cls)
-    allowed = [f.name for f in fields]
-    unknown = sorted(set(d) - set(allowed))
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where!r}; allowed: {allowed}")
-    required = [f.name for f in fields
+    values = typed_fields(cls, d, "key", f" in {where!r}")
+    required = [f.name for f in dataclasses.fields(cls)
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     missing = [k for k in required if d.get(k) is None]
     if missing:
         raise ValueError(f"{where!r} needs {missing}")
-    return cls(**d)
+    return cls(**values)
 
 
 def parse_method(d: dict | None) -> Method:

@@ -21,7 +21,6 @@ Under ``torch.distributed`` (initialized by the caller, e.g. through ``torchrun`
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import random
@@ -40,6 +39,7 @@ from .. import model as M
 from ..io import save
 from ..runtime import freed_memory_retained
 from .data import IGNORE_INDEX, TASKS, Collator
+from .fields import typed_fields
 
 SCHEDULES = ("linear", "cosine", "constant")
 METRICS_NAME = "metrics.jsonl"
@@ -91,34 +91,10 @@ class TrainArgs:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainArgs":
-        """From a mapping (a YAML section): unknown keys, and values of the wrong type, raise ``ValueError``.
-        Numbers written as strings are converted (YAML reads ``1e-4`` without a dot as the string ``'1e-4'``)."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - set(fields))
-        if unknown:
-            raise ValueError(f"unknown training argument(s) {unknown}; allowed: {list(fields)}")
-        args = cls(**{k: _typed(k, v, fields[k].type) for k, v in d.items()})
+        """From a mapping (a YAML section); see :func:`~deltatune.train.fields.typed_fields`."""
+        args = cls(**typed_fields(cls, d, "training argument"))
         args.validate()
         return args
-
-
-def _typed(name: str, value, annotation: str):
-    """``value`` as the field's type (``float``, ``int``, ``bool`` or optional ones); other fields pass through."""
-    kind = next((t for t in ("bool", "float", "int") if annotation.startswith(t)), None)
-    if value is None or kind is None:
-        return value
-    if kind == "bool":
-        if isinstance(value, bool):
-            return value
-        raise ValueError(f"training argument {name} must be true or false, got {value!r}")
-    try:
-        number = float(value) if not isinstance(value, bool) else None
-    except (TypeError, ValueError):
-        number = None
-    if number is None or (kind == "int" and not number.is_integer()):
-        raise ValueError(f"training argument {name} must be a{'n integer' if kind == 'int' else ' number'}, "
-                         f"got {value!r}")
-    return int(number) if kind == "int" else number
 
 
 # -- small pure pieces -------------------------------------------------------------------------------------------
