@@ -7,14 +7,16 @@
 """
 __version__ = "0.1.0"
 
-from .deltas import Delta, FullDelta, LowRankDelta  # noqa: E402
-from .methods import Controller, LoRA, Method, MiLoRA, OLoRA, PiSSA  # noqa: E402
+from .deltas import Delta, FullDelta, GatedSVDDelta, LowRankDelta  # noqa: E402
+from .methods import AdaLoRA, Controller, IncreLoRA, LoRA, Method, MiLoRA, OLoRA, PiSSA, SoRA  # noqa: E402
 from .model import (  # noqa: E402
     AdaptedLayer,
     active_adapters,
     adapters,
     after_backward,
     attach,
+    begin,
+    controller_metrics,
     deltas,
     delete,
     disabled,
@@ -28,7 +30,8 @@ from .model import (  # noqa: E402
 from .io import load, save  # noqa: E402
 
 __all__ = [
-    "AdaptedLayer", "Controller", "Delta", "FullDelta", "LoRA", "LowRankDelta", "Method", "MiLoRA", "OLoRA",
-    "PiSSA", "active_adapters", "adapters", "after_backward", "attach", "deltas", "delete", "disabled", "load",
-    "merge", "save", "set_active", "step", "trainable_parameters", "unload", "unmerge",
+    "AdaLoRA", "AdaptedLayer", "Controller", "Delta", "FullDelta", "GatedSVDDelta", "IncreLoRA", "LoRA",
+    "LowRankDelta", "Method", "MiLoRA", "OLoRA", "PiSSA", "SoRA", "active_adapters", "adapters", "after_backward",
+    "attach", "begin", "controller_metrics", "deltas", "delete", "disabled", "load", "merge", "save", "set_active",
+    "step", "trainable_parameters", "unload", "unmerge",
 ]

@@ -469,16 +469,43 @@ def _controllers(model: nn.Module) -> list[Controller]:
     return [reg.adapters[n].controller for n in reg.active if reg.adapters[n].controller is not None]
 
 
+def begin(model: nn.Module, total_steps: int | None = None, resizable: bool = True, step: int = 0) -> None:
+    """Call once before training: controllers learn how many optimizer steps follow (schedules such as AdaLoRA's
+    need it) and the step counter is set to ``step`` (0, or the step a resumed run continues from).
+    ``resizable=False`` keeps parameter shapes fixed (pruned components are masked instead of removed)."""
+    reg = registry(model)
+    reg.step = step
+    for c in _controllers(model):
+        c.begin(unwrap(model), total_steps, resizable)
+
+
 def after_backward(model: nn.Module) -> None:
-    """Call after ``loss.backward()``, before ``optimizer.step()``: controllers that need gradients act here."""
+    """Optional, after ``loss.backward()`` and before ``optimizer.step()``, for controllers that act on gradients
+    before the update (the built-in ones need only :func:`step`)."""
     reg = registry(model)
     for c in _controllers(model):
         c.after_backward(unwrap(model), reg.step)
 
 
-def step(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Call after ``optimizer.step()``: controllers update masks, ranks or sparsity and the step counter advances."""
+def step(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> bool:
+    """Call once per optimizer step, after ``optimizer.step()`` and before ``optimizer.zero_grad()``: controllers
+    update importance, masks, ranks or sparsity, and the step counter advances. Returns True when a parameter
+    changed shape (a ``DistributedDataParallel`` wrapper must then be rebuilt; the optimizer needs nothing)."""
     reg = registry(model)
+    changed = False
     for c in _controllers(model):
-        c.after_step(unwrap(model), optimizer, reg.step)
+        changed = bool(c.after_step(unwrap(model), optimizer, reg.step)) or changed
     reg.step += 1
+    return changed
+
+
+def controller_metrics(model: nn.Module) -> dict[str, float]:
+    """What the active adapters' controllers report (e.g. ``budget`` and ``rank``), prefixed by adapter name when
+    several adapters have controllers."""
+    reg = registry(model)
+    named = [(n, reg.adapters[n].controller) for n in reg.active if reg.adapters[n].controller is not None]
+    out: dict[str, float] = {}
+    for n, c in named:
+        for k, v in c.metrics().items():
+            out[k if len(named) == 1 else f"{n}/{k}"] = v
+    return out

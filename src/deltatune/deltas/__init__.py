@@ -1,6 +1,8 @@
 """Delta structures: one module per structure (see DESIGN.md's table)."""
 from .base import Delta, delta_from_spec, structures
 from .full import FullDelta
-from .lowrank import LowRankDelta, lowrank_apply
+from .gated import GatedSVDDelta
+from .lowrank import FactoredDelta, LowRankDelta, lowrank_apply
 
-__all__ = ["Delta", "FullDelta", "LowRankDelta", "delta_from_spec", "lowrank_apply", "structures"]
+__all__ = ["Delta", "FactoredDelta", "FullDelta", "GatedSVDDelta", "LowRankDelta", "delta_from_spec",
+           "lowrank_apply", "structures"]

@@ -72,6 +72,11 @@ class Delta(nn.Module):
         """The full update ``dW`` (out x in)."""
         raise NotImplementedError
 
+    def lowrank(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """``(B, A, s)`` with ``dW = s * B @ A`` exactly, for structures that are a LoRA in disguise (exported to PEFT
+        as is); ``None`` for the rest."""
+        return None
+
     def dense_bias(self) -> torch.Tensor | None:
         """The bias update, or ``None`` when the structure leaves the bias alone (all but full replacement)."""
         return None

@@ -108,7 +108,59 @@ def _autocast(x: torch.Tensor) -> bool:
     return torch.is_autocast_enabled(x.device.type)
 
 
-class LowRankDelta(Delta):
+class FactoredDelta(Delta):
+    """Any update that is a product ``dW = s * B' @ A'`` of factors built from the module's parameters
+    (:meth:`factors`). The application paths, ``dense()`` and the PEFT LoRA export are shared; subclasses only say
+    how their parameters make ``(B', A')``."""
+
+    scale: float
+    dropout: nn.Module | None
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B', A')``: (out x r') and (r' x in) with ``dW = s * B' @ A'``."""
+        raise NotImplementedError
+
+    @property
+    def dtype(self) -> torch.dtype:
+        raise NotImplementedError
+
+    def lowrank(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(B', A', s)`` as plain tensors: the exact LoRA this delta is (used to export to PEFT)."""
+        B, A = self.factors()
+        return B.detach().contiguous(), A.detach().contiguous(), self.scale
+
+    # -- application ----------------------------------------------------------------------------------------
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        x = x if x.dtype == self.dtype else x.to(self.dtype)
+        return self.dropout(x) if self.dropout is not None else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, A = self.factors()
+        return F.linear(F.linear(self._input(x), A), B) * self.scale
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, inplace: bool = True) -> torch.Tensor:
+        if out.dtype != self.dtype:  # half-precision base (or autocast) with fp32 adapter: add in out's dtype
+            return out + self(x).to(out.dtype)
+        B, A = self.factors()
+        return lowrank_apply(out, self._input(x), A, B, self.scale, inplace)
+
+    def fuse(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        if weight.requires_grad or (bias is not None and bias.requires_grad) or not (
+                x.dtype == weight.dtype == self.dtype) or _autocast(x):
+            return None
+        B, A = self.factors()
+        return lowrank_linear(x, self._input(x), weight, bias, A, B, self.scale)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        B, A = self.factors()
+        return F.embedding(ids, A.t()) @ B.t() * self.scale
+
+    def dense(self) -> torch.Tensor:
+        B, A = self.factors()
+        return (B @ A) * self.scale
+
+
+class LowRankDelta(FactoredDelta):
     """``dW = s * (B A - B0 A0)`` with trainable ``A`` (r x in), ``B`` (out x r) and an optional frozen anchor."""
 
     structure = "lowrank"
@@ -138,42 +190,16 @@ class LowRankDelta(Delta):
         else:
             self.A0 = self.B0 = None
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.A.dtype
+
     # -- the equivalent plain factors ---------------------------------------------------------------------
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B', A')`` with ``dW = s * B' @ A'``: ``(B, A)``, or ``([B | -B0], [A ; A0])`` when anchored."""
         if self.A0 is None:
             return self.B, self.A
         return torch.cat([self.B, -self.B0], dim=1), torch.cat([self.A, self.A0], dim=0)
-
-    # -- application ----------------------------------------------------------------------------------------
-    def _input(self, x: torch.Tensor) -> torch.Tensor:
-        x = x if x.dtype == self.A.dtype else x.to(self.A.dtype)
-        return self.dropout(x) if self.dropout is not None else x
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, A = self.factors()
-        return F.linear(F.linear(self._input(x), A), B) * self.scale
-
-    def add_to(self, out: torch.Tensor, x: torch.Tensor, inplace: bool = True) -> torch.Tensor:
-        if out.dtype != self.A.dtype:  # half-precision base (or autocast) with fp32 adapter: add in out's dtype
-            return out + self(x).to(out.dtype)
-        B, A = self.factors()
-        return lowrank_apply(out, self._input(x), A, B, self.scale, inplace)
-
-    def fuse(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-        if weight.requires_grad or (bias is not None and bias.requires_grad) or not (
-                x.dtype == weight.dtype == self.A.dtype) or _autocast(x):
-            return None
-        B, A = self.factors()
-        return lowrank_linear(x, self._input(x), weight, bias, A, B, self.scale)
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        B, A = self.factors()
-        return F.embedding(ids, A.t()) @ B.t() * self.scale
-
-    def dense(self) -> torch.Tensor:
-        B, A = self.factors()
-        return (B @ A) * self.scale
 
     # -- bookkeeping ---------------------------------------------------------------------------------------
     def spec(self) -> dict:

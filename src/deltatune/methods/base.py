@@ -4,11 +4,16 @@ A *method* = a delta structure + an initializer (:meth:`Method.build`) + optiona
 (:meth:`Method.controller`) that acts during training. Controllers have one protocol, called by the deltatune
 trainer, by :class:`deltatune.train.DeltatuneCallback` for Hugging Face ``Trainer``, or by hand in a bare loop::
 
-    loss.backward()
-    dt.after_backward(model)        # gradients are present: importance scores, regularizer gradients
-    optimizer.step()
-    dt.step(model, optimizer)       # after the update: masking, pruning, growing (may edit param groups)
-    optimizer.zero_grad()
+    dt.begin(model, total_steps)    # optional: tells schedules how long training runs, resets the step counter
+    for batch in data:
+        loss = ...; loss.backward()
+        dt.after_backward(model)    # optional: gradients are present, before the update
+        optimizer.step()
+        dt.step(model, optimizer)   # required: importance, masking, pruning, growing; before zero_grad()
+        optimizer.zero_grad()
+
+Every built-in controller works with ``dt.step`` alone; regularizer gradients enter during ``backward`` through
+gradient hooks, so they apply whatever the model returns.
 """
 from __future__ import annotations
 
@@ -25,13 +30,23 @@ _METHODS: dict[str, type["Method"]] = {}
 
 
 class Controller:
-    """Acts on one adapter during training. Both hooks are optional; the default does nothing."""
+    """Acts on one adapter during training. Every hook is optional; the default does nothing."""
+
+    def begin(self, model: nn.Module, total_steps: int | None, resizable: bool = True) -> None:
+        """Called once before training: ``total_steps`` optimizer steps will follow (``None``: unknown).
+        ``resizable=False`` when parameters must keep their shapes (e.g. a DDP wrapper that cannot be rebuilt)."""
 
     def after_backward(self, model: nn.Module, step: int) -> None:
         """Called after ``loss.backward()`` and before ``optimizer.step()``; gradients are present."""
 
-    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, step: int) -> None:
-        """Called after ``optimizer.step()``; may change parameters, shapes and the optimizer's param groups."""
+    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, step: int) -> bool:
+        """Called after ``optimizer.step()`` and before ``zero_grad()``; may change parameters, their shapes and
+        the optimizer's state. Returns True when a parameter changed shape (a DDP wrapper must then be rebuilt)."""
+        return False
+
+    def metrics(self) -> dict[str, float]:
+        """Numbers worth logging (e.g. current budget and total rank)."""
+        return {}
 
     def state_dict(self) -> dict:
         return {}

@@ -7,8 +7,10 @@ One optimizer step::
     clip gradients
     dt.after_backward(model)     # controllers see the (clipped, all-reduced) gradients
     optimizer.step()
-    dt.step(model, optimizer)    # controllers mask, prune, grow
+    dt.step(model, optimizer)    # controllers mask, prune, grow (before training: dt.begin(model, total_steps))
     scheduler.step(); optimizer.zero_grad()
+
+Controllers' numbers (e.g. AdaLoRA's ``budget`` and current total ``rank``) go into every training log record.
 
 The loss is summed over items (examples for classification, response tokens for causal LM) and divided by the
 number of items in the whole step, on all ranks together. So ``batch_size=4, grad_accum=2`` gives the same update
@@ -16,7 +18,8 @@ as ``batch_size=8``, and two DDP ranks with batch 4 the same as one process with
 
 Under ``torch.distributed`` (initialized by the caller, e.g. through ``torchrun``) the model is wrapped in
 ``DistributedDataParallel``, each rank reads its shard through a ``DistributedSampler``, the global batch is
-``batch_size * grad_accum * world_size``, and only rank 0 shows progress and writes files.
+``batch_size * grad_accum * world_size``, and only rank 0 shows progress and writes files. When a controller
+changes parameter shapes (AdaLoRA shrinking, IncreLoRA growing) the DDP wrapper is rebuilt around the new ones.
 """
 from __future__ import annotations
 
@@ -331,6 +334,8 @@ def train(
         optimizer = torch.optim.AdamW(param_groups(inner, args.weight_decay), lr=args.lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, args.schedule))
         net = nn.parallel.DistributedDataParallel(inner) if world > 1 else inner
+        if adapted:
+            M.begin(inner, total)
 
         log = _Log(output_dir, main)
         bar = None
@@ -361,8 +366,9 @@ def train(
             if adapted:
                 M.after_backward(inner)
             optimizer.step()
-            if adapted:
-                M.step(inner, optimizer)
+            if adapted and M.step(inner, optimizer) and world > 1:
+                del net  # parameters changed shape: DDP's buckets must be rebuilt
+                net = nn.parallel.DistributedDataParallel(inner)
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -372,7 +378,8 @@ def train(
             done = step + 1
             if done % args.log_every == 0 or done == total:
                 log.add({"step": done, "loss": sum(window) / len(window), "lr": lr,
-                         "epoch": done * args.grad_accum / len(loader), "time": time.perf_counter() - start})
+                         "epoch": done * args.grad_accum / len(loader), "time": time.perf_counter() - start,
+                         **(M.controller_metrics(inner) if adapted else {})})
                 window = []
             if evals is not None and ((args.eval_every and done % args.eval_every == 0) or done == total):
                 last_eval = evaluate(inner, evals, task)

@@ -1,0 +1,125 @@
+"""Gated SVD triplets: ``dW = s * P @ diag(lam * mask) @ Q``.
+
+- ``P`` (out x r): left "singular vectors", ``Q`` (r x in): right ones, ``lam`` (r,): the gates (singular values),
+  ``mask`` (r,): a frozen 0/1 buffer that switches components off without touching ``lam``.
+- ``s`` is a constant scale. AdaLoRA (Zhang et al., 2023) uses ``alpha / init_r`` and keeps it when ranks are
+  pruned; SoRA uses ``alpha / r_max``; IncreLoRA ``alpha / current rank``. The delta does not care: the method
+  sets ``s``.
+
+The triplet ``i`` is *live* when ``lam_i * mask_i != 0``. The forward folds the gates into the input-side factor,
+``A' = diag(lam * mask) Q`` (an r x in elementwise product), and runs the low-rank kernels of
+:mod:`deltatune.deltas.lowrank` with ``(B', A') = (P, A')``; autograd carries ``dL/dA'`` back to ``lam`` and
+``Q`` (``dL/dQ = diag(lam * mask) dL/dA'``, ``dL/dlam = mask * rowsum(Q * dL/dA')``). Merge, export and
+saving use the same folded factors, so a gated delta exports to PEFT LoRA exactly (``B = P``, ``A = diag(g) Q``).
+
+Components can be removed (:meth:`GatedSVDDelta.keep_`) or added (:meth:`GatedSVDDelta.grow_`): the delta
+gets new parameter tensors of the new size (autograd caches a leaf's shape, so a tensor cannot change size in
+place); :mod:`deltatune.budget.resize` moves gradients, optimizer state and param groups over to them.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .lowrank import FactoredDelta
+
+#: the dimension that indexes components, per tensor
+COMPONENT_DIMS = {"P": 1, "lam": 0, "Q": 0, "mask": 0}
+
+
+class GatedSVDDelta(FactoredDelta):
+    """``dW = s * P diag(lam * mask) Q`` with trainable ``P`` (out x r), ``lam`` (r,), ``Q`` (r x in)."""
+
+    structure = "gated_svd"
+
+    def __init__(self, out_features: int, in_features: int, r: int, scale: float, dropout: float = 0.0,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        super().__init__(out_features, in_features)
+        if r < 0:
+            raise ValueError(f"number of components r must be >= 0, got r={r}")
+        self.scale = float(scale)
+        self.P = nn.Parameter(torch.zeros(out_features, r, dtype=dtype, device=device))
+        self.lam = nn.Parameter(torch.zeros(r, dtype=dtype, device=device))
+        self.Q = nn.Parameter(torch.zeros(r, in_features, dtype=dtype, device=device))
+        self.register_buffer("mask", torch.ones(r, dtype=dtype, device=device))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self._masked = False  # whether any mask entry is 0 (else the forward skips the product)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.Q.dtype
+
+    @property
+    def r(self) -> int:
+        """Number of components held (live or not)."""
+        return self.lam.shape[0]
+
+    def gate(self) -> torch.Tensor:
+        """``lam * mask``: the effective singular values."""
+        return self.lam * self.mask if self._masked else self.lam
+
+    def live(self) -> torch.Tensor:
+        """Boolean (r,): components that contribute (``lam * mask != 0``)."""
+        return self.gate().detach() != 0
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(P, diag(lam * mask) Q)``."""
+        return self.P, self.gate()[:, None] * self.Q
+
+    # -- changing the set of components --------------------------------------------------------------------
+    def set_mask(self, mask: torch.Tensor) -> None:
+        """Switch components on (1) or off (0) without touching their parameters."""
+        self.mask.copy_(mask.to(self.mask.dtype))
+        self._masked = bool((self.mask == 0).any())
+
+    def _replace(self, name: str, value: torch.Tensor) -> None:
+        old = getattr(self, name)
+        if isinstance(old, nn.Parameter):
+            value = nn.Parameter(value, requires_grad=old.requires_grad)
+        setattr(self, name, value)
+
+    @torch.no_grad()
+    def keep_(self, index: torch.Tensor) -> None:
+        """Keep only components ``index`` (a LongTensor); ``P``, ``lam``, ``Q`` become new parameters."""
+        index = index.to(self.lam.device)
+        for name, dim in COMPONENT_DIMS.items():
+            self._replace(name, getattr(self, name).detach().index_select(dim, index).contiguous())
+        self._masked = bool((self.mask == 0).any())
+
+    @torch.no_grad()
+    def grow_(self, n: int, std: float = 0.02, lam: float = 0.0, generator: torch.Generator | None = None) -> None:
+        """Append ``n`` components, ``P, Q ~ N(0, std^2)`` and ``lam`` set to ``lam`` (new parameters)."""
+        like = dict(dtype=self.dtype, device=self.Q.device)
+        new = {"P": torch.randn(self.out_features, n, generator=generator, **like) * std,
+               "lam": torch.full((n,), float(lam), **like),
+               "Q": torch.randn(n, self.in_features, generator=generator, **like) * std,
+               "mask": torch.ones(n, **like)}
+        for name, dim in COMPONENT_DIMS.items():
+            self._replace(name, torch.cat([getattr(self, name).detach(), new[name]], dim=dim))
+
+    # -- bookkeeping -----------------------------------------------------------------------------------------
+    def spec(self) -> dict:
+        return {**super().spec(), "r": int(self.tensors()["lam"].shape[0]), "scale": self.scale}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Masked-off components are dropped; the gates are saved as ``lam * mask``."""
+        keep = self.mask.detach() != 0
+        return {"P": self.P.detach()[:, keep].contiguous(), "lam": self.lam.detach()[keep].contiguous(),
+                "Q": self.Q.detach()[keep].contiguous()}
+
+    @classmethod
+    def from_spec(cls, spec: dict, tensors: dict[str, torch.Tensor]) -> "GatedSVDDelta":
+        P, lam, Q = tensors["P"], tensors["lam"], tensors["Q"]
+        r, out_f, in_f = int(spec["r"]), spec["out_features"], spec["in_features"]
+        if P.shape != (out_f, r) or lam.shape != (r,) or Q.shape != (r, in_f):
+            raise ValueError(f"gated-SVD tensors have shapes P{tuple(P.shape)}, lam{tuple(lam.shape)}, "
+                             f"Q{tuple(Q.shape)}, but the spec says r={r}, in={in_f}, out={out_f}")
+        d = cls(out_f, in_f, r, spec["scale"], dropout=spec.get("dropout", 0.0), dtype=Q.dtype)
+        with torch.no_grad():
+            d.P.copy_(P)
+            d.lam.copy_(lam)
+            d.Q.copy_(Q)
+        return d
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, r={self.r}, live={int(self.live().sum())}, scale={self.scale:g}"
