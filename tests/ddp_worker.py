@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rows", type=int, default=48)
+    parser.add_argument("--method", default="lora", choices=["lora", "adalora"])
     opts = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -43,7 +44,12 @@ def main() -> None:
     set_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, local_files_only=True)
-    dt.attach(model, dt.LoRA(r=4, alpha=8, dropout=0.0, modules_to_save=["classifier"]))
+    if opts.method == "adalora":  # budget decisions every step, final pattern shrunk at step T - t_final
+        method = dt.AdaLoRA(init_r=6, target_r=3, t_init=1, t_final=2, targets=["query", "value"],
+                            modules_to_save=["classifier"])
+    else:
+        method = dt.LoRA(r=4, alpha=8, dropout=0.0, modules_to_save=["classifier"])
+    dt.attach(model, method)
     args = TrainArgs(lr=1e-3, batch_size=opts.batch_size, grad_accum=opts.grad_accum, max_steps=opts.steps,
                      shuffle=False, progress=False, plot=False, save_adapter=False)
     eval_set = examples[: 2 * opts.rows // 3]  # evaluated in shards under DDP, combined over ranks
@@ -53,6 +59,7 @@ def main() -> None:
     dt.save(model, Path(opts.out) / name)
     (Path(opts.out) / name / "result.json").write_text(json.dumps(
         {"world_size": result["world_size"], "losses": [r["loss"] for r in result["history"] if "loss" in r],
+         "ranks": [r.get("rank") for r in result["history"] if "loss" in r],
          "eval": result["eval"]}))
     if distributed:
         dist.destroy_process_group()

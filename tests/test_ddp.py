@@ -47,3 +47,25 @@ def test_two_ranks_match_one_process(tmp_path):
         # evaluation runs on each rank's shard and combines: the same metrics as one process on the whole set
         assert results[0]["eval"] == results[1]["eval"]
         assert results[0]["eval"] == pytest.approx(ref["eval"], abs=1e-5)
+
+
+def test_adalora_two_ranks_make_the_same_decisions(tmp_path):
+    """AdaLoRA under DDP: masking every step and a physical shrink (which rebuilds the DDP wrapper) give every rank
+    the same pattern, parameters and budget trace, and match one process with the same global batch."""
+    worker = [str(HERE / "ddp_worker.py"), "--data", str(SST2_TRAIN), "--steps", "8", "--method", "adalora"]
+    run([sys.executable, *worker, "--out", str(tmp_path / "one"), "--batch-size", "8"])
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *worker,
+         "--out", str(tmp_path / "two"), "--batch-size", "4"])
+    single = load_file(tmp_path / "one" / "single" / "adapter_model.safetensors")
+    ref = json.loads((tmp_path / "one" / "single" / "result.json").read_text())
+    ranks = [load_file(tmp_path / "two" / f"rank{r}" / "adapter_model.safetensors") for r in (0, 1)]
+    results = [json.loads((tmp_path / "two" / f"rank{r}" / "result.json").read_text()) for r in (0, 1)]
+    lams = {k: v for k, v in ranks[0].items() if k.endswith(".lam")}
+    assert sum(v.numel() for v in lams.values()) == 3 * len(lams)  # shrunk to the target budget
+    assert len({v.numel() for v in lams.values()}) > 1  # ... unevenly: a real allocation
+    assert results[0]["ranks"] == results[1]["ranks"] == ref["ranks"]
+    assert ranks[0].keys() == ranks[1].keys() == single.keys()
+    for k, v in ranks[0].items():
+        assert torch.equal(v, ranks[1][k]), f"ranks disagree on {k}"
+        assert v.shape == single[k].shape, f"{k}: pattern differs from the single process"
+        torch.testing.assert_close(v, single[k], atol=1e-4, rtol=1e-3, msg=k)

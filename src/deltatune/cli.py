@@ -48,6 +48,13 @@ def _fmt(v) -> str:
 
 def _cmd_inspect(args) -> int:
     info = describe(args.adapter)
+    if args.plot:
+        from .insight import plot_ranks
+        from .io import read_record
+
+        rec = read_record(args.adapter)
+        print(f"wrote {plot_ranks(rec.modules, args.plot, title=f'{rec.name}: rank per layer and module')}",
+              file=sys.stderr)
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
@@ -99,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="show an adapter's method, targets, per-module shapes, ranks and parameters")
     i.add_argument("adapter", help="adapter folder (deltatune or PEFT format)")
     i.add_argument("--json", action="store_true", help="print JSON")
+    i.add_argument("--plot", metavar="PNG", help="also draw the rank of every module as a layer x type heatmap")
     i.set_defaults(func=_cmd_inspect)
 
     e = sub.add_parser("export", help="write an adapter in another format")

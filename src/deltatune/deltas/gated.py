@@ -9,8 +9,8 @@
 The triplet ``i`` is *live* when ``lam_i * mask_i != 0``. The forward folds the gates into the input-side factor,
 ``A' = diag(lam * mask) Q`` (an r x in elementwise product), and runs the low-rank kernels of
 :mod:`deltatune.deltas.lowrank` with ``(B', A') = (P, A')``; autograd carries ``dL/dA'`` back to ``lam`` and
-``Q`` (``dL/dQ = diag(lam * mask) dL/dA'``, ``dL/dlam = mask * rowsum(Q * dL/dA')``). Merge, export and
-saving use the same folded factors, so a gated delta exports to PEFT LoRA exactly (``B = P``, ``A = diag(g) Q``).
+``Q`` (``dL/dQ = diag(lam * mask) dL/dA'``, ``dL/dlam = mask * rowsum(Q * dL/dA')``). Merge uses the same folded
+factors; export to PEFT LoRA is exact with the gates folded into ``P`` (``B = P diag(g)``, ``A = Q``).
 
 Components can be removed (:meth:`GatedSVDDelta.keep_`) or added (:meth:`GatedSVDDelta.grow_`): the delta
 gets new parameter tensors of the new size (autograd caches a leaf's shape, so a tensor cannot change size in
@@ -65,6 +65,12 @@ class GatedSVDDelta(FactoredDelta):
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(P, diag(lam * mask) Q)``."""
         return self.P, self.gate()[:, None] * self.Q
+
+    def lowrank(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The exact LoRA ``(B, A, s) = (P diag(lam * mask), Q, s)`` over the live components (for export)."""
+        g = self.gate().detach()
+        live = g != 0
+        return (self.P.detach() * g)[:, live].contiguous(), self.Q.detach()[live].contiguous(), self.scale
 
     # -- changing the set of components --------------------------------------------------------------------
     def set_mask(self, mask: torch.Tensor) -> None:

@@ -1,4 +1,4 @@
-"""The Hugging Face PEFT LoRA checkpoint format, both directions.
+"""The Hugging Face PEFT LoRA checkpoint format, both directions, and import of PEFT AdaLoRA checkpoints.
 
 PEFT stores, for a LoRA on module ``m`` (``base_model.model.`` prefix):
 
@@ -8,6 +8,11 @@ PEFT stores, for a LoRA on module ``m`` (``base_model.model.`` prefix):
 
 and the scale ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``), with per-module ``rank_pattern`` and
 ``alpha_pattern`` overrides whose keys match a module name as ``(.*\\.)?key$``.
+
+Every delta that is exactly a LoRA (:meth:`Delta.lowrank` returns its factors: plain and anchored low-rank,
+gated SVD with the gates folded into ``B``) exports as one. PEFT AdaLoRA checkpoints store ``m.lora_A`` (r x in),
+``m.lora_E`` (r x 1) and ``m.lora_B`` (out x r), already cut to the final rank pattern, with the scale
+``lora_alpha / init_r`` (PEFT keeps the initial rank as ``ranknum``); they import as gated-SVD deltas.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from collections import Counter
 import torch
 
 from .. import __version__
+from ..deltas import delta_from_spec
 from .record import AdapterRecord
 
 PREFIX = "base_model.model."
@@ -64,14 +70,18 @@ def to_peft(record: AdapterRecord) -> tuple[dict, dict[str, torch.Tensor]]:
             if "bias" in t:
                 tensors[f"{PREFIX}{mod}.bias"] = t["bias"]
             continue
-        if spec["structure"] != "lowrank":
+        factors = delta_from_spec(spec, t).lowrank()
+        if factors is None:
             raise NotLowRank(f"{mod}: a {spec['structure']!r} delta is not a LoRA; export it with a rank "
                              "(truncated SVD) instead")
+        B, A, scale = factors
+        if A.shape[0] == 0:  # every component pruned: the module has no update
+            continue
         a, b = ("lora_embedding_A", "lora_embedding_B") if kind == "embedding" else ("lora_A.weight", "lora_B.weight")
-        tensors[f"{PREFIX}{mod}.{a}"] = t["A"]
-        tensors[f"{PREFIX}{mod}.{b}"] = t["B"]
-        ranks[mod] = int(spec["r"])
-        alphas[mod] = _number(_alpha(spec["scale"], spec["r"], rslora))
+        tensors[f"{PREFIX}{mod}.{a}"] = A
+        tensors[f"{PREFIX}{mod}.{b}"] = B
+        ranks[mod] = int(A.shape[0])
+        alphas[mod] = _number(_alpha(scale, ranks[mod], rslora))
     if not ranks:
         raise NotLowRank(f"adapter {record.name!r} has no low-rank deltas to export")
     r = Counter(ranks.values()).most_common(1)[0][0]
@@ -102,36 +112,13 @@ def _pattern(name: str, patterns: dict, default):
     return default
 
 
-def from_peft(config: dict, tensors: dict[str, torch.Tensor], name: str, kinds: dict[str, str]) -> AdapterRecord:
-    """Read a PEFT LoRA checkpoint; ``kinds`` maps module names of the target model to their layer kind."""
-    ptype = config.get("peft_type")
-    if ptype != "LORA":
-        raise ValueError(f"PEFT checkpoint of type {ptype!r}: deltatune reads PEFT LoRA checkpoints")
-    for flag in ("use_dora", "lora_bias"):
-        if config.get(flag):
-            raise ValueError(f"PEFT LoRA with {flag}=True is not supported")
-    rslora = bool(config.get("use_rslora", False))
-    modules, out = {}, {}
-    rest = {}
-    for key, t in tensors.items():
-        key = key[len(PREFIX):] if key.startswith(PREFIX) else key
-        m = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)", key)
-        if m is None:
-            rest[key] = t
-            continue
-        out.setdefault(m.group(1), {})["A" if "A" in m.group(2) else "B"] = t
-    for mod, t in out.items():
-        if set(t) != {"A", "B"}:
-            raise ValueError(f"PEFT checkpoint has an incomplete LoRA for {mod!r} (found {sorted(t)})")
-        r = t["A"].shape[0]
-        alpha = _pattern(mod, config.get("alpha_pattern") or {}, config["lora_alpha"])
-        scale = alpha / math.sqrt(r) if rslora else alpha / r
-        modules[mod] = {"structure": "lowrank", "layer": kinds.get(mod), "out_features": t["B"].shape[0],
-                        "in_features": t["A"].shape[1], "r": r, "scale": scale}
+def _saved_modules(rest: dict[str, torch.Tensor], config: dict, kinds: dict[str, str], modules: dict,
+                   out: dict) -> None:
+    """``modules_to_save`` entries (full copies of a module's parameters) among the non-adapter tensors."""
     base_copies = sorted(k for k in rest if ".base_layer." in k)
     if base_copies:  # PEFT's save_embedding_layers: copies of the base embeddings, the model has its own
         warnings.warn(f"PEFT checkpoint carries copies of base weights ({', '.join(base_copies[:3])}); deltatune "
-                      "keeps the model's own base weights", stacklevel=3)
+                      "keeps the model's own base weights", stacklevel=4)
     for key, t in rest.items():
         if key in base_copies:
             continue
@@ -146,10 +133,75 @@ def from_peft(config: dict, tensors: dict[str, torch.Tensor], name: str, kinds: 
             modules[mod] = {"structure": "full", "layer": kinds.get(mod), "out_features": t.shape[0],
                             "in_features": t.shape[1]}
         out.setdefault(mod, {})[pname] = t
+
+
+def _split_keys(tensors: dict[str, torch.Tensor], pattern: str) -> tuple[dict, dict]:
+    """``({module: {group(2): tensor}}, {other key: tensor})`` for keys matching ``(module).(pattern)``."""
+    found, rest = {}, {}
+    for key, t in tensors.items():
+        key = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        m = re.fullmatch(rf"(.+)\.({pattern})", key)
+        if m is None:
+            rest[key] = t
+        else:
+            found.setdefault(m.group(1), {})[m.group(2)] = t
+    return found, rest
+
+
+def from_peft(config: dict, tensors: dict[str, torch.Tensor], name: str, kinds: dict[str, str]) -> AdapterRecord:
+    """Read a PEFT LoRA or AdaLoRA checkpoint; ``kinds`` maps module names of the target model to layer kinds."""
+    ptype = config.get("peft_type")
+    if ptype == "ADALORA":
+        return _from_adalora(config, tensors, name, kinds)
+    if ptype != "LORA":
+        raise ValueError(f"PEFT checkpoint of type {ptype!r}: deltatune reads PEFT LoRA and AdaLoRA checkpoints")
+    for flag in ("use_dora", "lora_bias"):
+        if config.get(flag):
+            raise ValueError(f"PEFT LoRA with {flag}=True is not supported")
+    rslora = bool(config.get("use_rslora", False))
+    found, rest = _split_keys(tensors, r"lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B")
+    modules, out = {}, {}
+    for mod, t in found.items():
+        t = {("A" if "A" in k else "B"): v for k, v in t.items()}
+        if set(t) != {"A", "B"}:
+            raise ValueError(f"PEFT checkpoint has an incomplete LoRA for {mod!r} (found {sorted(t)})")
+        r = t["A"].shape[0]
+        alpha = _pattern(mod, config.get("alpha_pattern") or {}, config["lora_alpha"])
+        scale = alpha / math.sqrt(r) if rslora else alpha / r
+        modules[mod] = {"structure": "lowrank", "layer": kinds.get(mod), "out_features": t["B"].shape[0],
+                        "in_features": t["A"].shape[1], "r": r, "scale": scale}
+        out[mod] = t
+    _saved_modules(rest, config, kinds, modules, out)
     method = {"method": "lora", "r": int(config["r"]), "alpha": config["lora_alpha"],
               "dropout": config.get("lora_dropout", 0.0), "use_rslora": rslora,
               "targets": sorted(m for m, s in modules.items() if s["structure"] == "lowrank"),
               "modules_to_save": sorted(m for m, s in modules.items() if s["structure"] == "full") or None,
               "rank_pattern": config.get("rank_pattern") or None, "alpha_pattern": config.get("alpha_pattern") or None}
+    return AdapterRecord(name, method, modules, out, base_model=config.get("base_model_name_or_path"),
+                         task_type=config.get("task_type"))
+
+
+def _from_adalora(config: dict, tensors: dict[str, torch.Tensor], name: str, kinds: dict[str, str]) -> AdapterRecord:
+    found, rest = _split_keys(tensors, "lora_A|lora_B|lora_E")
+    init_r, alpha = int(config["init_r"]), config["lora_alpha"]
+    scale = (alpha if alpha > 0 else init_r) / init_r
+    modules, out = {}, {}
+    for mod, t in found.items():
+        if set(t) != {"lora_A", "lora_B", "lora_E"}:
+            raise ValueError(f"PEFT AdaLoRA checkpoint has an incomplete triplet for {mod!r} (found {sorted(t)})")
+        if kinds.get(mod) not in (None, "linear"):
+            raise ValueError(f"PEFT AdaLoRA on {mod!r} (a {kinds[mod]}): deltatune imports AdaLoRA on Linear layers")
+        Q, lam, P = t["lora_A"], t["lora_E"].reshape(-1), t["lora_B"]
+        modules[mod] = {"structure": "gated_svd", "layer": kinds.get(mod), "out_features": P.shape[0],
+                        "in_features": Q.shape[1], "r": int(lam.shape[0]), "scale": scale}
+        out[mod] = {"P": P, "lam": lam, "Q": Q}
+    _saved_modules(rest, config, kinds, modules, out)
+    method = {"method": "adalora", "init_r": init_r, "target_r": int(config.get("target_r", init_r)),
+              "alpha": alpha if alpha > 0 else init_r, "dropout": config.get("lora_dropout", 0.0),
+              "t_init": config.get("tinit", 0), "t_final": config.get("tfinal", 0), "delta_t": config.get("deltaT", 1),
+              "beta1": config.get("beta1", 0.85), "beta2": config.get("beta2", 0.85),
+              "orth_reg_weight": config.get("orth_reg_weight", 0.5), "total_step": config.get("total_step"),
+              "targets": sorted(m for m, s in modules.items() if s["structure"] == "gated_svd"),
+              "modules_to_save": sorted(m for m, s in modules.items() if s["structure"] == "full") or None}
     return AdapterRecord(name, method, modules, out, base_model=config.get("base_model_name_or_path"),
                          task_type=config.get("task_type"))

@@ -226,8 +226,12 @@ def eval_loader(data: Sequence, batch_size: int, collate_fn: Callable) -> DataLo
 
 
 # -- logging -------------------------------------------------------------------------------------------------------
+_TRAIN_KEYS = {"step", "loss", "lr", "epoch", "time"}
+
+
 def write_plot(records: list[dict], path: str | Path) -> Path | None:
-    """Training loss (and any ``eval_*`` metrics) against step, as a PNG. ``None`` if matplotlib is missing."""
+    """Training loss, any ``eval_*`` metrics and any controller numbers (e.g. ``budget``, ``rank``) against step, as
+    a PNG. ``None`` if matplotlib is missing."""
     try:  # a Figure with its own Agg canvas: pyplot and the user's backend stay untouched
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -236,18 +240,26 @@ def write_plot(records: list[dict], path: str | Path) -> Path | None:
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if any(k.startswith("eval_") for k in r)]
     keys = sorted({k for r in evals for k in r if k.startswith("eval_")})
-    fig = Figure(figsize=(5 * (1 + len(keys)), 3.5))
+    extra = sorted({k for r in train for k in r} - _TRAIN_KEYS)
+    panels = 1 + len(keys) + (1 if extra else 0)
+    fig = Figure(figsize=(5 * panels, 3.5))
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 1 + len(keys), squeeze=False)
-    ax = axes[0, 0]
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    ax = axes[0]
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
     if "eval_loss" in keys:
         ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval")
     ax.set(xlabel="step", ylabel="loss", title="loss")
     ax.legend()
-    for ax, key in zip(axes[0, 1:], keys):
+    for ax, key in zip(axes[1:], keys):
         ax.plot([r["step"] for r in evals if key in r], [r[key] for r in evals if key in r], "o-")
         ax.set(xlabel="step", title=key)
+    if extra:
+        ax = axes[-1]
+        for key in extra:
+            ax.plot([r["step"] for r in train if key in r], [r[key] for r in train if key in r], label=key)
+        ax.set(xlabel="step", title="controllers")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     return Path(path)

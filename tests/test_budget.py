@@ -1,0 +1,414 @@
+"""Adaptive rank budgets: the gated-SVD delta, the budget engine, AdaLoRA / IncreLoRA / SoRA controllers, their
+checkpoints and PEFT interop, on real MiniLM weights and SST-2 sentences."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import logits, make_minilm, randomize
+from torch import nn
+
+import deltatune as dt
+from deltatune.budget import (
+    Sensitivity,
+    cubic_budget,
+    keep_components_,
+    masking_phase,
+    orthogonality,
+    orthogonality_grads,
+    threshold_masks,
+    triplet_scores,
+)
+from deltatune.methods.adaptive import soft_threshold_
+
+QV = ["query", "value"]
+
+
+def _batches(minilm_dir, sst2_rows, n=4, size=8, offset=0):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir)
+    out = []
+    for i in range(n):
+        rows = sst2_rows[offset + i * size: offset + (i + 1) * size]
+        b = dict(tok([t for t, _ in rows], padding=True, truncation=True, max_length=48, return_tensors="pt"))
+        b["labels"] = torch.tensor([y for _, y in rows])
+        out.append(b)
+    return out
+
+
+def _loop(model, batches, steps, lr=5e-3, opt=None, clip=None, after=None):
+    """A bare PyTorch loop: the only deltatune call is dt.step after optimizer.step."""
+    opt = opt or torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    model.train()
+    for t in range(steps):
+        loss = model(**batches[t % len(batches)]).loss
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip)
+        opt.step()
+        dt.step(model, opt)
+        if after:
+            after(t)
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+    return opt
+
+
+# -- the delta ------------------------------------------------------------------------------------------------
+def test_gated_delta_forward_grads_and_merge_follow_the_formula():
+    torch.manual_seed(0)
+    d = dt.GatedSVDDelta(12, 10, 5, scale=0.7)
+    with torch.no_grad():
+        for p in (d.P, d.lam, d.Q):
+            p.normal_()
+    d.set_mask(torch.tensor([1.0, 0, 1, 1, 0]))
+    W, b = torch.randn(12, 10), torch.randn(12)
+    x = torch.randn(7, 10, requires_grad=True)
+    out = d.fuse(x, W, b)  # the fused frozen-linear + delta kernel
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, d.P, d.lam, d.Q], g)
+    P, lam, Q = (t.detach().clone().requires_grad_() for t in (d.P, d.lam, d.Q))
+    x2 = x.detach().clone().requires_grad_()
+    dense = 0.7 * P @ torch.diag(lam * d.mask) @ Q
+    ref = x2 @ (W + dense).t() + b
+    ref_grads = torch.autograd.grad(ref, [x2, P, lam, Q], g)
+    torch.testing.assert_close(out, ref)
+    for a, r in zip(grads, ref_grads):
+        torch.testing.assert_close(a, r)
+    assert grads[2][1] == 0 and grads[2][0] != 0  # a masked gate gets no gradient
+    torch.testing.assert_close(d.dense(), dense.detach())
+    assert d.live().tolist() == [True, False, True, True, False]
+    B, A, s = d.lowrank()  # export: gates folded into B, masked components dropped
+    assert A.shape == (3, 10) and s == 0.7
+    torch.testing.assert_close(s * B @ A, dense.detach())
+
+
+def test_resize_keeps_outputs_gradients_and_optimizer_state():
+    torch.manual_seed(0)
+    d = dt.GatedSVDDelta(6, 5, 4, scale=1.0)
+    with torch.no_grad():
+        for p in (d.P, d.lam, d.Q):
+            p.normal_()
+    x = torch.randn(3, 5)
+    opt = torch.optim.Adam(d.parameters(), lr=0.1)
+    d(x).sum().backward()
+    opt.step()
+    with torch.no_grad():
+        d.lam[2] = 0  # a pruned component
+    before = d(x).detach()
+    state_Q = opt.state[d.Q]["exp_avg"].clone()
+    old_Q = d.Q
+    ema = {d.Q: torch.arange(20.0).view(4, 5)}
+    keep_components_(d, torch.tensor([0, 1, 3]), opt, [ema])
+    assert d.r == 3 and d.Q is not old_Q
+    torch.testing.assert_close(d(x), before)  # the dropped component had lam = 0
+    assert any(q is d.Q for g in opt.param_groups for q in g["params"])
+    assert not any(q is old_Q for g in opt.param_groups for q in g["params"])
+    torch.testing.assert_close(opt.state[d.Q]["exp_avg"], state_Q[[0, 1, 3]])
+    torch.testing.assert_close(ema[d.Q], torch.arange(20.0).view(4, 5)[[0, 1, 3]])
+    assert d.Q.grad.shape == (3, 5)
+    d(x).sum().backward()  # the optimizer keeps working on the new tensors
+    q0 = d.Q.detach().clone()
+    opt.step()
+    assert not torch.equal(q0, d.Q)
+
+
+# -- the engine -------------------------------------------------------------------------------------------------
+def test_cubic_schedule_values():
+    # b_init 24, b_T 8, t_init 10, t_final 20, T 110: the cubic runs over steps 10..90
+    args = dict(b_init=24, b_target=8, t_init=10, t_final=20, total=110)
+    assert cubic_budget(0, **args) == 24 and cubic_budget(10, **args) == 24
+    assert cubic_budget(30, **args) == int(8 + 16 * (1 - 20 / 80) ** 3) == 14
+    assert cubic_budget(50, **args) == int(8 + 16 * 0.5 ** 3) == 10
+    assert cubic_budget(90, **args) == 8 and cubic_budget(91, **args) == 8 and cubic_budget(109, **args) == 8
+    budgets = [cubic_budget(t, **args) for t in range(110)]
+    assert all(a >= b for a, b in zip(budgets, budgets[1:]))  # never grows
+    assert [masking_phase(t, 10, 20, 110) for t in (10, 11, 90, 91)] == ["warmup", "budgeting", "budgeting", "final"]
+
+
+def test_threshold_allocation_is_global_and_exact():
+    scores = [torch.tensor([0.9, 0.1, 0.5]), torch.tensor([0.3, 0.8]), torch.tensor([0.05])]
+    keep = threshold_masks(scores, 3)
+    assert [k.tolist() for k in keep] == [[True, False, True], [False, True], [False]]
+    assert sum(int(k.sum()) for k in threshold_masks(scores, 0)) == 0
+    assert all(bool(k.all()) for k in threshold_masks(scores, 6))
+
+
+def test_sensitivity_ema_and_triplet_scores_follow_the_definition():
+    w = torch.tensor([1.0, -2.0], requires_grad=True)
+    s = Sensitivity(beta1=0.5, beta2=0.5)
+    ibar = ubar = torch.zeros(2)
+    for g in (torch.tensor([3.0, 1.0]), torch.tensor([-1.0, 2.0])):
+        w.grad = g
+        s.update([w])
+        i = (w.detach() * g).abs()
+        ibar = 0.5 * ibar + 0.5 * i
+        ubar = 0.5 * ubar + 0.5 * (i - ibar).abs()
+    torch.testing.assert_close(s.score(w), ibar * ubar)
+    sP, sl, sQ = torch.ones(4, 2), torch.tensor([1.0, 2.0]), torch.tensor([[1.0, 3.0], [0.0, 0.0]])
+    torch.testing.assert_close(triplet_scores(sP, sl, sQ), torch.tensor([1 + 2 + 1.0, 2 + 0 + 1.0]))
+
+
+def test_orthogonality_gradients_equal_autograd():
+    torch.manual_seed(0)
+    Ps = [torch.randn(8, 3, requires_grad=True), torch.randn(5, 2, requires_grad=True)]
+    Qs = [torch.randn(3, 6, requires_grad=True), torch.randn(2, 4, requires_grad=True)]
+    R = orthogonality(Ps, Qs)
+    ref = torch.autograd.grad(R, Ps + Qs)
+    gP, gQ = orthogonality_grads(Ps, Qs)
+    for a, b in zip(gP + gQ, ref):
+        torch.testing.assert_close(a, b)
+
+
+# -- AdaLoRA on MiniLM -------------------------------------------------------------------------------------------
+def test_adalora_forward_equals_peft(minilm_dir, minilm_batch):
+    from peft import AdaLoraConfig, get_peft_model
+
+    ours = make_minilm(minilm_dir)
+    dt.attach(ours, dt.AdaLoRA(init_r=6, target_r=3, alpha=8, targets=QV, total_step=10))
+    randomize(ours, "default", std=0.1)
+    ref = get_peft_model(make_minilm(minilm_dir), AdaLoraConfig(init_r=6, target_r=3, lora_alpha=8,
+                                                                  target_modules=QV, total_step=10)).eval()
+    with torch.no_grad():
+        for mod, d in dt.deltas(ours, "default").items():
+            m = ref.base_model.model.get_submodule(mod)
+            m.lora_A["default"].copy_(d.Q)
+            m.lora_E["default"].copy_(d.lam[:, None])
+            m.lora_B["default"].copy_(d.P)
+    torch.testing.assert_close(logits(ours, minilm_batch), logits(ref, minilm_batch), atol=1e-5, rtol=1e-4)
+    assert dt.deltas(ours, "default")["bert.encoder.layer.0.attention.self.query"].scale == 8 / 6  # alpha / init_r
+
+
+def test_adalora_live_components_follow_the_budget(minilm_dir, sst2_rows):
+    model = make_minilm(minilm_dir)
+    m = dt.AdaLoRA(init_r=4, target_r=2, targets=QV, t_init=2, t_final=3, delta_t=2, total_step=14)
+    dt.attach(model, m, name="ada")
+    ctrl = dt.model.registry(model).adapters["ada"].controller
+    seen = []
+
+    def check(t):
+        live = ctrl.live_rank()
+        if t == ctrl.final_step():
+            assert live == 2 * 12 and all(d.r <= 4 for d in ctrl.deltas.values())
+        elif 2 < t < 11 and t % 2 == 0:  # a masking event
+            assert live == cubic_budget(t, 48, 24, 2, 3, 14), t
+            seen.append(live)
+        assert dt.controller_metrics(model)["rank"] == live
+
+    _loop(model, _batches(minilm_dir, sst2_rows), 14, after=check)
+    assert len(seen) == 4 and seen == sorted(seen, reverse=True) and seen[0] < 48
+    ranks = [d.r for d in dt.deltas(model, "ada").values()]
+    assert sum(ranks) == 24 and len(set(ranks)) > 1  # physically shrunk, unevenly
+    with pytest.raises(ValueError, match="total_step=14"):
+        dt.step(model)  # step 15 of a 14-step schedule
+
+
+def test_shrinking_changes_no_output(minilm_dir, sst2_rows, minilm_batch):
+    """The same run with shrink='final' (components removed) and shrink='never' (masked) gives the same model."""
+    batches = _batches(minilm_dir, sst2_rows)
+    models = {}
+    for shrink in ("final", "never"):
+        model = make_minilm(minilm_dir)
+        torch.manual_seed(0)
+        dt.attach(model, dt.AdaLoRA(init_r=4, target_r=2, targets=QV, t_init=1, t_final=3, total_step=8,
+                                    orth_reg_weight=0.0, shrink=shrink))
+        _loop(model, batches, 8)
+        models[shrink] = model
+    shrunk, masked = (dt.deltas(models[k], "default") for k in ("final", "never"))
+    assert sum(d.r for d in shrunk.values()) == 24 and sum(d.r for d in masked.values()) == 48
+    assert [d.r for d in shrunk.values()] == [int(d.mask.sum()) for d in masked.values()]
+    torch.testing.assert_close(logits(models["final"], minilm_batch), logits(models["never"], minilm_batch),
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_regularizer_applies_to_a_model_returning_a_plain_tensor():
+    """The orthogonal regularizer enters the gradients during backward, once per optimizer step, whatever the
+    model returns (PEFT adds it only to ``outputs.loss``)."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(10, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))  # a raw tensor
+
+    grads = {}
+    x = torch.randn(8, 10)
+    for gamma in (0.0, 0.3):
+        torch.manual_seed(1)
+        net = Net()
+        dt.attach(net, dt.AdaLoRA(init_r=3, target_r=2, targets=["a", "b"], total_step=5, orth_reg_weight=gamma))
+        randomize(net, "default", std=0.3)
+        for _ in range(2):  # two accumulated micro-batches: the term is added once
+            net(x).pow(2).mean().backward()
+        ds = dt.deltas(net, "default")
+        grads[gamma] = {k: (d.P.grad.clone(), d.Q.grad.clone()) for k, d in ds.items()}
+    P = [d.P.detach().clone().requires_grad_() for d in ds.values()]
+    Q = [d.Q.detach().clone().requires_grad_() for d in ds.values()]
+    reg = torch.autograd.grad(0.3 * orthogonality(P, Q), P + Q)
+    for i, k in enumerate(ds):
+        torch.testing.assert_close(grads[0.3][k][0] - grads[0.0][k][0], reg[i])
+        torch.testing.assert_close(grads[0.3][k][1] - grads[0.0][k][1], reg[len(P) + i])
+
+
+def test_misuse_gives_clear_errors(minilm_dir, sst2_rows):
+    model = make_minilm(minilm_dir)
+    dt.attach(model, dt.AdaLoRA(init_r=4, target_r=2, targets=QV))
+    batch = _batches(minilm_dir, sst2_rows, n=1)[0]
+    model(**batch).loss.backward()
+    with pytest.raises(ValueError, match="total_step"):
+        dt.step(model)  # no total_step and no dt.begin
+    dt.begin(model, total_steps=3)
+    for p in model.parameters():
+        p.grad = None
+    with pytest.raises(RuntimeError, match="before optimizer.zero_grad"):
+        dt.step(model)
+    with pytest.raises(ValueError, match="target_r"):
+        dt.attach(model, dt.AdaLoRA(init_r=2, target_r=4), name="bad")
+    with pytest.raises(ValueError, match="total_step=3"):
+        dt.begin(make_adalora_with_total(minilm_dir, 3), total_steps=5)
+
+
+def make_adalora_with_total(minilm_dir, total):
+    model = make_minilm(minilm_dir)
+    return dt.attach(model, dt.AdaLoRA(init_r=4, target_r=2, targets=QV, total_step=total))
+
+
+def test_unequal_ranks_round_trip_and_export_to_peft(minilm_dir, sst2_rows, minilm_batch, tmp_path):
+    from peft import PeftModel
+
+    model = make_minilm(minilm_dir)
+    dt.attach(model, dt.AdaLoRA(init_r=4, target_r=2, targets=QV, t_init=1, t_final=2, total_step=6,
+                                modules_to_save=["classifier"]), name="ada")
+    _loop(model, _batches(minilm_dir, sst2_rows), 6)
+    want = logits(model, minilm_batch)
+    ranks = {k: d.r for k, d in dt.deltas(model, "ada").items() if isinstance(d, dt.GatedSVDDelta)}
+    assert len(set(ranks.values())) > 1
+    dt.save(model, tmp_path / "ada")
+    spec = json.loads((tmp_path / "ada" / "adapter_config.json").read_text())
+    assert {k: v["r"] for k, v in spec["modules"].items() if "r" in v} == ranks
+
+    fresh = make_minilm(minilm_dir)
+    dt.load(fresh, tmp_path / "ada")
+    assert {k: d.r for k, d in dt.deltas(fresh, "ada").items() if isinstance(d, dt.GatedSVDDelta)} == ranks
+    torch.testing.assert_close(logits(fresh, minilm_batch), want)
+    dt.merge(fresh)
+    torch.testing.assert_close(logits(fresh, minilm_batch), want, atol=1e-5, rtol=1e-4)
+
+    # export to PEFT LoRA: exact, loads in PEFT with per-module ranks
+    from deltatune.cli import main
+    assert main(["export", str(tmp_path / "ada"), "--to", "peft", str(tmp_path / "peft")]) == 0
+    peft_model = PeftModel.from_pretrained(make_minilm(minilm_dir), tmp_path / "peft").eval()
+    torch.testing.assert_close(logits(peft_model, minilm_batch), want, atol=1e-5, rtol=1e-4)
+
+    # the rank heatmap
+    assert main(["inspect", str(tmp_path / "ada"), "--plot", str(tmp_path / "ranks.png")]) == 0
+    assert (tmp_path / "ranks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_import_peft_adalora_checkpoint(minilm_dir, sst2_rows, minilm_batch, tmp_path):
+    """A PEFT AdaLoRA run (pruned, saved with its rank pattern) loads into deltatune with the same outputs."""
+    from peft import AdaLoraConfig, PeftModel, get_peft_model
+
+    peft_model = get_peft_model(make_minilm(minilm_dir), AdaLoraConfig(
+        init_r=4, target_r=2, lora_alpha=8, target_modules=QV, total_step=6, tinit=1, tfinal=2, deltaT=1))
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=5e-3)
+    peft_model.train()
+    for t, batch in enumerate(_batches(minilm_dir, sst2_rows, n=6)):
+        peft_model(**batch).loss.backward()
+        opt.step()
+        peft_model.base_model.update_and_allocate(t)
+        opt.zero_grad()
+    peft_model.save_pretrained(tmp_path / "peft_ada")
+    ref = PeftModel.from_pretrained(make_minilm(minilm_dir), tmp_path / "peft_ada").eval()
+    want = logits(ref, minilm_batch)
+
+    ours = make_minilm(minilm_dir)
+    dt.load(ours, tmp_path / "peft_ada")
+    ranks = [d.r for d in dt.deltas(ours, "default").values()]
+    assert sum(ranks) < 4 * 12 and len(set(ranks)) > 1  # the pruned pattern came along
+    torch.testing.assert_close(logits(ours, minilm_batch), want, atol=1e-5, rtol=1e-4)
+    assert dt.model.method_of(ours, "default").init_r == 4
+
+
+# -- IncreLoRA and SoRA --------------------------------------------------------------------------------------------
+def test_increlora_grows_to_the_budget_and_trains_new_components(minilm_dir, sst2_rows):
+    model = make_minilm(minilm_dir)
+    dt.attach(model, dt.IncreLoRA(init_r=1, target_r=2, targets=QV, top_h=4, incre_interval=2, alpha=4))
+    dt.begin(model, total_steps=16)
+    history = []
+    opt = _loop(model, _batches(minilm_dir, sst2_rows), 16,
+                after=lambda t: history.append(dt.controller_metrics(model)["rank"]))
+    ds = dt.deltas(model, "default")
+    assert history[0] == 12 and history[-1] == 24 and history == sorted(history)
+    assert history[4] == 12 + 4 + 4  # steps 2 and 4 grew 4 modules by one component each
+    grown = [d for d in ds.values() if d.r > 1]
+    assert {d.scale for d in grown} == {4 / d.r for d in grown}  # alpha / current rank
+    params = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert all(id(p) in params for d in ds.values() for p in (d.P, d.lam, d.Q))  # new tensors are optimized
+    assert all(bool((d.lam != 0).all()) for d in ds.values())  # every component, old and new, trained
+
+
+def test_sora_soft_threshold_and_zero_gates_dropped_at_the_end(minilm_dir, sst2_rows, minilm_batch):
+    g = torch.tensor([0.5, -0.05, 0.02, -0.7])
+    assert soft_threshold_(g, 0.1).tolist() == pytest.approx([0.4, 0.0, 0.0, -0.6])
+    model = make_minilm(minilm_dir)
+    dt.attach(model, dt.SoRA(r=4, targets=QV, threshold=0.15))
+    dt.begin(model, total_steps=8)
+    batches = _batches(minilm_dir, sst2_rows)
+    opt = _loop(model, batches, 6, lr=1e-3)
+    ds = dt.deltas(model, "default")
+    zeros = sum(int((d.lam == 0).sum()) for d in ds.values())
+    assert 0 < zeros < 4 * 12  # the proximal step zeroed some gates, not all
+    ctrl = dt.model.registry(model).adapters["default"].controller
+    before = logits(model, minilm_batch)
+    assert ctrl.drop_zero_gates(opt)
+    assert sum(d.r for d in ds.values()) == 4 * 12 - zeros
+    torch.testing.assert_close(logits(model, minilm_batch), before)  # zero gates contributed nothing
+    _loop(model, batches, 2, lr=1e-3, opt=opt)  # steps 7 and 8: the last one drops zero gates by itself
+    assert all(bool((d.lam != 0).all()) for d in ds.values())
+    assert dt.controller_metrics(model)["rank"] == sum(d.r for d in ds.values())
+
+
+def test_trainer_drives_adalora_and_logs_the_budget(minilm_dir, sst2_rows, tmp_path):
+    from transformers import AutoTokenizer
+
+    from deltatune.train import TrainArgs, encode_classification, train
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir)
+    rows = [{"sentence": t, "label": y} for t, y in sst2_rows[:64]]
+    examples, _ = encode_classification(rows, tok, "sentence", "label", max_length=48)
+    model = make_minilm(minilm_dir)
+    dt.attach(model, dt.AdaLoRA(init_r=4, target_r=2, targets=QV, t_init=2, t_final=2,
+                                modules_to_save=["classifier"]))  # no total_step: the trainer provides it
+    result = train(model, examples, TrainArgs(lr=5e-3, batch_size=8, max_steps=8, progress=False),
+                   output_dir=tmp_path)
+    logged = [r for r in result["history"] if "loss" in r]
+    assert [r["budget"] for r in logged][:3] == [48, 48, 48] and logged[-1]["budget"] == 24
+    assert logged[-1]["rank"] == 24 and min(r["rank"] for r in logged) == 24
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert sum(v["r"] for v in saved["modules"].values() if "r" in v) == 24
+    assert math.isfinite(result["train_loss"])
+
+
+def test_hf_trainer_callback_drives_adalora(minilm_dir, sst2_rows, tmp_path):
+    from transformers import AutoTokenizer, Trainer, TrainingArguments
+
+    from deltatune.train import Collator, DeltatuneCallback, encode_classification
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir)
+    rows = [{"sentence": t, "label": y} for t, y in sst2_rows[:48]]
+    examples, _ = encode_classification(rows, tok, "sentence", "label", max_length=48)
+    model = make_minilm(minilm_dir)
+    dt.attach(model, dt.AdaLoRA(init_r=4, target_r=2, targets=QV, t_init=1, t_final=2))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=8,
+                             learning_rate=5e-3, report_to=[], save_strategy="no", logging_strategy="no",
+                             use_cpu=True, disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=examples, data_collator=Collator(tok.pad_token_id),
+            callbacks=[DeltatuneCallback()]).train()
+    assert sum(d.r for d in dt.deltas(model, "default").values()) == 24
