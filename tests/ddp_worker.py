@@ -56,10 +56,14 @@ def main() -> None:
     result = train(model, examples, args, eval_data=eval_set)
 
     name = f"rank{dist.get_rank()}" if distributed else "single"
+    from deltatune.budget import broadcast_
+
+    probe = torch.tensor([float(dist.get_rank() if distributed else 0) + 1.0])
+    broadcast_([probe])  # controllers decide from rank 0's scores: every rank must read rank 0's values
     dt.save(model, Path(opts.out) / name)
     (Path(opts.out) / name / "result.json").write_text(json.dumps(
         {"world_size": result["world_size"], "losses": [r["loss"] for r in result["history"] if "loss" in r],
-         "ranks": [r.get("rank") for r in result["history"] if "loss" in r],
+         "ranks": [r.get("rank") for r in result["history"] if "loss" in r], "probe": probe.item(),
          "eval": result["eval"]}))
     if distributed:
         dist.destroy_process_group()

@@ -116,6 +116,47 @@ def test_resize_keeps_outputs_gradients_and_optimizer_state():
     assert not torch.equal(q0, d.Q)
 
 
+def test_growing_pads_state_and_unresizable_state_is_refused():
+    from deltatune.budget import grow_components_
+
+    torch.manual_seed(0)
+    d = dt.GatedSVDDelta(6, 5, 2, scale=1.0)
+    with torch.no_grad():
+        for p in (d.P, d.lam, d.Q):
+            p.normal_()
+    opt = torch.optim.AdamW(d.parameters(), lr=0.1)
+    x = torch.randn(3, 5)
+    d(x).sum().backward()
+    opt.step()
+    v = opt.state[d.Q]["exp_avg_sq"].clone()
+    grow_components_(d, 3, opt)
+    assert d.r == 5 and d.Q.grad.shape == (5, 5) and d.Q.grad[2:].abs().sum() == 0
+    assert torch.equal(opt.state[d.Q]["exp_avg_sq"][:2], v)
+    torch.testing.assert_close(opt.state[d.Q]["exp_avg_sq"][2:], torch.full((3, 5), float(v.mean())))
+    assert opt.state[d.Q]["exp_avg"][2:].abs().sum() == 0
+    d(x).sum().backward()
+    opt.step()  # trains old and new entries alike
+
+    factored = torch.optim.Adafactor(d.parameters(), lr=0.01)  # row/column second moments: cannot be sliced
+    d(x).sum().backward()
+    factored.step()
+    P = d.P
+    with pytest.raises(ValueError, match="factored or blockwise"):
+        keep_components_(d, torch.tensor([0, 1]), factored)
+    assert d.P is P and d.r == 5  # refused before anything changed
+
+
+def test_mask_survives_load_state_dict():
+    d = dt.GatedSVDDelta(4, 3, 2, scale=1.0)
+    with torch.no_grad():
+        d.P.fill_(1.0), d.Q.fill_(1.0), d.lam.fill_(1.0)
+    state = {k: v.clone() for k, v in d.state_dict().items()}
+    state["mask"] = torch.tensor([1.0, 0.0])
+    d.load_state_dict(state)
+    assert d.live().tolist() == [True, False]
+    torch.testing.assert_close(d.dense(), torch.ones(4, 3))  # one live component of P Q
+
+
 # -- the engine -------------------------------------------------------------------------------------------------
 def test_cubic_schedule_values():
     # b_init 24, b_T 8, t_init 10, t_final 20, T 110: the cubic runs over steps 10..90
@@ -272,6 +313,35 @@ def test_misuse_gives_clear_errors(minilm_dir, sst2_rows):
         dt.attach(model, dt.AdaLoRA(init_r=2, target_r=4), name="bad")
     with pytest.raises(ValueError, match="total_step=3"):
         dt.begin(make_adalora_with_total(minilm_dir, 3), total_steps=5)
+    with pytest.warns(UserWarning, match="will not finish"):
+        dt.begin(make_adalora_with_total(minilm_dir, 9), total_steps=5)
+
+
+def test_resizing_needs_the_optimizer_and_resuming_keeps_the_pattern():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    dt.attach(net, dt.AdaLoRA(init_r=4, target_r=2, targets=["0", "2"], t_init=1, t_final=2, total_step=6))
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+    x, y = torch.randn(16, 8), torch.randn(16, 4)
+    for t in range(5):
+        ((net(x) - y) ** 2).mean().backward()
+        opt.step()
+        if t < 4:
+            dt.step(net, opt)
+        else:  # step 4 = T - t_final fixes the pattern and removes triplets: without the optimizer, refuse
+            with pytest.raises(ValueError, match="pass the optimizer"):
+                dt.step(net)
+            assert [d.r for d in dt.deltas(net, "default").values()] == [4, 4]
+            dt.step(net, opt)
+        opt.zero_grad()
+    ranks = [d.r for d in dt.deltas(net, "default").values()]
+    assert sum(ranks) == 4
+    dt.begin(net, total_steps=6, step=5)  # a resumed run after the final step: the pattern stays
+    ((net(x) - y) ** 2).mean().backward()
+    opt.step()
+    assert not dt.step(net, opt)
+    assert [d.r for d in dt.deltas(net, "default").values()] == ranks
+    assert dt.controller_metrics(net)["rank"] == 4
 
 
 def make_adalora_with_total(minilm_dir, total):
@@ -412,3 +482,28 @@ def test_hf_trainer_callback_drives_adalora(minilm_dir, sst2_rows, tmp_path):
     Trainer(model=model, args=args, train_dataset=examples, data_collator=Collator(tok.pad_token_id),
             callbacks=[DeltatuneCallback()]).train()
     assert sum(d.r for d in dt.deltas(model, "default").values()) == 24
+
+
+def test_adalora_example_config_runs_from_the_cli(tmp_path):
+    import yaml
+    from conftest import DATA
+
+    from deltatune.cli import main
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    config = yaml.safe_load((root / "examples" / "sst2_adalora.yaml").read_text())
+    sst2 = DATA / "glue" / "SST-2"
+    config["data"].update(train=str(sst2 / "train.tsv"), eval=str(sst2 / "dev.tsv"), max_train_rows=96,
+                          max_eval_rows=32)
+    config["method"].update(t_init=1, t_final=2, delta_t=1)
+    config["train"].update(batch_size=16, max_steps=6, eval_every=None, progress=False)
+    config["output_dir"] = str(tmp_path / "out")
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", str(tmp_path / "run.yaml")]) == 0
+    saved = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    ranks = {m: v["r"] for m, v in saved["modules"].items() if v["structure"] == "gated_svd"}
+    assert len(ranks) == 37 and sum(ranks.values()) == 8 * 37  # every `dense` matches, the pooler's too
+    logged = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["rank"] for r in logged if "rank" in r][-1] == 8 * 37
+    assert main(["inspect", str(tmp_path / "out" / "adapter"), "--plot", str(tmp_path / "ranks.png")]) == 0
+    assert (tmp_path / "ranks.png").stat().st_size > 1000

@@ -64,6 +64,7 @@ def test_adalora_two_ranks_make_the_same_decisions(tmp_path):
     assert sum(v.numel() for v in lams.values()) == 3 * len(lams)  # shrunk to the target budget
     assert len({v.numel() for v in lams.values()}) > 1  # ... unevenly: a real allocation
     assert results[0]["ranks"] == results[1]["ranks"] == ref["ranks"]
+    assert results[0]["probe"] == results[1]["probe"] == 1.0  # rank 1 received rank 0's value
     assert ranks[0].keys() == ranks[1].keys() == single.keys()
     for k, v in ranks[0].items():
         assert torch.equal(v, ranks[1][k]), f"ranks disagree on {k}"

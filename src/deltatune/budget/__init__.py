@@ -14,4 +14,5 @@ from .schedule import cubic_budget, masking_phase
 from .sync import broadcast_
 
 __all__ = ["Sensitivity", "broadcast_", "cubic_budget", "grow_components_", "keep_components_", "masking_phase",
-           "orthogonality", "orthogonality_grad", "orthogonality_grads", "threshold_masks", "top_modules", "triplet_scores"]
+           "orthogonality", "orthogonality_grad", "orthogonality_grads", "threshold_masks", "top_modules",
+           "triplet_scores"]

@@ -31,6 +31,8 @@ class GatedSVDDelta(FactoredDelta):
     """``dW = s * P diag(lam * mask) Q`` with trainable ``P`` (out x r), ``lam`` (r,), ``Q`` (r x in)."""
 
     structure = "gated_svd"
+    #: for :mod:`deltatune.budget.resize`: which dimension of each tensor indexes the components
+    component_dims = COMPONENT_DIMS
 
     def __init__(self, out_features: int, in_features: int, r: int, scale: float, dropout: float = 0.0,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
@@ -43,7 +45,6 @@ class GatedSVDDelta(FactoredDelta):
         self.Q = nn.Parameter(torch.zeros(r, in_features, dtype=dtype, device=device))
         self.register_buffer("mask", torch.ones(r, dtype=dtype, device=device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
-        self._masked = False  # whether any mask entry is 0 (else the forward skips the product)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -56,7 +57,7 @@ class GatedSVDDelta(FactoredDelta):
 
     def gate(self) -> torch.Tensor:
         """``lam * mask``: the effective singular values."""
-        return self.lam * self.mask if self._masked else self.lam
+        return self.lam * self.mask
 
     def live(self) -> torch.Tensor:
         """Boolean (r,): components that contribute (``lam * mask != 0``)."""
@@ -76,7 +77,6 @@ class GatedSVDDelta(FactoredDelta):
     def set_mask(self, mask: torch.Tensor) -> None:
         """Switch components on (1) or off (0) without touching their parameters."""
         self.mask.copy_(mask.to(self.mask.dtype))
-        self._masked = bool((self.mask == 0).any())
 
     def _replace(self, name: str, value: torch.Tensor) -> None:
         old = getattr(self, name)
@@ -90,7 +90,6 @@ class GatedSVDDelta(FactoredDelta):
         index = index.to(self.lam.device)
         for name, dim in COMPONENT_DIMS.items():
             self._replace(name, getattr(self, name).detach().index_select(dim, index).contiguous())
-        self._masked = bool((self.mask == 0).any())
 
     @torch.no_grad()
     def grow_(self, n: int, std: float = 0.02, lam: float = 0.0, generator: torch.Generator | None = None) -> None:

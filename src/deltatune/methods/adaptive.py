@@ -11,21 +11,25 @@ pattern of ``target_r * n_matrices`` triplets is fixed and, beyond the reference
 optimizer state, so every later step costs what the final ranks cost. ``shrink="each"`` removes them at every
 masking event (hard pruning, no regrowth); ``shrink="never"`` keeps them behind a frozen mask. The orthogonal
 regularizer ``gamma * R`` (``R = mean ||Q Q^T - I||_F, ||P^T P - I||_F``) enters the gradients during backward
-through gradient hooks, whatever the model returns.
+through gradient hooks, whatever the model returns. (Under fp16 loss scaling the hooks would add an unscaled term
+to scaled gradients, which the scaler then divides away: use bf16 or fp32 with the regularizer.)
 
 **IncreLoRA** (Zhang et al., 2023). The rank *grows*: every matrix starts with ``init_r`` triplets, and every
 ``incre_interval`` steps after ``init_warmup`` the ``top_h`` matrices with the highest importance get ``add_r``
 new triplets (``lam = 0``, ``P, Q ~ N(0, 0.02^2)``) until the total reaches ``target_r * n_matrices``. The scale
 is ``alpha / current rank`` as in the reference. Importance per matrix is the mean triplet score of the shared
 sensitivity engine (the reference scores ``|dW * dL/ddW|``, which costs one extra out x in product per layer
-and step). New triplets are appended to the existing parameters in place, so the optimizer trains them with
-fresh (zero) moments and no param-group surgery; the reference's reserve ("advance learning") triplets are not
-kept, they would cost compute on every step.
+and step). Growing replaces a matrix's ``P``, ``lam``, ``Q`` by larger tensors and moves the optimizer over to
+them (:mod:`deltatune.budget.resize`: zero first moments, second moments started at the tensor's mean). Two more
+deviations from the reference: there are no reserve ("advance learning") triplets, which would cost compute on
+every step, and the orthogonal regularizer acts on each whole ``P`` and ``Q`` (the reference applies it per rank-1
+block, which only normalizes each vector).
 
 **SoRA** (Ding et al., EMNLP 2023). ``h = W x + s * P (g * (Q x))`` with ``s = alpha / r_max``, ``Q`` Kaiming-uniform,
 ``P = 0`` and gates ``g ~ N(0, 1)``. After every optimizer step the gates take a proximal step
 ``g <- sign(g) max(|g| - xi, 0)`` (``xi = threshold``, not scaled by the learning rate, as in the reference);
-``l1_weight`` optionally adds ``lambda * mean|g|`` per matrix to the loss gradient. At the end of training the
+``l1_weight`` adds ``lambda * mean|g|`` per matrix to the loss gradient; it defaults to 0 here (the reference's
+scripts set ``sparse_lambda = 10``; with Adam that term dominates the gates' updates). At the end of training the
 triplets whose gate is exactly 0 are dropped.
 
 All three are driven by ``dt.step(model, optimizer)`` alone (the deltatune trainer and
@@ -35,6 +39,7 @@ All three are driven by ``dt.step(model, optimizer)`` alone (the deltatune train
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -128,6 +133,10 @@ class GatedController(Controller):
         elif total_steps is not None and total_steps > self.configured_total:
             raise ValueError(f"the method was configured with total_step={self.configured_total}, but training runs "
                              f"{total_steps} optimizer steps; set total_step={total_steps} (or leave it unset)")
+        elif total_steps is not None and total_steps < self.configured_total:
+            warnings.warn(f"the method was configured with total_step={self.configured_total}, but training runs "
+                          f"only {total_steps} optimizer steps: the schedule will not finish (no final pattern, no "
+                          "pruning at the end); leave total_step unset to follow the run", stacklevel=3)
         self.resizable = resizable
         self.sens.reset()
         self._arm()
@@ -141,7 +150,8 @@ class GatedController(Controller):
             return
         if step >= self.total:
             raise ValueError(f"dt.step was called for step {step + 1}, but the schedule has total_step={self.total} "
-                             "optimizer steps; count optimizer steps (after gradient accumulation), or raise total_step")
+                             "optimizer steps; count optimizer steps (after gradient accumulation), or raise "
+                             "total_step")
 
     def _params(self) -> list[nn.Parameter]:
         return [p for d in self.deltas.values() for p in (d.P, d.lam, d.Q) if p.requires_grad]
@@ -161,14 +171,26 @@ class GatedController(Controller):
         scores = [triplet_scores(self.sens.score(d.P), self.sens.score(d.lam), self.sens.score(d.Q))
                   for d in self.deltas.values()]
         broadcast_(scores)
+        for sc, d in zip(scores, self.deltas.values()):  # masked-off components never take a place in the budget
+            sc.masked_fill_(d.mask == 0, float("-inf"))
         return scores
+
+    @staticmethod
+    def _mask_out(delta: GatedSVDDelta, keep: torch.Tensor) -> None:
+        """Switch the triplets not in ``keep`` off for good (gate zeroed, mask 0), keeping shapes."""
+        with torch.no_grad():
+            delta.lam[~keep] = 0
+        delta.set_mask(delta.mask * keep)
+
+    def _check_optimizer(self, optimizer) -> None:
+        if optimizer is None and self.resizable:
+            raise ValueError("this step removes or adds parameters: pass the optimizer, dt.step(model, optimizer), so "
+                             "that it follows them (or use shrink='never')")
 
     def _keep(self, delta: GatedSVDDelta, keep: torch.Tensor, optimizer) -> None:
         """Remove the triplets not in ``keep`` (bool) physically, or mask them when shapes must stay."""
         if not self.resizable:
-            with torch.no_grad():
-                delta.lam[~keep] = 0
-            delta.set_mask(delta.mask * keep)
+            self._mask_out(delta, keep)
             return
         keep_components_(delta, keep.nonzero().view(-1), optimizer, self.sens.state_dicts())
         self._rehook(delta)
@@ -268,6 +290,9 @@ class AdaLoRAController(GatedController):
     def after_step(self, model, optimizer, step):
         self._check_step(step)
         self._arm()
+        if not self.final and step > self.final_step():  # resumed past the final step: keep the pattern as it is
+            self.final = True
+            self.budget = self.b_target
         if self.final:
             return False
         if step < self.total - self.m.t_final:
@@ -276,19 +301,21 @@ class AdaLoRAController(GatedController):
         last = step == self.final_step()
         if not last and not (step > self.m.t_init and step % self.m.delta_t == 0):
             return False
+        if not self.sens.ibar:  # no importance gathered yet (resumed right at a masking step): nothing to rank by
+            return False
         budget = self.b_target if last else self.budget
         keeps = threshold_masks(self._scores(), budget)
         hard = last and self.m.shrink != "never" or self.m.shrink == "each"
+        if hard:
+            self._check_optimizer(optimizer)
         changed = False
         for d, keep in zip(self.deltas.values(), keeps):
             if hard and not bool(keep.all()):
                 self._keep(d, keep, optimizer)
                 changed = self.resizable
             elif last:  # shrink="never": the final pattern stays behind a frozen mask
-                with torch.no_grad():
-                    d.lam[~keep] = 0
-                d.set_mask(d.mask * keep)
-            else:
+                self._mask_out(d, keep)
+            else:  # soft: the gate is zeroed, the triplet may grow back before the next masking
                 with torch.no_grad():
                     d.lam[~keep] = 0
         if last:
@@ -356,20 +383,25 @@ class IncreLoRAController(GatedController):
         super().__init__(deltas, method.total_step, method.beta1, method.beta2)
         self.m = method
         self.budget = method.target_r * len(deltas)
-        self.interval = method.incre_interval
+        self.interval = self._interval()
         self._orth_hooks(method.orth_reg_weight)
 
     def total_rank(self) -> int:
         return sum(d.r for d in self.deltas.values())
+
+    def _interval(self) -> int | None:
+        """``incre_interval``, or one that spreads the growth over the first half of ``total`` steps."""
+        if self.m.incre_interval is not None or self.total is None:
+            return self.m.incre_interval
+        events = math.ceil(max(0, self.budget - self.total_rank()) / (self.m.top_h * self.m.add_r))
+        return max(1, (self.total // 2 - self.m.init_warmup) // max(1, events))
 
     def begin(self, model, total_steps, resizable=True):
         super().begin(model, total_steps, resizable)
         if not resizable and self.total_rank() < self.budget:
             raise ValueError("IncreLoRA grows parameters while training, which this setup cannot follow (a DDP "
                              "wrapper that cannot be rebuilt); train with deltatune.train.train, which rebuilds it")
-        if self.m.incre_interval is None and self.total is not None:
-            events = math.ceil(max(0, self.budget - self.total_rank()) / (self.m.top_h * self.m.add_r))
-            self.interval = max(1, (self.total // 2 - self.m.init_warmup) // max(1, events))
+        self.interval = self._interval()
 
     def after_step(self, model, optimizer, step):
         self._check_step(step, need_total=self.m.incre_interval is None)
@@ -380,8 +412,9 @@ class IncreLoRAController(GatedController):
         if self.interval is None:
             raise ValueError("IncreLoRA needs incre_interval, or the number of steps (dt.begin(model, total_steps)) "
                              "to choose one")
-        if step < self.m.init_warmup or (step - self.m.init_warmup) % self.interval != 0 or step == 0:
+        if step <= self.m.init_warmup or (step - self.m.init_warmup) % self.interval != 0:
             return False
+        self._check_optimizer(optimizer)
         module_scores = torch.stack([triplet_scores(self.sens.score(d.P), self.sens.score(d.lam),
                                                     self.sens.score(d.Q)).mean() for d in self.deltas.values()])
         broadcast_([module_scores])
@@ -465,6 +498,8 @@ class SoRAController(GatedController):
 
     def drop_zero_gates(self, optimizer=None) -> bool:
         """Remove the triplets whose gate is exactly 0 (done automatically at the last step)."""
+        if any(not bool((d.lam != 0).all()) for d in self.deltas.values()):
+            self._check_optimizer(optimizer)
         changed = False
         for d in self.deltas.values():
             keep = d.lam.detach() != 0

@@ -17,8 +17,9 @@ Sections and their keys:
 - ``data``: ``train``, ``eval``, ``max_length``, ``max_train_rows``, ``max_eval_rows``; for classification ``text``,
   ``text_pair``, ``label``; for causal LM ``response`` plus ``prompt`` (a column) or ``template`` (a format string
   over columns, or ``alpaca``). See :mod:`deltatune.train.data`.
-- ``method``: ``name`` (``lora``, ``pissa``, ``milora``, ``olora``, ...) and that method's fields. For
-  classification the head (``classifier`` / ``score``) is added to ``modules_to_save`` unless already listed.
+- ``method``: ``name`` (``lora``, ``pissa``, ``milora``, ``olora``, ``adalora``, ``increlora``, ``sora``) and that
+  method's fields. For classification the head (``classifier`` / ``score``) is added to ``modules_to_save`` unless
+  already listed.
 - ``train``: the fields of :class:`~deltatune.train.trainer.TrainArgs`.
 - ``output_dir`` (required), ``name`` (adapter name, default ``default``).
 
