@@ -26,11 +26,14 @@ Memory: one fresh subprocess per variant runs ``--mem-steps`` steps of its sched
 reports the peak resident set size (VmHWM reset before step 1) minus the RSS before step 1.
 
 Quality: SST-2 (first 4,000 training rows, 1 epoch, max length 64, batch 32) and RTE (all 2,490 rows, 2 epochs,
-max length 128, batch 16), dev accuracy, same seed, data order and steps for every method; the final number of
-trainable adapter parameters is reported next to it.
+max length 128, batch 16), dev accuracy, same seed, data order and steps for every method, each at its best
+learning rate from a short sweep on held-out SST-2 training rows (``--what sweep``); the final number of trainable
+adapter parameters is reported next to it.
 
-    python benchmarks/bench_budget.py --what speed,memory          # about 10 minutes on 2 cores
-    python benchmarks/bench_budget.py --what quality               # about 25 minutes
+    python benchmarks/bench_budget.py --what speed --repeats 2     # about 20 minutes on 2 cores
+    python benchmarks/bench_budget.py --what memory                # about 7 minutes
+    python benchmarks/bench_budget.py --what sweep                 # about 8 minutes
+    python benchmarks/bench_budget.py --what quality               # about 30 minutes
 """
 from __future__ import annotations
 
@@ -56,7 +59,9 @@ TARGETS = ["query", "key", "value", "dense"]
 CFG = dict(batch=16, seq=128)
 SPEED_VARIANTS = ("lora", "lora12", "adalora", "adalora_each", "adalora_never", "increlora", "sora", "peft_adalora")
 QUALITY_VARIANTS = ("lora", "adalora", "increlora", "sora")
-QUALITY_LR = 1e-3
+#: per-method learning rates, the best of ``--what sweep`` (SST-2 rows held out from training, not the dev set)
+QUALITY_LR = {"lora": 3e-3, "adalora": 3e-2, "increlora": 3e-2, "sora": 3e-3}
+SWEEP_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
 
 
 def schedule(total: int) -> dict:
@@ -140,6 +145,12 @@ def bench_speed(variants: list[str], total: int, warmup: int) -> dict:
     return {r.name: {"times": r.times, "trainable_end": r.trainable()} for r in runners}
 
 
+def pool(runs: list[dict]) -> dict:
+    """Several repetitions of :func:`bench_speed` as one: per step index, the median over repetitions."""
+    return {name: {"times": [statistics.median(ts) for ts in zip(*(r[name]["times"] for r in runs))],
+                   "trainable_end": runs[-1][name]["trainable_end"]} for name in runs[0]}
+
+
 def phase_estimate(times: list[float]) -> list[float]:
     """Per third of the schedule: median step time x number of steps (robust to a stray slow step)."""
     n = len(times)
@@ -218,7 +229,7 @@ def bench_quality(variants: list[str], tasks: list[str], seed: int) -> list[list
             model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=len(label2id),
                                                                        local_files_only=True)
             dt.attach(model, method(variant, total))
-            args = TrainArgs(lr=QUALITY_LR, batch_size=cfg["batch"], epochs=cfg["epochs"], warmup_ratio=0.06,
+            args = TrainArgs(lr=QUALITY_LR[variant], batch_size=cfg["batch"], epochs=cfg["epochs"], warmup_ratio=0.06,
                              seed=seed, save_adapter=False, plot=False)
             start = time.perf_counter()
             result = train(model, train_ex, args, eval_data=dev_ex, collate_fn=Collator(tok.pad_token_id))
@@ -229,18 +240,50 @@ def bench_quality(variants: list[str], tasks: list[str], seed: int) -> list[list
             print(f"{task} {variant}: accuracy {acc:.4f}, {adapter:,} adapter params ({secs:.0f} s)", file=sys.stderr,
                   flush=True)
             rank = dt.controller_metrics(model).get("rank")
-            rows.append([task, variant, f"{adapter:,}", "-" if rank is None else str(rank), str(result["steps"]),
+            rows.append([task, variant, f"{QUALITY_LR[variant]:g}", f"{adapter:,}", "-" if rank is None else str(rank),
+                         str(result["steps"]),
                          f"**{acc:.4f}**", f"{result['eval']['eval_loss']:.4f}", f"({secs:.0f} s)"])
             del model
     return rows
 
 
+def bench_sweep(variants: list[str], seed: int) -> list[list[str]]:
+    """Learning-rate sweep: 32 steps on the first 1,024 SST-2 training rows, accuracy on training rows
+    5,000-5,399 (held out from every run; the dev set is never used for choosing)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from deltatune.train import Collator, TrainArgs, encode_classification, read_rows, set_seed, train
+    from deltatune.zoo import minilm_path
+
+    tok = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    rows = read_rows(DATA / "glue" / "SST-2" / "train.tsv", 5400)
+    train_ex, label2id = encode_classification(rows[:1024], tok, "sentence", "label", max_length=64)
+    held, _ = encode_classification(rows[5000:5400], tok, "sentence", "label", max_length=64, label2id=label2id)
+    table = []
+    for variant in variants:
+        accs = []
+        for lr in SWEEP_LRS:
+            set_seed(seed)
+            model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2,
+                                                                       local_files_only=True)
+            dt.attach(model, method(variant, 32))
+            result = train(model, train_ex, TrainArgs(lr=lr, batch_size=32, epochs=1, warmup_ratio=0.06, seed=seed,
+                                                      save_adapter=False, plot=False, progress=False),
+                           eval_data=held, collate_fn=Collator(tok.pad_token_id))
+            accs.append(result["eval"]["eval_accuracy"])
+            print(f"sweep {variant} lr {lr:g}: {accs[-1]:.4f}", file=sys.stderr, flush=True)
+        best = max(accs)
+        table.append([variant, *(f"**{a:.3f}**" if a == best else f"{a:.3f}" for a in accs)])
+    return table
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--what", default="speed,memory", help="comma list: speed, memory, quality")
+    ap.add_argument("--what", default="speed,memory", help="comma list: speed, memory, sweep, quality")
     ap.add_argument("--variants", default=None, help="comma list (default: all of the part)")
     ap.add_argument("--steps", type=int, default=60, help="schedule length T for the speed run")
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=1, help="independent repetitions of the speed run")
     ap.add_argument("--mem-steps", type=int, default=12)
     ap.add_argument("--tasks", default="sst2,rte")
     ap.add_argument("--seed", type=int, default=0)
@@ -259,42 +302,62 @@ def main() -> None:
     if what & {"speed", "memory"}:
         variants = args.variants.split(",") if args.variants else list(SPEED_VARIANTS)
         sched = schedule(args.steps)
-        body = [header("Adaptive budgets: step time over a full schedule and memory (MiniLM-L6)"),
-                f"- setup: batch {CFG['batch']}, sequence length {CFG['seq']}, targets query/key/value/dense "
-                "(37 matrices: every `dense` matches, the pooler's too), "
-                "classifier trained in full, fp32, train mode, AdamW, glibc malloc with "
-                "`deltatune.runtime.retain_freed_memory()`; AdaLoRA init_r 12 -> target_r 8, alpha 16, "
-                f"T = {args.steps}, t_init = {sched['t_init']}, t_final = {sched['t_final']}, "
-                f"delta_t = {sched['delta_t']}, orthogonal regularizer 0.5 (ours and PEFT); IncreLoRA 4 -> 8 "
-                "(top_h 4, growth over the first half); SoRA r 8.\n"]
-        if "speed" in what:
-            res = bench_speed(variants, args.steps, args.warmup)
-            body.append(f"Speed: each variant runs its full {args.steps}-step schedule, all interleaved one step at a "
-                        "time in one process. Schedule time = sum over the three thirds of the schedule of (median "
-                        "step time in that third x its steps); its ratio to LoRA r8's in bold, the ratio per third "
-                        "in brackets, the ratio of raw time sums after it.\n")
-            body.append(speed_table(res) + "\n")
-        if "memory" in what:
-            mem = bench_memory([v for v in variants if v != "lora12"], args.mem_steps)
-            body.append(f"Memory: one fresh subprocess per variant, a {args.mem_steps}-step schedule; peak RSS "
-                        "(VmHWM reset before step 1) minus the RSS before step 1.\n")
-            body.append(memory_table(mem) + "\n")
+        setup = (f"- setup: batch {CFG['batch']}, sequence length {CFG['seq']}, targets query/key/value/dense "
+                 "(37 matrices: every `dense` matches, the pooler's too), classifier trained in full, fp32, train "
+                 "mode, AdamW, glibc malloc with `deltatune.runtime.retain_freed_memory()`; AdaLoRA init_r 12 -> "
+                 f"target_r 8, alpha 16, T = {args.steps}, t_init = {sched['t_init']}, t_final = {sched['t_final']}, "
+                 f"delta_t = {sched['delta_t']}, orthogonal regularizer 0.5 (ours and PEFT); IncreLoRA 4 -> 8 "
+                 "(top_h 4, growth over the first half); SoRA r 8.\n")
+    if "speed" in what:
+        runs = [bench_speed(variants, args.steps, args.warmup) for _ in range(args.repeats)]
+        body = [header("Adaptive budgets: step time over a full schedule (MiniLM-L6)"), setup,
+                f"Speed: each variant runs its full {args.steps}-step schedule, all interleaved one step at a time in "
+                f"one process; {args.repeats} independent repetition(s) with fresh models, times pooled per step "
+                "index. Schedule time = sum over the three thirds of the schedule of (median step time in that "
+                "third x its steps); its ratio to LoRA r8's in bold, the ratio per third in brackets, the ratio of "
+                "raw time sums after it.\n",
+                speed_table(pool(runs)) + "\n"]
         text = "\n".join(body)
         print(text)
         if not args.no_write:
             update_section("bench_budget:speed", text)
+    if "memory" in what:
+        mem = bench_memory([v for v in variants if v != "lora12"], args.mem_steps)
+        body = [header("Adaptive budgets: training memory (MiniLM-L6)"), setup,
+                f"Memory: one fresh subprocess per variant, the schedule compressed to {args.mem_steps} steps "
+                f"(t_init {schedule(args.mem_steps)['t_init']}, t_final {schedule(args.mem_steps)['t_final']}, "
+                "delta_t 2); peak RSS (VmHWM reset before step 1) minus the RSS before step 1.\n",
+                memory_table(mem) + "\n"]
+        text = "\n".join(body)
+        print(text)
+        if not args.no_write:
+            update_section("bench_budget:memory", text)
+    if "sweep" in what:
+        variants = args.variants.split(",") if args.variants else list(QUALITY_VARIANTS)
+        table = bench_sweep(variants, args.seed)
+        text = "\n".join([
+            header("Adaptive budgets: learning-rate sweep (MiniLM-L6, SST-2)"),
+            "- setup: 32 steps (batch 32, length 64) on the first 1,024 SST-2 training rows, accuracy on training "
+            "rows 5,000-5,399 (held out; the dev set is not used for choosing), same targets and ranks as the "
+            "quality runs, linear decay after 6 % warm-up. The best rate of each method (bold) is the one the quality "
+            "runs use: AdaLoRA's and IncreLoRA's triplets start at `lam = 0` with `P, Q ~ N(0, 0.02^2)`, so their "
+            "update grows far more slowly than LoRA's at the same rate.\n",
+            md_table(["method", *(f"lr {lr:g}" for lr in SWEEP_LRS)], table)])
+        print(text)
+        if not args.no_write:
+            update_section("bench_budget:sweep", text)
     if "quality" in what:
         variants = args.variants.split(",") if args.variants else list(QUALITY_VARIANTS)
         rows = bench_quality(variants, args.tasks.split(","), args.seed)
         text = "\n".join([
             header("Adaptive budgets: quality at an equal final budget (MiniLM-L6)"),
-            f"- setup: query/key/value/dense, classifier trained in full, lr {QUALITY_LR:g} for every method, "
-            "AdamW, linear decay after 6 % warm-up, seed "
+            "- setup: query/key/value/dense, classifier trained in full, each method at its best learning rate of "
+            "the sweep below, AdamW, linear decay after 6 % warm-up, seed "
             f"{args.seed}, same data order. LoRA r 8; AdaLoRA 12 -> 8 (T/6, T/3, delta_t 2); IncreLoRA 4 -> 8; "
             "SoRA r_max 8 (threshold 3e-4). SST-2: first 4,000 training rows, 1 epoch, batch 32, length 64. "
             "RTE: 2,490 rows, 2 epochs, batch 16, length 128. Adapter params exclude the classifier head.\n",
-            md_table(["task", "method", "adapter params at the end", "final total rank", "steps", "dev accuracy",
-                      "dev loss", "train time"], rows)])
+            md_table(["task", "method", "lr", "adapter params at the end", "final total rank", "steps",
+                      "dev accuracy", "dev loss", "train time"], rows)])
         print(text)
         if not args.no_write:
             update_section("bench_budget:quality", text)

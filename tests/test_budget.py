@@ -223,6 +223,44 @@ def test_adalora_forward_equals_peft(minilm_dir, minilm_batch):
     assert dt.deltas(ours, "default")["bert.encoder.layer.0.attention.self.query"].scale == 8 / 6  # alpha / init_r
 
 
+def test_adalora_masks_match_peft_step_by_step(minilm_dir, sst2_rows):
+    """Same parameters, data and optimizer: after every step our live triplets are PEFT's (importance, schedule,
+    threshold, final pattern and the orthogonal regularizer all agree)."""
+    from peft import AdaLoraConfig, get_peft_model
+
+    cfg = dict(t_init=2, t_final=3, delta_t=2, total_step=12)
+    ours = make_minilm(minilm_dir)
+    dt.attach(ours, dt.AdaLoRA(init_r=4, target_r=2, alpha=8, targets=QV, shrink="never",
+                               modules_to_save=["classifier"], **cfg))
+    # task_type matters: without it PeftModel.forward bypasses AdaLoraModel.forward and drops the regularizer
+    ref = get_peft_model(make_minilm(minilm_dir), AdaLoraConfig(
+        init_r=4, target_r=2, lora_alpha=8, target_modules=QV, lora_dropout=0.0, total_step=12, tinit=2, tfinal=3,
+        deltaT=2, task_type="SEQ_CLS"))
+    pairs = []
+    with torch.no_grad():
+        for mod, d in dt.deltas(ours, "default").items():
+            if isinstance(d, dt.GatedSVDDelta):
+                m = ref.base_model.model.get_submodule(mod)
+                d.Q.copy_(m.lora_A["default"]), d.lam.copy_(m.lora_E["default"][:, 0]), d.P.copy_(m.lora_B["default"])
+                pairs.append((d, m.lora_E["default"]))
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=5e-3) for m in (ours, ref)]
+    ours.eval(), ref.eval()  # no dropout: both see identical activations (gradients still flow)
+    masked_steps = 0
+    for t, batch in enumerate(_batches(minilm_dir, sst2_rows, n=12)):
+        for model, opt in zip((ours, ref), opts):
+            model(**batch).loss.backward()
+            opt.step()
+        dt.step(ours, opts[0])
+        ref.base_model.update_and_allocate(t)
+        for opt in opts:
+            opt.zero_grad()
+        live_ours = [d.live() for d, _ in pairs]
+        live_ref = [E[:, 0] != 0 for _, E in pairs]
+        assert [x.tolist() for x in live_ours] == [x.tolist() for x in live_ref], f"step {t}"
+        masked_steps += sum(int((~x).sum()) for x in live_ref) > 0
+    assert masked_steps >= 5 and sum(int(x.sum()) for x in live_ours) == 2 * 12
+
+
 def test_adalora_live_components_follow_the_budget(minilm_dir, sst2_rows):
     model = make_minilm(minilm_dir)
     m = dt.AdaLoRA(init_r=4, target_r=2, targets=QV, t_init=2, t_final=3, delta_t=2, total_step=14)
