@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every benchmark of BENCHMARKS.md, one after another (about 40 minutes on 2 cores). Run from the repository root.
+# Every benchmark of BENCHMARKS.md, one after another (about 2 hours on 2 cores). Run from the repository root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python benchmarks/bench_lora.py --model minilm --malloc default --processes one --what speed,memory
@@ -8,3 +8,7 @@ python benchmarks/bench_lora.py --model minilm --malloc default --processes sepa
 python benchmarks/bench_lora.py --model smollm2 --malloc default --processes one --rounds 5 --steps 2 --what speed,memory,attach
 python benchmarks/bench_lora.py --model smollm2 --malloc retain --processes one --rounds 5 --steps 2 --what speed
 python benchmarks/bench_quality.py
+python benchmarks/bench_budget.py --what speed --repeats 2
+python benchmarks/bench_budget.py --what memory
+python benchmarks/bench_budget.py --what sweep
+python benchmarks/bench_budget.py --what quality
