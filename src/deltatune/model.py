@@ -490,7 +490,8 @@ def after_backward(model: nn.Module) -> None:
 def step(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> bool:
     """Call once per optimizer step, after ``optimizer.step()`` and before ``optimizer.zero_grad()``: controllers
     update importance, masks, ranks or sparsity, and the step counter advances. Returns True when a parameter
-    changed shape (a ``DistributedDataParallel`` wrapper must then be rebuilt; the optimizer needs nothing)."""
+    changed shape: the optimizer passed in follows by itself (param groups and per-entry state are moved to the new
+    tensors), a ``DistributedDataParallel`` wrapper must be rebuilt (the deltatune trainer does that)."""
     reg = registry(model)
     changed = False
     for c in _controllers(model):
