@@ -57,13 +57,19 @@ def _loop(model, batches, steps, lr=5e-3, opt=None, clip=None, after=None):
     return opt
 
 
-# -- the delta ------------------------------------------------------------------------------------------------
-def test_gated_delta_forward_grads_and_merge_follow_the_formula():
-    torch.manual_seed(0)
-    d = dt.GatedSVDDelta(12, 10, 5, scale=0.7)
+def _random_gated(out_f: int, in_f: int, r: int, scale: float) -> dt.GatedSVDDelta:
+    """A gated delta with every P, lam, Q entry drawn from N(0, 1) (seed first)."""
+    d = dt.GatedSVDDelta(out_f, in_f, r, scale=scale)
     with torch.no_grad():
         for p in (d.P, d.lam, d.Q):
             p.normal_()
+    return d
+
+
+# -- the delta ------------------------------------------------------------------------------------------------
+def test_gated_delta_forward_grads_and_merge_follow_the_formula():
+    torch.manual_seed(0)
+    d = _random_gated(12, 10, 5, 0.7)
     d.set_mask(torch.tensor([1.0, 0, 1, 1, 0]))
     W, b = torch.randn(12, 10), torch.randn(12)
     x = torch.randn(7, 10, requires_grad=True)
@@ -88,10 +94,7 @@ def test_gated_delta_forward_grads_and_merge_follow_the_formula():
 
 def test_resize_keeps_outputs_gradients_and_optimizer_state():
     torch.manual_seed(0)
-    d = dt.GatedSVDDelta(6, 5, 4, scale=1.0)
-    with torch.no_grad():
-        for p in (d.P, d.lam, d.Q):
-            p.normal_()
+    d = _random_gated(6, 5, 4, 1.0)
     x = torch.randn(3, 5)
     opt = torch.optim.Adam(d.parameters(), lr=0.1)
     d(x).sum().backward()
@@ -120,10 +123,7 @@ def test_growing_pads_state_and_unresizable_state_is_refused():
     from deltatune.budget import grow_components_
 
     torch.manual_seed(0)
-    d = dt.GatedSVDDelta(6, 5, 2, scale=1.0)
-    with torch.no_grad():
-        for p in (d.P, d.lam, d.Q):
-            p.normal_()
+    d = _random_gated(6, 5, 2, 1.0)
     opt = torch.optim.AdamW(d.parameters(), lr=0.1)
     x = torch.randn(3, 5)
     d(x).sum().backward()

@@ -58,7 +58,7 @@ from ..budget import (
     triplet_scores,
 )
 from ..deltas import GatedSVDDelta
-from .base import Controller, Method, adapter_dtype
+from .base import Controller, Method, adapter_dtype, check_dropout
 
 SHRINK = ("final", "each", "never")
 INIT_STD = 0.02
@@ -76,6 +76,12 @@ def svd_triplets_init(delta: GatedSVDDelta, std: float = INIT_STD) -> GatedSVDDe
         nn.init.normal_(delta.Q, std=std)
         delta.lam.zero_()
     return delta
+
+
+def gated_deltas(model: nn.Module, adapter_name: str) -> dict[str, GatedSVDDelta]:
+    """``{module name: delta}`` of the adapter's gated-SVD deltas (its ``modules_to_save`` entries left out)."""
+    from .. import model as M
+    return {k: d for k, d in M.deltas(model, adapter_name).items() if isinstance(d, GatedSVDDelta)}
 
 
 # -- the shared controller machinery ------------------------------------------------------------------------------
@@ -242,8 +248,7 @@ class AdaLoRA(Method):
             raise ValueError(f"shrink must be one of {SHRINK}, got {self.shrink!r}")
         if self.orth_reg_weight < 0:
             raise ValueError(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        check_dropout(self.dropout)
 
     def scale(self) -> float:
         return (self.alpha if self.alpha is not None else self.init_r) / self.init_r
@@ -255,9 +260,7 @@ class AdaLoRA(Method):
         return svd_triplets_init(delta)
 
     def controller(self, model: nn.Module, adapter_name: str) -> "AdaLoRAController":
-        from .. import model as M
-        deltas = {k: d for k, d in M.deltas(model, adapter_name).items() if isinstance(d, GatedSVDDelta)}
-        return AdaLoRAController(self, deltas)
+        return AdaLoRAController(self, gated_deltas(model, adapter_name))
 
 
 class AdaLoRAController(GatedController):
@@ -373,9 +376,7 @@ class IncreLoRA(Method):
         return svd_triplets_init(delta)
 
     def controller(self, model: nn.Module, adapter_name: str) -> "IncreLoRAController":
-        from .. import model as M
-        deltas = {k: d for k, d in M.deltas(model, adapter_name).items() if isinstance(d, GatedSVDDelta)}
-        return IncreLoRAController(self, deltas)
+        return IncreLoRAController(self, gated_deltas(model, adapter_name))
 
 
 class IncreLoRAController(GatedController):
@@ -459,8 +460,7 @@ class SoRA(Method):
         _positive_int("r", self.r)
         if self.threshold < 0 or self.l1_weight < 0:
             raise ValueError("threshold and l1_weight must be >= 0")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        check_dropout(self.dropout)
 
     def build(self, module_name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> GatedSVDDelta:
         out_f, in_f = weight.shape
@@ -473,9 +473,7 @@ class SoRA(Method):
         return delta
 
     def controller(self, model: nn.Module, adapter_name: str) -> "SoRAController":
-        from .. import model as M
-        deltas = {k: d for k, d in M.deltas(model, adapter_name).items() if isinstance(d, GatedSVDDelta)}
-        return SoRAController(self, deltas)
+        return SoRAController(self, gated_deltas(model, adapter_name))
 
 
 class SoRAController(GatedController):

@@ -105,9 +105,14 @@ def methods() -> list[str]:
     return sorted(_METHODS)
 
 
+def check_dropout(p: float) -> None:
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {p}")
+
+
 def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     """Adapters on half-precision weights train in float32 (as PEFT's ``autocast_adapter_dtype``)."""
     return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
 
 
-__all__ = ["Controller", "Method", "adapter_dtype", "field", "full_replacement", "methods"]
+__all__ = ["Controller", "Method", "adapter_dtype", "check_dropout", "field", "full_replacement", "methods"]

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..deltas import LowRankDelta
 from ..targets import pattern_value
-from .base import Method, adapter_dtype
+from .base import Method, adapter_dtype, check_dropout
 
 OVERSAMPLE = 10
 INITS = ("kaiming", "gaussian", "pissa", "milora", "olora")
@@ -103,8 +103,7 @@ class LoRA(Method):
                              f"rank_pattern={self.rank_pattern}")
         if self.init not in INITS:
             raise ValueError(f"unknown init {self.init!r}; choose one of {INITS}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        check_dropout(self.dropout)
         if self.niter is not None and self.init != "pissa":
             raise ValueError("niter (randomized SVD) applies to init='pissa' only")
 
