@@ -77,13 +77,15 @@ def _cmd_inspect(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from .io import read_record, write_record
+    from .io import read_record, svd_error_summary, write_record
 
     if args.to != "peft":
         raise SystemExit(f"unknown export target {args.to!r}; supported: peft")
     rec = read_record(args.adapter)
-    write_record(args.out, rec, format="peft")
+    errors = write_record(args.out, rec, format="peft", rank=args.rank)
     print(f"wrote a PEFT LoRA checkpoint of {len(rec.modules)} modules to {args.out}")
+    if errors:
+        print(svd_error_summary(errors))
     return 0
 
 
@@ -112,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="write an adapter in another format")
     e.add_argument("adapter", help="adapter folder")
     e.add_argument("--to", default="peft", help="target format (peft)")
+    e.add_argument("--rank", type=int, default=None,
+                   help="rank for structures that are not a LoRA (sparse, sliced): truncated SVD, error reported")
     e.add_argument("out", help="output folder")
     e.set_defaults(func=_cmd_export)
     return p

@@ -178,11 +178,17 @@ class AdapterInfo:
 
 @dataclass
 class Registry:
-    """Per-model state: adapters by name (in attach order), the active ones, the controller step counter."""
+    """Per-model state: adapters by name (in attach order), the active ones, which of those train (``None``: all
+    active ones), the controller step counter."""
 
     adapters: dict[str, AdapterInfo] = field(default_factory=dict)
     active: list[str] = field(default_factory=list)
+    trainable: list[str] | None = None
     step: int = 0
+
+    def training(self) -> list[str]:
+        """The active adapters whose parameters train."""
+        return list(self.active) if self.trainable is None else [n for n in self.active if n in self.trainable]
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
@@ -249,14 +255,15 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _sync(model: nn.Module) -> None:
-    """Push the registry's active list to every layer; ``requires_grad`` only on active adapters' parameters."""
+    """Push the registry's active list to every layer; ``requires_grad`` only on trainable adapters' parameters."""
     reg = registry(model)
+    training = set(reg.training())
     for _, layer in adapted_layers(model):
         layer.active = tuple(reg.active)
         layer.refresh()
         for name, delta in layer.deltas.items():
             for p in delta.parameters():
-                p.requires_grad_(name in reg.active)
+                p.requires_grad_(name in training)
 
 
 def check_new_name(model: nn.Module, name: str) -> None:
@@ -268,11 +275,15 @@ def check_new_name(model: nn.Module, name: str) -> None:
 
 
 # -- public verbs --------------------------------------------------------------------------------------------------
-def attach(model: nn.Module, method: Method, name: str = "default", activate: bool = True) -> nn.Module:
+def attach(model: nn.Module, method: Method, name: str = "default", activate: bool = True,
+           data: Iterable | None = None) -> nn.Module:
     """Add adapter ``name`` built by ``method`` to ``model`` (in place) and return the model.
 
     The base model's parameters are frozen. With ``activate=True`` (default) the new adapter becomes the only
-    active one; otherwise the active set is unchanged. On any error the model is left untouched.
+    active (and trainable) one; otherwise the active set is unchanged. ``data``: calibration batches for
+    data-aware initializers (e.g. ``dt.S2FT(selection="gradient")``); each batch is a dict of model keyword
+    arguments (with ``labels`` where a loss is needed) or a tensor of input ids. On any error the model is left
+    untouched.
     """
     if not isinstance(method, Method):
         raise TypeError(f"expected a method config such as dt.LoRA(r=8), got {type(method).__name__}")
@@ -286,12 +297,19 @@ def attach(model: nn.Module, method: Method, name: str = "default", activate: bo
     targets = resolve_targets(view, method.targets, method.exclude, skip=saved)
     modules = dict(base_modules(model))
 
-    built: dict[str, Delta] = {}  # build everything first: nothing changes on error
-    for mod_name in targets + saved:
+    def weights(mod_name: str):
         base = modules[mod_name]
-        w = linear_weight(base)
-        b = getattr(base, "bias", None) if _kind(base) != "embedding" else None
-        built[mod_name] = full_replacement(w, b) if mod_name in saved else method.build(mod_name, w, b)
+        return linear_weight(base), (getattr(base, "bias", None) if _kind(base) != "embedding" else None)
+
+    # build everything first: nothing changes on error
+    built: dict[str, Delta] = method.build_all(model, {n: weights(n) for n in targets}, data)
+    stray = sorted(set(built) - set(targets))
+    if stray:
+        raise RuntimeError(f"{type(method).__name__}.build_all returned deltas for non-target modules {stray[:3]}")
+    if not built:
+        raise ValueError(f"{type(method).__name__} selected no module to adapt among {len(targets)} targets; raise "
+                         "its ratio or density")
+    built.update({n: full_replacement(*weights(n)) for n in saved})
     install(model, name, method, built, activate)
     return model
 
@@ -316,7 +334,7 @@ def install(model: nn.Module, name: str, method: Method, built: dict[str, Delta]
     reg.adapters[name] = AdapterInfo(method, list(built))
     reg.adapters[name].controller = method.controller(model, name)
     if activate or not reg.active:
-        reg.active = [name]
+        reg.active, reg.trainable = [name], None
     _sync(model)
 
 
@@ -339,15 +357,23 @@ def _check_names(model: nn.Module, names: Iterable[str]) -> list[str]:
     return names
 
 
-def set_active(model: nn.Module, names: str | Iterable[str]) -> nn.Module:
-    """Make ``names`` (one or several; their outputs add) the active adapters. Only they get gradients."""
+def set_active(model: nn.Module, names: str | Iterable[str],
+               trainable: str | Iterable[str] | None = None) -> nn.Module:
+    """Make ``names`` (one or several; their outputs add) the active adapters. Only they get gradients, or only
+    ``trainable`` among them: ``dt.set_active(model, ["lang", "task"], trainable="task")`` trains a task adapter on
+    top of a frozen language adapter (composable sparse fine-tuning); controllers run for trainable adapters."""
     names = _check_names(model, names)
     reg = registry(model)
+    if trainable is not None:
+        trainable = _check_names(model, trainable)
+        extra = [n for n in trainable if n not in names]
+        if extra:
+            raise ValueError(f"trainable adapters {extra} are not among the active ones {names}")
     for _, layer in adapted_layers(model):
         stale = [n for n in layer.merged if n not in names]
         if stale:
             raise ValueError(f"adapters {stale} are merged into the weights; dt.unmerge(model) before switching")
-    reg.active = names
+    reg.active, reg.trainable = names, trainable
     _sync(model)
     return model
 
@@ -438,6 +464,8 @@ def delete(model: nn.Module, name: str) -> nn.Module:
             _set_submodule(model, mod_name, layer.base)
     del reg.adapters[name]
     reg.active = [n for n in reg.active if n != name] or list(reg.adapters)[-1:]
+    if reg.trainable is not None:
+        reg.trainable = [n for n in reg.trainable if n != name] or None
     if not reg.adapters:
         del model.__dict__[REGISTRY_ATTR]
         return model
@@ -456,6 +484,12 @@ def method_of(model: nn.Module, name: str) -> Method:
     return registry(model).adapters[name].method
 
 
+def base_parameter_count(model: nn.Module) -> int:
+    """Parameters of the model without its adapters (each shared tensor counted once)."""
+    seen = {id(p): p.numel() for _, m in base_modules(model) for p in m.parameters(recurse=False)}
+    return sum(seen.values())
+
+
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """``(trainable, total)`` parameter counts (each shared tensor counted once)."""
     seen: dict[int, nn.Parameter] = {id(p): p for p in unwrap(model).parameters()}
@@ -466,7 +500,7 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
 # -- controllers -----------------------------------------------------------------------------------------------
 def _controllers(model: nn.Module) -> list[Controller]:
     reg = registry(model)
-    return [reg.adapters[n].controller for n in reg.active if reg.adapters[n].controller is not None]
+    return [reg.adapters[n].controller for n in reg.training() if reg.adapters[n].controller is not None]
 
 
 def begin(model: nn.Module, total_steps: int | None = None, resizable: bool = True, step: int = 0) -> None:
@@ -504,7 +538,7 @@ def controller_metrics(model: nn.Module) -> dict[str, float]:
     """What the active adapters' controllers report (e.g. ``budget`` and ``rank``), prefixed by adapter name when
     several adapters have controllers."""
     reg = registry(model)
-    named = [(n, reg.adapters[n].controller) for n in reg.active if reg.adapters[n].controller is not None]
+    named = [(n, reg.adapters[n].controller) for n in reg.training() if reg.adapters[n].controller is not None]
     out: dict[str, float] = {}
     for n, c in named:
         for k, v in c.metrics().items():

@@ -8,15 +8,19 @@ A *target spec* is one of
 - a list of names or suffixes: a module matches when its name equals an entry or ends with ``"." + entry``
   (``["query", "value"]``, ``["layers.0.mlp.up_proj"]``).
 
-``exclude`` takes the same forms. Pattern dictionaries (per-module rank or alpha overrides) use the same rule
+``exclude`` takes the same forms. Structured methods also need the *units* of a transformer block (heads and
+FFN channels, and how they couple across q/k/v/o and gate/up/down): see :class:`UnitMap` and :func:`find_blocks`. Pattern dictionaries (per-module rank or alpha overrides) use the same rule
 per key: suffix match, or else a full regex match.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 ADAPTABLE = (nn.Linear, nn.Embedding)
@@ -122,3 +126,141 @@ def pattern_value(name: str, patterns: dict | None, default):
         if name_matches(name, key):
             return value
     return default
+
+
+# -- unit maps: how heads and FFN channels couple across the layers of one transformer block --------------------
+#
+# A block's *units* are what structured methods (S2FT) select. Attention: a query head ``h`` owns rows
+# ``h*hd:(h+1)*hd`` of ``q`` and the same columns of ``o``; under grouped-query attention it reads key/value head
+# ``g = h // (H / H_kv)``, whose rows ``g*hd:(g+1)*hd`` of ``k`` and ``v`` are shared by the ``H / H_kv`` query heads
+# of its group. FFN: channel ``j`` owns row ``j`` of ``up`` (and of ``gate`` in gated FFNs) and column ``j`` of
+# ``down``. A new architecture is one :data:`UNIT_MAPS` entry: the block-relative names of its projections.
+
+
+@dataclass(frozen=True)
+class UnitMap:
+    """Block-relative names of one architecture's projections (``gate`` only for gated FFNs)."""
+
+    q: str
+    k: str
+    v: str
+    o: str
+    up: str
+    down: str
+    gate: str | None = None
+
+    def roles(self) -> dict[str, str]:
+        return {r: n for r, n in dataclasses.asdict(self).items() if n is not None}
+
+
+_LLAMA = UnitMap(q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
+                 gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj")
+_BERT = UnitMap(q="attention.self.query", k="attention.self.key", v="attention.self.value",
+                o="attention.output.dense", up="intermediate.dense", down="output.dense")
+#: ``config.model_type`` -> unit map
+UNIT_MAPS: dict[str, UnitMap] = {
+    **{t: _LLAMA for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "granite")},
+    **{t: _BERT for t in ("bert", "roberta", "xlm-roberta", "electra", "camembert")},
+}
+
+
+@dataclass
+class Block:
+    """One transformer block: full module names per role and the head / channel geometry."""
+
+    index: int
+    names: dict[str, str]
+    heads: int
+    kv_heads: int
+    head_dim: int
+    channels: int
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head (1 without grouped-query attention)."""
+        return self.heads // self.kv_heads
+
+    def kv_group(self, head: int) -> int:
+        """The key/value head that query head ``head`` reads."""
+        return head // self.group_size
+
+    def units(self, role: str) -> int:
+        """How many units a role's weight is cut into: query heads (q, o), KV heads (k, v), channels (FFN)."""
+        return {"q": self.heads, "o": self.heads, "k": self.kv_heads, "v": self.kv_heads}.get(role, self.channels)
+
+    def unit_width(self, role: str) -> int:
+        return self.head_dim if role in ("q", "k", "v", "o") else 1
+
+    def indices(self, role: str, units) -> torch.Tensor:
+        """Rows (q, k, v, gate, up) or columns (o, down) of ``role``'s weight that belong to ``units``."""
+        units = torch.as_tensor(list(units), dtype=torch.long).reshape(-1)
+        w = self.unit_width(role)
+        return (units[:, None] * w + torch.arange(w)).reshape(-1)
+
+    def coupled(self, kind: str, unit: int) -> dict[str, tuple[int, torch.Tensor]]:
+        """``{role: (axis, indices)}`` of everything that moves with one unit: ``kind="head"`` (a query head and its
+        KV group's k/v rows), ``"kv"`` (a KV head with all its query heads) or ``"channel"`` (an FFN channel)."""
+        if kind == "channel":
+            out = {"up": (0, self.indices("up", [unit])), "down": (1, self.indices("down", [unit]))}
+            if "gate" in self.names:
+                out["gate"] = (0, self.indices("gate", [unit]))
+            return out
+        if kind == "head":
+            heads, group = [unit], self.kv_group(unit)
+        elif kind == "kv":
+            heads, group = range(unit * self.group_size, (unit + 1) * self.group_size), unit
+        else:
+            raise ValueError(f"unit kind must be 'head', 'kv' or 'channel', got {kind!r}")
+        return {"q": (0, self.indices("q", heads)), "k": (0, self.indices("k", [group])),
+                "v": (0, self.indices("v", [group])), "o": (1, self.indices("o", heads))}
+
+
+def _config_int(config, *names):
+    for n in names:
+        v = getattr(config, n, None)
+        if v is not None:
+            return int(v)
+    return None
+
+
+def find_blocks(model: nn.Module, unit_map: UnitMap | None = None, modules: dict | None = None) -> list[Block]:
+    """The transformer blocks of ``model`` in layer order, found by the architecture's :data:`UNIT_MAPS` entry
+    (or ``unit_map``); head counts come from ``model.config``. ``modules``: ``{name: module}`` to search instead
+    of ``model.named_modules()`` (used to look past adapter wrappers)."""
+    config = getattr(model, "config", None)
+    if unit_map is None:
+        model_type = getattr(config, "model_type", None)
+        if model_type not in UNIT_MAPS:
+            raise ValueError(f"no unit map for model type {model_type!r} (known: {sorted(UNIT_MAPS)}); pass "
+                             "unit_map=deltatune.targets.UnitMap(q=..., k=..., v=..., o=..., up=..., down=...) with "
+                             "the block-relative names of the projections")
+        unit_map = UNIT_MAPS[model_type]
+    heads = _config_int(config, "num_attention_heads", "n_head")
+    if heads is None:
+        raise ValueError("the model has no config.num_attention_heads; structured units need the head count")
+    kv_heads = _config_int(config, "num_key_value_heads") or heads
+    modules = dict(model.named_modules()) if modules is None else modules
+    roles = unit_map.roles()
+    blocks = []
+    for name in modules:
+        if not name.endswith("." + unit_map.v):
+            continue
+        prefix = name[: -len(unit_map.v) - 1]
+        names = {r: f"{prefix}.{rel}" for r, rel in roles.items()}
+        missing = [n for n in names.values() if n not in modules]
+        if missing:
+            raise ValueError(f"block {prefix!r} has no module {missing[0]!r}; fix the unit map")
+        head_dim = _config_int(config, "head_dim") or _out(modules[names["q"]]) // heads
+        if head_dim * heads != _out(modules[names["q"]]) or head_dim * kv_heads != _out(modules[names["v"]]):
+            raise ValueError(f"block {prefix!r}: q/v output sizes do not match {heads} heads, {kv_heads} KV heads of "
+                             f"dimension {head_dim}")
+        digits = [int(p) for p in prefix.split(".") if p.isdigit()]
+        blocks.append(Block(digits[-1] if digits else len(blocks), names, heads, kv_heads, head_dim,
+                            _out(modules[names["up"]])))
+    if not blocks:
+        raise ValueError(f"no transformer blocks found: no module name ends in {unit_map.v!r}")
+    return sorted(blocks, key=lambda b: b.index)
+
+
+def _out(module: nn.Module) -> int:
+    return module.out_features if hasattr(module, "out_features") else module.weight.shape[-1]

@@ -77,3 +77,21 @@ def grow_components_(delta: Delta, n: int, optimizer: torch.optim.Optimizer | No
         fill = t.mean() if key.endswith("_sq") and t.numel() else 0.0
         return torch.cat([t, t.new_full(shape, float(fill))], dim=dim)
     _resize(delta, lambda: delta.grow_(n, **init), pad, optimizer, states)
+
+
+def reset_entries_(param: nn.Parameter, positions: torch.Tensor,
+                   optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Entries ``positions`` of ``param`` (flat) start afresh: their gradient and every per-entry optimizer state
+    (Adam's moments, SGD's momentum) are zeroed. Other state shapes cannot be reset entry-wise and raise."""
+    with torch.no_grad():
+        tensors = [param.grad] if param.grad is not None else []
+        state = optimizer.state.get(param, {}) if optimizer is not None else {}
+        for k, v in state.items():
+            if torch.is_tensor(v) and v.dim():
+                if v.shape != param.shape:
+                    raise ValueError(f"cannot reset entries: the optimizer keeps state {k!r} of shape "
+                                     f"{tuple(v.shape)} for a parameter of shape {tuple(param.shape)}; use an "
+                                     "optimizer with per-entry state such as AdamW or SGD")
+                tensors.append(v)
+        for t in tensors:
+            t.view(-1).index_fill_(0, positions.to(t.device), 0)

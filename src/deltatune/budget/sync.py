@@ -18,3 +18,14 @@ def broadcast_(tensors: list[torch.Tensor]) -> None:
         n = t.numel()
         t.copy_(flat[offset:offset + n].view_as(t).to(t.dtype))
         offset += n
+
+
+def broadcast_exact_(tensors: list[torch.Tensor]) -> None:
+    """Like :func:`broadcast_`, one call per tensor in its own dtype (integer indices stay exact)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for t in tensors:
+        buf = t.cuda() if dist.get_backend() == "nccl" and not t.is_cuda else t
+        dist.broadcast(buf, src=0)
+        if buf is not t:
+            t.copy_(buf)

@@ -3,6 +3,8 @@ from .base import Delta, delta_from_spec, structures
 from .full import FullDelta
 from .gated import GatedSVDDelta
 from .lowrank import FactoredDelta, LowRankDelta, lowrank_apply
+from .sliced import SlicedDelta
+from .sparse import SparseDelta
 
-__all__ = ["Delta", "FactoredDelta", "FullDelta", "GatedSVDDelta", "LowRankDelta", "delta_from_spec",
+__all__ = ["Delta", "FactoredDelta", "FullDelta", "GatedSVDDelta", "LowRankDelta", "SlicedDelta", "SparseDelta", "delta_from_spec",
            "lowrank_apply", "structures"]

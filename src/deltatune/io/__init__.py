@@ -11,6 +11,7 @@ Several adapters saved together go to one subfolder each, named after the adapte
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -67,18 +68,28 @@ def read_record(folder: str | Path, name: str | None = None, model: nn.Module | 
     raise ValueError(f"{Path(folder) / CONFIG_NAME} is neither a deltatune nor a PEFT adapter config")
 
 
-def write_record(folder: str | Path, record: AdapterRecord, format: str = "deltatune") -> None:
+def _convert(record: AdapterRecord, format: str, rank: int | None, errors: dict | None):
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; choose one of {FORMATS}")
-    config, tensors = to_peft(record) if format == "peft" else to_own(record)
-    write_adapter(folder, config, tensors)
+    return to_peft(record, rank, errors) if format == "peft" else to_own(record)
 
 
-def save(model: nn.Module, path: str | Path, names: str | list[str] | None = None, format: str = "deltatune") -> Path:
+def write_record(folder: str | Path, record: AdapterRecord, format: str = "deltatune",
+                 rank: int | None = None) -> dict[str, float]:
+    """Write one adapter; returns ``{module: relative error}`` of the modules factored by truncated SVD (PEFT format
+    with ``rank``)."""
+    errors: dict[str, float] = {}
+    write_adapter(folder, *_convert(record, format, rank, errors))
+    return errors
+
+
+def save(model: nn.Module, path: str | Path, names: str | list[str] | None = None, format: str = "deltatune",
+         rank: int | None = None) -> Path:
     """Save adapters (default: all). One adapter goes to ``path`` itself; several to ``path/<name>/``.
 
-    ``format="peft"`` writes PEFT's LoRA checkpoint (loads with ``PeftModel.from_pretrained``, servable by vLLM).
-    Files are written atomically.
+    ``format="peft"`` writes PEFT's LoRA checkpoint (loads with ``PeftModel.from_pretrained``, servable by vLLM);
+    structures that are not a LoRA (sparse, sliced) need ``rank``: they are factored by truncated SVD and the
+    relative error of each module is reported as a warning. Files are written atomically.
     """
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; choose one of {FORMATS}")
@@ -88,10 +99,20 @@ def save(model: nn.Module, path: str | Path, names: str | list[str] | None = Non
     records = [record_from_model(model, n) for n in names]
     path = Path(path)
     for rec in records:  # convert all before writing any (a non-LoRA delta fails here, not half-way)
-        (to_peft if format == "peft" else to_own)(rec)
+        _convert(rec, format, rank, None)
     for rec in records:
-        write_record(path if len(records) == 1 else path / rec.name, rec, format)
+        errors = write_record(path if len(records) == 1 else path / rec.name, rec, format, rank)
+        if errors:
+            warnings.warn(f"adapter {rec.name!r}: {svd_error_summary(errors)}", stacklevel=2)
     return path
+
+
+def svd_error_summary(errors: dict[str, float]) -> str:
+    """One line on the truncated-SVD export error: mean, and the worst module."""
+    worst = max(errors, key=errors.get)
+    mean = sum(errors.values()) / len(errors)
+    return (f"{len(errors)} modules factored by truncated SVD; relative error mean {mean:.3f}, worst "
+            f"{errors[worst]:.3f} ({worst})")
 
 
 def load(model: nn.Module, path: str | Path, name: str | None = None, activate: bool = True) -> nn.Module:
@@ -114,4 +135,4 @@ def load(model: nn.Module, path: str | Path, name: str | None = None, activate: 
 
 
 __all__ = ["AdapterRecord", "CONFIG_NAME", "NotLowRank", "WEIGHTS_NAME", "check_fits", "from_own", "from_peft",
-           "load", "read_record", "record_from_model", "save", "to_own", "to_peft", "write_record"]
+           "load", "read_record", "record_from_model", "save", "svd_error_summary", "to_own", "to_peft", "write_record"]

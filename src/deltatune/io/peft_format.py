@@ -9,6 +9,10 @@ PEFT stores, for a LoRA on module ``m`` (``base_model.model.`` prefix):
 and the scale ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``), with per-module ``rank_pattern`` and
 ``alpha_pattern`` overrides whose keys match a module name as ``(.*\\.)?key$``.
 
+Every other structure (sparse, sliced, ...) exports by truncated SVD of its dense update at a chosen rank,
+``dW ~ U_r diag(S_r) Vh_r`` (``B = U_r diag(S_r)``, ``A = Vh_r``, scale 1), with the relative Frobenius error
+``||dW - B A|| / ||dW|| = sqrt(sum_{i>r} S_i^2 / sum_i S_i^2)`` reported per module.
+
 Every delta that is exactly a LoRA (:meth:`Delta.lowrank` returns its factors: plain and anchored low-rank,
 gated SVD with the gates folded into ``B``) exports as one. PEFT AdaLoRA checkpoints store ``m.lora_A`` (r x in),
 ``m.lora_E`` (r x 1) and ``m.lora_B`` (out x r), already cut to the final rank pattern, with the scale
@@ -57,8 +61,20 @@ def _in_module_layout(t: torch.Tensor, kind: str) -> torch.Tensor:
     return t if kind == "linear" else t.t().contiguous()
 
 
-def to_peft(record: AdapterRecord) -> tuple[dict, dict[str, torch.Tensor]]:
-    """``(adapter_config, tensors)`` exactly as PEFT writes them. Raises :class:`NotLowRank` for other structures."""
+def svd_factors(dW: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(B, A, error)``: the best rank-``r`` approximation ``B A`` of ``dW`` and its relative Frobenius error."""
+    U, S, Vh = torch.linalg.svd(dW.detach().float(), full_matrices=False)
+    r = min(r, S.numel())
+    total = float(S.pow(2).sum())
+    err = math.sqrt(float(S[r:].pow(2).sum()) / total) if total > 0 else 0.0
+    return (U[:, :r] * S[:r]).contiguous(), Vh[:r].contiguous(), err
+
+
+def to_peft(record: AdapterRecord, rank: int | None = None,
+            errors: dict[str, float] | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(adapter_config, tensors)`` exactly as PEFT writes them. Deltas that are not a LoRA are factored by
+    truncated SVD at ``rank`` (their relative errors go into ``errors``); without a rank they raise
+    :class:`NotLowRank`."""
     rslora = bool(record.method.get("use_rslora", False))
     tensors: dict[str, torch.Tensor] = {}
     ranks, alphas, saved = {}, {}, []
@@ -70,10 +86,16 @@ def to_peft(record: AdapterRecord) -> tuple[dict, dict[str, torch.Tensor]]:
             if "bias" in t:
                 tensors[f"{PREFIX}{mod}.bias"] = t["bias"]
             continue
-        factors = delta_from_spec(spec, t).lowrank()
+        delta = delta_from_spec(spec, t)
+        factors = delta.lowrank()
         if factors is None:
-            raise NotLowRank(f"{mod}: a {spec['structure']!r} delta is not a LoRA; export it with a rank "
-                             "(truncated SVD) instead")
+            if rank is None:
+                raise NotLowRank(f"{mod}: a {spec['structure']!r} delta is not a LoRA; give a rank to export it by "
+                                 "truncated SVD (dt.save(..., format='peft', rank=16) or deltatune export --rank 16)")
+            B, A, err = svd_factors(delta.dense(), rank)
+            factors = (B, A, 1.0)
+            if errors is not None:
+                errors[mod] = err
         B, A, scale = factors
         if A.shape[0] == 0:  # every component pruned: the module has no update
             continue

@@ -75,6 +75,15 @@ class Method:
         """The delta for one layer whose weight is ``weight`` (out x in, linear layout)."""
         raise NotImplementedError
 
+    def build_all(self, model: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
+                  data=None) -> dict[str, Delta]:
+        """The deltas for all target layers ``{module name: (weight, bias)}`` at once (a layer may be left out).
+        The default builds each layer on its own with :meth:`build`; methods that decide across layers (which heads
+        of which block, how many entries each matrix gets) override this. ``model`` is the model being adapted
+        (see :func:`deltatune.model.base_modules` for its layers without adapter wrappers); ``data``: the
+        calibration batches given to ``dt.attach`` (``None`` when there are none)."""
+        return {name: self.build(name, w, b) for name, (w, b) in layers.items()}
+
     def controller(self, model: nn.Module, adapter_name: str) -> Controller | None:
         return None
 

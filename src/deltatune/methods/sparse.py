@@ -1,0 +1,207 @@
+"""SpIEL: sparse fine-tuning with prune and regrow (Ansell et al., "Scaling Sparse Fine-Tuning to LLMs", 2024).
+
+Each target weight gets ``dW.flatten()[idx] = values`` (:class:`~deltatune.deltas.SparseDelta`) with a fixed
+number of entries: ``N = density * (total model parameters)`` (or ``num_params``), split over the target matrices
+in proportion to their size, ``k_W = floor(N numel(W) / sum numel)``. ``idx`` starts as a random subset, ``values``
+at zero.
+
+Every ``R = reselection_steps`` steps the controller swaps part of each matrix's active set (SpIEL-AG):
+
+1. during the first ``A = accumulation_steps`` optimizer steps of the period it watches the dense gradient
+   ``G = dL/dW``: the first backward picks ``k_W`` candidate positions with the largest ``|G|`` among the inactive
+   ones, and the following backwards accumulate ``sum G`` at the candidates;
+2. at the end of step ``A - 1`` of the period it drops the ``n = p k_W`` active entries with the smallest
+   ``|values|`` (they return to their pretrained value) and activates the ``n`` candidates with the largest
+   ``|sum G|``, at value zero and with fresh optimizer state;
+3. the fraction ``p`` is 1 at the first reselection (the random start is replaced entirely), then decays:
+   ``p = zeta0 (1 - t/T)`` (``schedule="linear"``) or ``zeta0 (1 + cos(pi t/T)) / 2`` (``"cosine"``),
+   ``zeta0 = replace_rate``; constant ``zeta0`` when the number of steps ``T`` is unknown.
+
+The active count of every matrix never changes and indices stay unique. Weight decay on ``values`` pulls the
+entries toward the pretrained weights (the papers tune it); nothing outside ``idx`` ever moves. Under
+``torch.distributed`` rank 0's candidates decide for every rank.
+
+Sparse adapters compose by addition: train a task adapter on top of a frozen language adapter with
+``dt.set_active(model, ["lang", "task"], trainable="task")`` and swap the language adapter at inference
+(LT-SFT-style composable sparse fine-tuning, Ansell et al., ACL'22).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..budget.resize import reset_entries_
+from ..budget.sync import broadcast_exact_
+from ..deltas import SparseDelta
+from .base import Controller, Method, adapter_dtype
+
+
+# -- pure tensor math -------------------------------------------------------------------------------------------
+def entry_budgets(numels: dict[str, int], total: int) -> dict[str, int]:
+    """``k_W = floor(total * numel(W) / sum numel)`` for every matrix."""
+    s = sum(numels.values())
+    return {n: int(total * m // s) for n, m in numels.items()}
+
+
+def replace_fraction(step: int, total: int | None, rate: float, schedule: str) -> float:
+    """SpIEL's decaying reselection rate at ``step`` of ``total``."""
+    if total is None:
+        return rate
+    t = min(step / max(total, 1), 1.0)
+    return rate * (1 - t) if schedule == "linear" else rate * (1 + math.cos(math.pi * t)) / 2
+
+
+def candidates(G: torch.Tensor, active: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` flat positions with the largest ``|G|`` that are not in ``active``."""
+    score = G.detach().reshape(-1).abs().float()
+    score[active] = -1.0
+    return torch.topk(score, min(k, score.numel() - active.numel())).indices
+
+
+def prune_regrow(values: torch.Tensor, cand: torch.Tensor, cand_grad: torch.Tensor, n: int):
+    """``(drop, grow)``: positions in ``values`` of the ``n`` smallest ``|values|`` and the ``n`` candidates with the
+    largest ``|accumulated gradient|``."""
+    n = min(n, values.numel(), cand.numel())
+    drop = torch.topk(values.detach().abs(), n, largest=False).indices
+    grow = cand[torch.topk(cand_grad.abs(), n).indices]
+    return drop, grow
+
+
+# -- the controller -----------------------------------------------------------------------------------------------
+class GrowthTracker:
+    """Accumulates ``G`` at regrowth candidates for one delta (installed as the delta's ``observer``)."""
+
+    def __init__(self, delta: SparseDelta):
+        self.delta = delta
+        self.reset()
+
+    def reset(self) -> None:
+        self.cand: torch.Tensor | None = None
+        self.grad_sum: torch.Tensor | None = None
+        self.count = 0
+
+    def __call__(self, G: torch.Tensor) -> None:
+        if self.cand is None:
+            self.cand = candidates(G, self.delta.idx, self.delta.idx.numel())
+            self.grad_sum = torch.zeros(self.cand.numel(), dtype=torch.float32, device=G.device)
+        self.grad_sum += G.detach().reshape(-1).index_select(0, self.cand).float()
+        self.count += 1
+
+
+class SpIELController(Controller):
+    def __init__(self, method: "SpIEL", adapter_name: str):
+        self.m, self.adapter = method, adapter_name
+        self.total: int | None = None
+        self.selections = 0
+        self.last_fraction = 0.0
+        self.trackers: dict[str, GrowthTracker] = {}
+
+    def _deltas(self, model: nn.Module) -> dict[str, SparseDelta]:
+        from ..model import deltas
+
+        return {n: d for n, d in deltas(model, self.adapter).items() if isinstance(d, SparseDelta)}
+
+    def _arm(self, model: nn.Module, step: int) -> None:
+        """Watch gradients during the first ``A`` steps of each period (and only while steps remain)."""
+        watch = step % self.m.reselection_steps < self.m.accumulation_steps and (
+            self.total is None or step < self.total)
+        for name, d in self._deltas(model).items():
+            if watch:
+                d.observer = self.trackers.setdefault(name, GrowthTracker(d))
+            else:
+                d.observer = None
+
+    def begin(self, model, total_steps, resizable=True) -> None:
+        from ..model import registry
+
+        step = registry(model).step  # 0, or where a resumed run continues
+        self.total, self.trackers = total_steps, {}
+        self.selections = int(step >= self.m.accumulation_steps)
+        self._arm(model, step)
+
+    def after_step(self, model, optimizer, step) -> bool:
+        if step % self.m.reselection_steps == self.m.accumulation_steps - 1 and self.trackers:
+            self._reselect(model, optimizer, step)
+        self._arm(model, step + 1)
+        return False
+
+    def _reselect(self, model, optimizer, step: int) -> None:
+        fraction = 1.0 if self.selections == 0 else replace_fraction(step, self.total, self.m.replace_rate,
+                                                                     self.m.schedule)
+        found = self._deltas(model)
+        for name, d in found.items():
+            tracker = self.trackers.get(name)
+            if tracker is None or tracker.cand is None:
+                continue
+            drop, grow = prune_regrow(d.values, tracker.cand, tracker.grad_sum, int(fraction * d.idx.numel()))
+            with torch.no_grad():
+                d.idx[drop] = grow
+                d.values[drop] = 0.0
+            reset_entries_(d.values, drop, optimizer)
+        broadcast_exact_([d.idx for d in found.values()])
+        for t in self.trackers.values():
+            t.reset()
+        self.selections += 1
+        self.last_fraction = fraction
+
+    def metrics(self) -> dict[str, float]:
+        return {"replaced": self.last_fraction}
+
+
+# -- the method ------------------------------------------------------------------------------------------------
+@dataclass
+class SpIEL(Method):
+    """Sparse fine-tuning of a fixed number of weight entries with gradient-based prune and regrow.
+    ``density``: fraction of the *total* model parameters that train (``num_params`` overrides it);
+    ``regrow="none"`` keeps the random initial entries (no controller)."""
+
+    name = "spiel"
+
+    density: float = 0.01
+    num_params: int | None = None
+    regrow: str = "gradient"
+    reselection_steps: int = 20
+    accumulation_steps: int = 5
+    replace_rate: float = 0.2
+    schedule: str = "linear"
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.num_params is None and not 0.0 < self.density <= 1.0:
+            raise ValueError(f"density must be in (0, 1], got {self.density}")
+        if self.num_params is not None and self.num_params <= 0:
+            raise ValueError(f"num_params must be positive, got {self.num_params}")
+        if self.regrow not in ("gradient", "none"):
+            raise ValueError(f"regrow must be 'gradient' or 'none', got {self.regrow!r}")
+        if self.schedule not in ("linear", "cosine"):
+            raise ValueError(f"schedule must be 'linear' or 'cosine', got {self.schedule!r}")
+        if not 1 <= self.accumulation_steps <= self.reselection_steps:
+            raise ValueError(f"need 1 <= accumulation_steps ({self.accumulation_steps}) <= reselection_steps "
+                             f"({self.reselection_steps})")
+        if not 0.0 <= self.replace_rate <= 1.0:
+            raise ValueError(f"replace_rate must be in [0, 1], got {self.replace_rate}")
+
+    def build_all(self, model, layers, data=None):
+        from ..model import base_parameter_count
+
+        total = self.num_params if self.num_params is not None else int(self.density * base_parameter_count(model))
+        budgets = entry_budgets({n: w.numel() for n, (w, _) in layers.items()}, total)
+        g = torch.Generator().manual_seed(self.seed)
+        built = {}
+        for name, (w, _) in layers.items():
+            k = budgets[name]
+            if k == 0:
+                continue
+            idx = torch.randperm(w.numel(), generator=g)[:k].to(w.device)
+            built[name] = SparseDelta(w.shape[0], w.shape[1], idx, dtype=adapter_dtype(w), device=w.device)
+        return built
+
+    def controller(self, model, adapter_name):
+        if self.regrow == "none":
+            return None
+        c = SpIELController(self, adapter_name)
+        c._arm(model, 0)  # watch from the first step even when dt.begin is never called
+        return c
