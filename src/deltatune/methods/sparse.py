@@ -46,6 +46,18 @@ def entry_budgets(numels: dict[str, int], total: int) -> dict[str, int]:
     return {n: int(total * m // s) for n, m in numels.items()}
 
 
+def random_subset(n: int, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``k`` distinct integers drawn uniformly from ``[0, n)``, sorted, in O(k) memory when ``k`` is small (a full
+    permutation of every weight's entries would leave hundreds of MB of freed heap behind)."""
+    if 4 * k >= n:
+        return torch.randperm(n, generator=generator)[:k].sort().values
+    out = torch.empty(0, dtype=torch.long)
+    while out.numel() < k:
+        draw = torch.randint(n, (int(1.1 * (k - out.numel())) + 16,), generator=generator)
+        out = torch.unique(torch.cat([out, draw]))
+    return out[torch.randperm(out.numel(), generator=generator)[:k]].sort().values
+
+
 def replace_fraction(step: int, total: int | None, rate: float, schedule: str) -> float:
     """SpIEL's decaying reselection rate at ``step`` of ``total``."""
     if total is None:
@@ -58,7 +70,7 @@ def candidates(G: torch.Tensor, active: torch.Tensor, k: int) -> torch.Tensor:
     """The ``k`` flat positions with the largest ``|G|`` that are not in ``active``."""
     score = G.detach().reshape(-1).abs().float()
     score[active] = -1.0
-    return torch.topk(score, min(k, score.numel() - active.numel())).indices
+    return torch.topk(score, min(k, score.numel() - active.numel()), sorted=False).indices
 
 
 def prune_regrow(values: torch.Tensor, cand: torch.Tensor, cand_grad: torch.Tensor, n: int):
@@ -195,7 +207,7 @@ class SpIEL(Method):
             k = budgets[name]
             if k == 0:
                 continue
-            idx = torch.randperm(w.numel(), generator=g)[:k].to(w.device)
+            idx = random_subset(w.numel(), k, g).to(w.device)
             built[name] = SparseDelta(w.shape[0], w.shape[1], idx, dtype=adapter_dtype(w), device=w.device)
         return built
 
