@@ -17,7 +17,7 @@ as LoRA r=16 on all linear layers (4,884,480):
     python benchmarks/bench_sparse.py --what quality
 
 Quality: the same seed, data order and number of steps for every method, each at its learning rate from
-``--what sweep`` (GSM8K loss on 200 *training* questions held out from training; the test sets are never used for
+``--what sweep`` (GSM8K loss on 100 *training* questions held out from training; the test sets are never used for
 choosing):
 
 - GSM8K: ``QUALITY_STEPS`` steps of batch 8 on the training set (``Question: ...\nAnswer: `` prompt, loss on
@@ -169,7 +169,7 @@ SWEEP_LRS = {"lora": (3e-4, 1e-3, 3e-3), "s2ft": (1e-4, 3e-4, 1e-3), "spiel": (1
              "full": (1e-5, 3e-5, 1e-4)}
 #: the best of ``--what sweep`` (held-out GSM8K training questions)
 QUALITY_LR = {"lora": 1e-3, "s2ft": 3e-4, "spiel": 3e-4, "full": 3e-5}
-QUALITY_STEPS = 60
+QUALITY_STEPS = 50
 GSM_PROMPT = "Question: {question}\nAnswer: "
 
 
@@ -257,7 +257,7 @@ def bench_sweep(variants: list[str], seed: int, steps: int) -> list[list[str]]:
     tok = AutoTokenizer.from_pretrained(smollm2_path())
     collate = Collator(pad_id_of(tok))
     train_ex = _lm_data("gsm8k", tok, "train", slice(0, 8 * steps))
-    held = _lm_data("gsm8k", tok, "train", slice(7000, 7200))
+    held = _lm_data("gsm8k", tok, "train", slice(7000, 7100))
     table = []
     for variant in variants:
         losses = []
@@ -349,7 +349,7 @@ def main() -> None:
     ap.add_argument("--what", choices=("speed", "memory", "sweep", "quality", "sst2"), default="speed")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quality-steps", type=int, default=QUALITY_STEPS)
-    ap.add_argument("--sweep-steps", type=int, default=20)
+    ap.add_argument("--sweep-steps", type=int, default=16)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=4)
@@ -369,7 +369,7 @@ def main() -> None:
                             list(QUALITY_VARIANTS), args.seed, args.sweep_steps)
         body = (header("Sparse fine-tuning learning-rate sweep (SmolLM2-135M, GSM8K)") +
                 f"- {args.sweep_steps} steps of batch 8 on GSM8K training questions, mean answer-token loss on "
-                "training questions 7,000-7,199 (held out); best per method in bold\n\n" +
+                "training questions 7,000-7,099 (held out); best per method in bold\n\n" +
                 md_table(["method", "lr: loss", "lr: loss", "lr: loss"], table))
         print(body)
         if not args.no_write:

@@ -26,7 +26,7 @@ def main() -> None:
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rows", type=int, default=48)
-    parser.add_argument("--method", default="lora", choices=["lora", "adalora"])
+    parser.add_argument("--method", default="lora", choices=["lora", "adalora", "spiel"])
     opts = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -47,6 +47,9 @@ def main() -> None:
     if opts.method == "adalora":  # budget decisions every step, final pattern shrunk at step T - t_final
         method = dt.AdaLoRA(init_r=6, target_r=3, t_init=1, t_final=2, targets=["query", "value"],
                             modules_to_save=["classifier"])
+    elif opts.method == "spiel":  # prune / regrow at steps 1 (everything), 5: rank 0's candidates decide
+        method = dt.SpIEL(density=0.002, targets=["query", "value"], reselection_steps=4, accumulation_steps=2,
+                          modules_to_save=["classifier"])
     else:
         method = dt.LoRA(r=4, alpha=8, dropout=0.0, modules_to_save=["classifier"])
     dt.attach(model, method)

@@ -70,3 +70,26 @@ def test_adalora_two_ranks_make_the_same_decisions(tmp_path):
         assert torch.equal(v, ranks[1][k]), f"ranks disagree on {k}"
         assert v.shape == single[k].shape, f"{k}: pattern differs from the single process"
         torch.testing.assert_close(v, single[k], atol=1e-4, rtol=1e-3, msg=k)
+
+
+def test_spiel_two_ranks_regrow_the_same_entries(tmp_path):
+    """SpIEL under DDP: each rank sees different gradients, so its regrowth candidates differ; rank 0's decision is
+    broadcast, and every rank ends with the same indices and values."""
+    import deltatune as dt
+    from conftest import make_minilm
+
+    worker = [str(HERE / "ddp_worker.py"), "--data", str(SST2_TRAIN), "--steps", "7", "--method", "spiel"]
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *worker,
+         "--out", str(tmp_path / "two"), "--batch-size", "4"])
+    ranks = [load_file(tmp_path / "two" / f"rank{r}" / "adapter_model.safetensors") for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys()
+    for k, v in ranks[0].items():
+        assert torch.equal(v, ranks[1][k]), f"ranks disagree on {k}"
+    from deltatune.zoo import minilm_path
+
+    start = dt.attach(make_minilm(minilm_path()), dt.SpIEL(density=0.002, targets=["query", "value"]))
+    for mod, d in dt.deltas(start, "default").items():
+        idx = ranks[0][f"{mod}.idx"].long()
+        assert idx.numel() == d.idx.numel() == torch.unique(idx).numel()
+        assert not torch.equal(idx.sort().values, d.idx.sort().values)  # entries were regrown
+        assert ranks[0][f"{mod}.values"].abs().max() > 0

@@ -357,3 +357,67 @@ def test_sparse_checkpoint_refuses_a_base_it_does_not_fit(minilm_dir, smollm_dir
         dt.SlicedDelta(4, 4, torch.tensor([1, 1]), 0)
     with pytest.raises(ValueError, match="ratios"):
         dt.attach(make_minilm(minilm_dir), dt.S2FT(o_ratio=0, d_ratio=0))
+
+
+def test_s2ft_example_config_runs_from_the_cli_and_exports(tmp_path, capsys):
+    """The GSM8K example on SmolLM2 (gradient selection from the first training batches), shortened; then the
+    exported PEFT LoRA loads in PEFT and approximates the adapter."""
+    import json as _json
+
+    import yaml
+    from conftest import DATA
+
+    from deltatune.cli import main
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    config = yaml.safe_load((root / "examples" / "gsm8k_s2ft.yaml").read_text())
+    config["data"].update(train=str(DATA / "gsm8k" / "train.jsonl"), eval=str(DATA / "gsm8k" / "test.jsonl"),
+                          max_train_rows=16, max_eval_rows=4, max_length=96)
+    config["train"].update(batch_size=4, max_steps=2, eval_every=None, progress=False)
+    config["output_dir"] = str(tmp_path / "out")
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", str(tmp_path / "run.yaml")]) == 0
+    saved = _json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert saved["method"]["selection"] == "gradient"
+    assert {s["structure"] for s in saved["modules"].values()} == {"sliced"}
+    assert main(["export", str(tmp_path / "out" / "adapter"), "--to", "peft", str(tmp_path / "peft")]) == 2
+    assert main(["export", str(tmp_path / "out" / "adapter"), "--to", "peft", "--rank", "8",
+                 str(tmp_path / "peft")]) == 0
+    assert "truncated SVD; relative error mean" in capsys.readouterr().out
+    peft_cfg = _json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert peft_cfg["peft_type"] == "LORA" and peft_cfg["r"] == 8
+
+
+def test_ltsft_keeps_the_entries_that_moved_most_and_retrains_them_from_zero(minilm_dir, sst2_rows, minilm_batch):
+    model = make_minilm(minilm_dir)
+    dt.attach(model, dt.LTSFT(num_params=3000, targets=["query", "value"], modules_to_save=["classifier"]))
+    deltas = {n: d for n, d in dt.deltas(model, "default").items() if isinstance(d, dt.SparseDelta)}
+    assert all(d.idx.numel() == d.out_features * d.in_features for d in deltas.values())  # phase 1: dense
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
+    with pytest.raises(ValueError, match="full_steps"):
+        dt.step(model, opt)  # neither full_steps nor dt.begin: phase 1 has no end
+    dt.begin(model, 6)  # phase 1 = the first 3 steps
+    batches = _batches(minilm_dir, sst2_rows)
+    model.train()
+    for t in range(6):
+        model(**batches[t % len(batches)]).loss.backward()
+        opt.step()
+        if t == 2:  # what the selection sees
+            moved = {n: d.values.detach().abs().clone() for n, d in deltas.items()}
+        changed = dt.step(model, opt)
+        assert changed == (t == 2)
+        if t == 2:
+            flat = torch.cat(list(moved.values()))
+            threshold = torch.topk(flat, 3000).values.min()
+            assert sum(d.idx.numel() for d in deltas.values()) == 3000
+            for n, d in deltas.items():  # Adam's first steps move many entries by exactly lr * steps: ties
+                kept = torch.zeros_like(moved[n], dtype=torch.bool)
+                kept[d.idx] = True
+                assert (moved[n][kept] >= threshold).all() and kept[moved[n] > threshold].all()
+                assert (d.values == 0).all() and d.values not in opt.state
+        opt.zero_grad()
+    assert all(opt.state[d.values]["step"] == 3 for d in deltas.values())  # fresh optimizer state in phase 2
+    assert dt.controller_metrics(model) == {"phase": 2.0}
+    out = logits(model.eval(), minilm_batch)
+    dt.merge(model)
+    torch.testing.assert_close(logits(model, minilm_batch), out, rtol=1e-5, atol=1e-5)

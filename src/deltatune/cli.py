@@ -34,7 +34,7 @@ def describe(folder: str | Path) -> dict:
     rec = read_record(folder)
     rows = []
     for mod, spec in rec.modules.items():
-        n = sum(t.numel() for t in rec.tensors[mod].values())
+        n = sum(t.numel() for t in rec.tensors[mod].values() if t.is_floating_point())
         detail = {k: v for k, v in spec.items() if k not in ("structure", "layer", "out_features", "in_features")}
         rows.append({"module": mod, "structure": spec["structure"], "layer": spec.get("layer"),
                      "shape": [spec["out_features"], spec["in_features"]], "params": n, **detail})

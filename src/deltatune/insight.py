@@ -1,4 +1,4 @@
-"""Looking inside adapters: where the rank went.
+"""Looking inside adapters: where the rank (or, for sparse structures, the selected rows, columns or entries) went.
 
 :func:`rank_grid` arranges per-module ranks as a (layer x module type) grid, reading the layer index from the
 first purely numeric part of each module name (``encoder.layer.3.attention.self.query`` -> layer 3, type
@@ -33,8 +33,9 @@ def rank_grid(ranks: dict[str, int]) -> tuple[list[int], list[str], list[list[fl
 
 
 def module_ranks(modules: dict[str, dict]) -> dict[str, int]:
-    """``{module: r}`` for the modules of a saved adapter whose structure has a rank."""
-    return {m: int(spec["r"]) for m, spec in modules.items() if "r" in spec}
+    """``{module: size}`` for the modules of a saved adapter: the rank ``r`` of low-rank structures, else the number
+    ``k`` of selected rows / columns (sliced) or entries (sparse)."""
+    return {m: int(spec["r"] if "r" in spec else spec["k"]) for m, spec in modules.items() if "r" in spec or "k" in spec}
 
 
 def plot_ranks(modules: dict[str, dict], path: str | Path, title: str = "rank per layer and module") -> Path:
@@ -58,7 +59,7 @@ def plot_ranks(modules: dict[str, dict], path: str | Path, title: str = "rank pe
         for j, v in enumerate(row):
             if v == v:
                 ax.text(j, i, f"{int(v)}", ha="center", va="center", color="w", fontsize=7)
-    fig.colorbar(im, ax=ax, label="rank")
+    fig.colorbar(im, ax=ax, label="rank" if any("r" in spec for spec in modules.values()) else "rows / columns / entries")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return Path(path)

@@ -70,6 +70,8 @@ class SparseDelta(Delta):
     """``dW.flatten()[idx] = values``; ``values`` start at zero."""
 
     structure = "sparse"
+    #: entries can be removed while training (:func:`deltatune.budget.keep_components_` moves optimizer state)
+    component_dims = {"values": 0}
 
     def __init__(self, out_features: int, in_features: int, idx: torch.Tensor,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
@@ -102,6 +104,13 @@ class SparseDelta(Delta):
                 x.dtype == weight.dtype == self.dtype) or torch.is_autocast_enabled(x.device.type):
             return None
         return sparse_linear(x, weight, bias, self.values, self.idx, self.observer)
+
+    def keep_(self, index: torch.Tensor) -> None:
+        """Keep only entries ``index`` (positions in ``idx``); ``values`` becomes a new parameter."""
+        index = index.to(self.idx.device)
+        self.idx = self.idx.index_select(0, index)
+        self.values = nn.Parameter(self.values.detach().index_select(0, index).clone(),
+                                   requires_grad=self.values.requires_grad)
 
     def dense(self) -> torch.Tensor:
         dW = scatter_dense(self.values, self.idx, self.shape)

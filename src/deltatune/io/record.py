@@ -29,7 +29,8 @@ class AdapterRecord:
     extra: dict = field(default_factory=dict)
 
     def num_parameters(self) -> int:
-        return sum(t.numel() for ts in self.tensors.values() for t in ts.values())
+        """Trained values (integer tensors such as sparse indices are not parameters)."""
+        return sum(t.numel() for ts in self.tensors.values() for t in ts.values() if t.is_floating_point())
 
 
 def task_type_of(model: nn.Module) -> str | None:

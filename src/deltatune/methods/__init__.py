@@ -3,6 +3,6 @@ from .adaptive import AdaLoRA, IncreLoRA, SoRA
 from .base import Controller, Method, methods
 from .lora import LoRA, MiLoRA, OLoRA, PiSSA
 from .s2ft import S2FT
-from .sparse import SpIEL
+from .sparse import LTSFT, SpIEL
 
-__all__ = ["AdaLoRA", "Controller", "IncreLoRA", "LoRA", "Method", "MiLoRA", "OLoRA", "PiSSA", "S2FT", "SoRA", "SpIEL", "methods"]
+__all__ = ["AdaLoRA", "Controller", "IncreLoRA", "LTSFT", "LoRA", "Method", "MiLoRA", "OLoRA", "PiSSA", "S2FT", "SoRA", "SpIEL", "methods"]

@@ -21,9 +21,17 @@ The active count of every matrix never changes and indices stay unique. Weight d
 entries toward the pretrained weights (the papers tune it); nothing outside ``idx`` ever moves. Under
 ``torch.distributed`` rank 0's candidates decide for every rank.
 
+LT-SFT (lottery-ticket sparse fine-tuning, Ansell et al., ACL'22) chooses its entries once instead:
+
+1. phase 1, ``full_steps`` steps: every entry of the target matrices trains (``dW`` dense, ``theta - theta_0``);
+2. selection: the ``N`` entries with the largest ``|dW|`` over all target matrices together (a global threshold);
+3. reset: the kept entries go back to zero (``theta = theta_0``) and their optimizer state is dropped (a fresh
+   optimizer, as the paper rebuilds it);
+4. phase 2, the remaining steps: only the kept entries train.
+
 Sparse adapters compose by addition: train a task adapter on top of a frozen language adapter with
 ``dt.set_active(model, ["lang", "task"], trainable="task")`` and swap the language adapter at inference
-(LT-SFT-style composable sparse fine-tuning, Ansell et al., ACL'22).
+(composable sparse fine-tuning).
 """
 from __future__ import annotations
 
@@ -33,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..budget.resize import reset_entries_
+from ..budget.resize import keep_components_, reset_entries_
 from ..budget.sync import broadcast_exact_
 from ..deltas import SparseDelta
 from .base import Controller, Method, adapter_dtype
@@ -56,6 +64,17 @@ def random_subset(n: int, k: int, generator: torch.Generator | None = None) -> t
         draw = torch.randint(n, (int(1.1 * (k - out.numel())) + 16,), generator=generator)
         out = torch.unique(torch.cat([out, draw]))
     return out[torch.randperm(out.numel(), generator=generator)[:k]].sort().values
+
+
+def global_top_entries(values: list[torch.Tensor], n: int) -> list[torch.Tensor]:
+    """For each tensor, the positions of its entries among the ``n`` largest ``|value|`` of all tensors together."""
+    flat = torch.cat([v.detach().reshape(-1).abs().float() for v in values])
+    top = torch.topk(flat, min(n, flat.numel()), sorted=False).indices.sort().values
+    out, offset = [], 0
+    for v in values:
+        out.append(top[(top >= offset) & (top < offset + v.numel())] - offset)
+        offset += v.numel()
+    return out
 
 
 def replace_fraction(step: int, total: int | None, rate: float, schedule: str) -> float:
@@ -217,3 +236,88 @@ class SpIEL(Method):
         c = SpIELController(self, adapter_name)
         c._arm(model, 0)  # watch from the first step even when dt.begin is never called
         return c
+
+
+# -- LT-SFT -------------------------------------------------------------------------------------------------------
+class LotteryTicketController(Controller):
+    def __init__(self, method: "LTSFT", adapter_name: str, budget: int):
+        self.m, self.adapter, self.budget = method, adapter_name, budget
+        self.full_steps = method.full_steps
+        self.selected = False
+
+    def begin(self, model, total_steps, resizable=True) -> None:
+        if self.m.full_steps is None and total_steps is not None:
+            self.full_steps = max(1, total_steps // 2)
+        if not resizable:
+            raise ValueError("LT-SFT drops the unselected entries after phase 1, which changes parameter shapes; "
+                             "use the deltatune trainer (it rebuilds DDP) or a single process")
+
+    def after_step(self, model, optimizer, step) -> bool:
+        if self.selected:
+            return False
+        if self.full_steps is None:
+            raise ValueError("LTSFT needs to know when phase 1 ends: give full_steps=, or call "
+                             "dt.begin(model, total_steps) (phase 1 is then the first half)")
+        if step < self.full_steps - 1:
+            return False
+        from ..model import deltas
+
+        found = [d for d in deltas(model, self.adapter).values() if isinstance(d, SparseDelta)]
+        if optimizer is None:
+            raise ValueError("LT-SFT's selection removes entries: pass the optimizer to dt.step(model, optimizer)")
+        for d, keep in zip(found, global_top_entries([d.values for d in found], self.budget)):
+            keep_components_(d, keep, optimizer)
+            with torch.no_grad():
+                d.values.zero_()  # back to the pretrained weights
+            optimizer.state.pop(d.values, None)  # phase 2 starts with fresh optimizer state
+            if d.values.grad is not None:
+                d.values.grad.zero_()
+        self.selected = True
+        return True
+
+    def metrics(self) -> dict[str, float]:
+        return {"phase": 2.0 if self.selected else 1.0}
+
+    def state_dict(self) -> dict:
+        return {"selected": self.selected}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.selected = bool(state.get("selected", False))
+
+
+@dataclass
+class LTSFT(Method):
+    """Lottery-ticket sparse fine-tuning: dense phase 1 for ``full_steps`` (default: half of training), then the
+    ``density x (all model parameters)`` (or ``num_params``) entries that moved most train alone from zero.
+    Phase 1 keeps a full-size delta per target matrix (full fine-tuning memory for those matrices)."""
+
+    name = "ltsft"
+
+    density: float = 0.01
+    num_params: int | None = None
+    full_steps: int | None = None
+
+    def validate(self) -> None:
+        if self.num_params is None and not 0.0 < self.density <= 1.0:
+            raise ValueError(f"density must be in (0, 1], got {self.density}")
+        if self.num_params is not None and self.num_params <= 0:
+            raise ValueError(f"num_params must be positive, got {self.num_params}")
+        if self.full_steps is not None and self.full_steps < 1:
+            raise ValueError(f"full_steps must be >= 1, got {self.full_steps}")
+
+    def budget(self, model) -> int:
+        from ..model import base_parameter_count
+
+        return self.num_params if self.num_params is not None else int(self.density * base_parameter_count(model))
+
+    def build_all(self, model, layers, data=None):
+        return {name: SparseDelta(w.shape[0], w.shape[1], torch.arange(w.numel(), device=w.device),
+                                  dtype=adapter_dtype(w), device=w.device) for name, (w, _) in layers.items()}
+
+    def controller(self, model, adapter_name):
+        from ..model import deltas
+
+        found = [d for d in deltas(model, adapter_name).values() if isinstance(d, SparseDelta)]
+        if found and all(d.idx.numel() < d.out_features * d.in_features for d in found):
+            return None  # a loaded adapter, already past its selection: its entries simply train
+        return LotteryTicketController(self, adapter_name, self.budget(model))

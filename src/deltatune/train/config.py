@@ -263,6 +263,24 @@ def run_device() -> torch.device:
 
 
 # -- running ---------------------------------------------------------------------------------------------------------
+CALIBRATION_BATCHES = 8
+
+
+class CalibrationBatches:
+    """The first ``n`` training batches of 8 examples, collated lazily (only data-aware selection reads them)."""
+
+    def __init__(self, examples, collate, device: torch.device, n: int = CALIBRATION_BATCHES, size: int = 8):
+        self.examples, self.collate, self.device, self.n, self.size = examples, collate, device, n, size
+
+    def __len__(self) -> int:
+        return min(self.n, -(-len(self.examples) // self.size))
+
+    def __iter__(self):
+        for i in range(len(self)):
+            batch = self.collate(self.examples[i * self.size:(i + 1) * self.size])
+            yield {k: v.to(self.device) for k, v in batch.items()}
+
+
 def run_config(config: str | Path | dict) -> dict:
     """Load model and data, attach the method, train, save the adapter to ``output_dir/adapter``.
 
@@ -283,7 +301,7 @@ def run_config(config: str | Path | dict) -> dict:
         set_seed(cfg.train.seed)  # a fresh classification head and the adapter init draw random numbers
         model = load_model(cfg.model, path, label2id, pad_id).to(run_device())
         method = with_head(cfg.method, model) if cfg.model.task == "classification" else cfg.method
-        M.attach(model, method, name=cfg.name)
+        M.attach(model, method, name=cfg.name, data=CalibrationBatches(train_ex, Collator(pad_id), run_device()))
 
         result = train(model, train_ex, cfg.train, task=cfg.model.task, eval_data=eval_ex,
                        collate_fn=Collator(pad_id), output_dir=cfg.output_dir)
