@@ -42,14 +42,13 @@ import copy
 import gc
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_lora import _status_mb, load_base, make_batches, reset_peak_rss  # noqa: E402
-from common import DATA, header, md_table, update_section  # noqa: E402
+from common import DATA, header, md_table, memory_children, update_section  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -185,13 +184,7 @@ def mem_child(variant: str, steps: int) -> None:
 
 
 def bench_memory(variants: list[str], steps: int) -> dict:
-    out = {}
-    for v in variants:
-        cmd = [sys.executable, __file__, "--mem-child", v, "--mem-steps", str(steps)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        out[v] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"  memory {v}: {out[v]}", file=sys.stderr, flush=True)
-    return out
+    return memory_children(__file__, variants, steps)
 
 
 def memory_table(mem: dict) -> str:

@@ -97,3 +97,18 @@ def md_table(header_row: list[str], rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(header_row) + " |", "|" + "|".join("---" for _ in header_row) + "|"]
     out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(out)
+
+
+def memory_children(script: str, variants: list[str], steps: int) -> dict:
+    """Run ``script --mem-child VARIANT --mem-steps STEPS`` in a fresh process per variant; each prints one JSON line
+    last (its peak memory record). Returns ``{variant: record}``."""
+    import json
+    import subprocess
+
+    out = {}
+    for v in variants:
+        cmd = [sys.executable, script, "--mem-child", v, "--mem-steps", str(steps)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out[v] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"  memory {v}: {out[v]}", file=sys.stderr, flush=True)
+    return out

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every benchmark of BENCHMARKS.md, one after another (about 2 hours on 2 cores). Run from the repository root.
+# Every benchmark of BENCHMARKS.md, one after another (about 4 hours on 2 cores). Run from the repository root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python benchmarks/bench_lora.py --model minilm --malloc default --processes one --what speed,memory
@@ -12,3 +12,8 @@ python benchmarks/bench_budget.py --what speed --repeats 2
 python benchmarks/bench_budget.py --what memory
 python benchmarks/bench_budget.py --what sweep
 python benchmarks/bench_budget.py --what quality
+python benchmarks/bench_sparse.py --what speed --rounds 5 --steps 4
+python benchmarks/bench_sparse.py --what memory
+python benchmarks/bench_sparse.py --what sweep
+python benchmarks/bench_sparse.py --what quality
+python benchmarks/bench_sparse.py --what sst2
