@@ -101,6 +101,13 @@ class Delta(nn.Module):
         return f"out_features={self.out_features}, in_features={self.in_features}"
 
 
+def fusable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> bool:
+    """Whether a delta of ``dtype`` may compute a layer's whole output as one autograd node (:meth:`Delta.fuse`):
+    the weight and bias are frozen, input, weight and delta share one dtype, and autocast is off."""
+    frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
+    return frozen and x.dtype == weight.dtype == dtype and not torch.is_autocast_enabled(x.device.type)
+
+
 def delta_from_spec(spec: dict, tensors: dict[str, torch.Tensor]) -> Delta:
     """Rebuild a delta of any registered structure from its :meth:`Delta.spec` and :meth:`Delta.tensors`."""
     structure = spec.get("structure")

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Delta
+from .base import Delta, fusable
 
 
 def _factor_grads(g2, xd2, xa, A, B, s, need_A, need_B, need_u):
@@ -103,11 +103,6 @@ def lowrank_linear(x, xd, W, b, A, B, s: float) -> torch.Tensor:
     return _LowRankLinear.apply(x, xd, W, b, A, B, float(s))
 
 
-def _autocast(x: torch.Tensor) -> bool:
-    """Whether autocast is on for ``x``'s device (then products change dtype: use the generic path)."""
-    return torch.is_autocast_enabled(x.device.type)
-
-
 class FactoredDelta(Delta):
     """Any update that is a product ``dW = s * B' @ A'`` of factors built from the module's parameters
     (:meth:`factors`). The application paths, ``dense()`` and the PEFT LoRA export are shared; subclasses only say
@@ -145,8 +140,7 @@ class FactoredDelta(Delta):
         return lowrank_apply(out, self._input(x), A, B, self.scale, inplace)
 
     def fuse(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-        if weight.requires_grad or (bias is not None and bias.requires_grad) or not (
-                x.dtype == weight.dtype == self.dtype) or _autocast(x):
+        if not fusable(x, weight, bias, self.dtype):
             return None
         B, A = self.factors()
         return lowrank_linear(x, self._input(x), weight, bias, A, B, self.scale)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Delta
+from .base import Delta, fusable
 
 ROWS, COLUMNS = 0, 1
 
@@ -116,8 +116,7 @@ class SlicedDelta(Delta):
         return sliced_apply(out, x.to(self.dtype), self.D, self.idx, self.axis)
 
     def fuse(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-        if weight.requires_grad or (bias is not None and bias.requires_grad) or not (
-                x.dtype == weight.dtype == self.dtype) or torch.is_autocast_enabled(x.device.type):
+        if not fusable(x, weight, bias, self.dtype):
             return None
         return sliced_linear(x, weight, bias, self.D, self.idx, self.axis)
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Delta
+from .base import Delta, fusable
 
 Observer = Callable[[torch.Tensor], None]
 
@@ -100,8 +100,7 @@ class SparseDelta(Delta):
         return F.linear(x.to(self.dtype), self.dense())
 
     def fuse(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-        if weight.requires_grad or (bias is not None and bias.requires_grad) or not (
-                x.dtype == weight.dtype == self.dtype) or torch.is_autocast_enabled(x.device.type):
+        if not fusable(x, weight, bias, self.dtype):
             return None
         return sparse_linear(x, weight, bias, self.values, self.idx, self.observer)
 
