@@ -7,9 +7,12 @@
 """
 __version__ = "0.1.0"
 
-from .deltas import Delta, FullDelta, GatedSVDDelta, LowRankDelta, SlicedDelta, SparseDelta  # noqa: E402
+from .deltas import (  # noqa: E402
+    Delta, FullDelta, GatedSVDDelta, LowRankDelta, NOLADelta, OrthogonalLowRankDelta, RotationDelta, SlicedDelta,
+    SparseDelta, VeRADelta)
 from .methods import (  # noqa: E402
-    LTSFT, S2FT, AdaLoRA, Controller, IncreLoRA, LoRA, Method, MiLoRA, OLoRA, PiSSA, SoRA, SpIEL)
+    LTSFT, NOLA, OFT, S2FT, SORSA, AdaLoRA, Controller, IncreLoRA, LoRA, Method, MiLoRA, OLoRA, OrthogonalAdaptation,
+    PiSSA, SoRA, SpIEL, VeRA)
 from .model import (  # noqa: E402
     AdaptedLayer,
     active_adapters,
@@ -28,11 +31,13 @@ from .model import (  # noqa: E402
     unload,
     unmerge,
 )
+from .interference import interference  # noqa: E402
 from .io import load, save  # noqa: E402
 
 __all__ = [
     "AdaLoRA", "AdaptedLayer", "Controller", "Delta", "FullDelta", "GatedSVDDelta", "IncreLoRA", "LTSFT", "LoRA",
-    "LowRankDelta", "Method", "MiLoRA", "OLoRA", "PiSSA", "S2FT", "SlicedDelta", "SoRA", "SparseDelta", "SpIEL", "active_adapters", "adapters", "after_backward",
-    "attach", "begin", "controller_metrics", "deltas", "delete", "disabled", "load", "merge", "save", "set_active",
+    "LowRankDelta", "Method", "MiLoRA", "NOLA", "NOLADelta", "OFT", "OLoRA", "OrthogonalAdaptation",
+    "OrthogonalLowRankDelta", "PiSSA", "RotationDelta", "S2FT", "SORSA", "SlicedDelta", "SoRA", "SparseDelta", "SpIEL",
+    "VeRA", "VeRADelta", "active_adapters", "adapters", "after_backward", "attach", "interference", "begin", "controller_metrics", "deltas", "delete", "disabled", "load", "merge", "save", "set_active",
     "step", "trainable_parameters", "unload", "unmerge",
 ]

@@ -46,7 +46,44 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def _interference(args) -> int:
+    """``inspect A --interference B ...``: overlaps of the saved adapters' subspaces, per layer and on average."""
+    from .deltas import delta_from_spec
+    from .interference import pair_overlaps, summarize
+    from .io import read_record
+
+    folders = [args.adapter, *args.interference]
+    deltas, skipped = {}, set()
+    for folder in folders:
+        rec = read_record(folder)
+        name = rec.name if rec.name not in deltas else str(folder)
+        deltas[name] = {}
+        for mod, spec in rec.modules.items():
+            if spec["structure"] in ("rotation", "full"):  # relative to the base weight, which a checkpoint lacks
+                skipped.add(spec["structure"])
+                continue
+            deltas[name][mod] = delta_from_spec(spec, rec.tensors[mod])
+    rows = pair_overlaps(deltas, args.energy)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    header = ["module", "a", "b", "rank_a", "rank_b", "input_overlap", "output_overlap"]
+    table = [[_fmt(r[k]) for k in header] for r in rows]
+    for (a, b), m in summarize(rows).items():
+        table.append(["mean", a, b, f"{m['rank_a']:.1f}", f"{m['rank_b']:.1f}", _fmt(m["input_overlap"]),
+                      _fmt(m["output_overlap"])])
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *table)]
+    for row in [header, *table]:
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
+    if skipped:
+        print(f"skipped {sorted(skipped)} modules: their update depends on the base weight; use "
+              "dt.interference(model, names) on a model", file=sys.stderr)
+    return 0
+
+
 def _cmd_inspect(args) -> int:
+    if args.interference:
+        return _interference(args)
     info = describe(args.adapter)
     if args.plot:
         from .insight import plot_ranks
@@ -109,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("adapter", help="adapter folder (deltatune or PEFT format)")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.add_argument("--plot", metavar="PNG", help="also draw the rank of every module as a layer x type heatmap")
+    i.add_argument("--interference", nargs="+", metavar="OTHER",
+                   help="compare with other adapter folders: per-layer overlap of input and output subspaces")
+    i.add_argument("--energy", type=float, default=0.99,
+                   help="with --interference: share of ||dW||^2 that defines each subspace (default 0.99)")
     i.set_defaults(func=_cmd_inspect)
 
     e = sub.add_parser("export", help="write an adapter in another format")

@@ -54,18 +54,6 @@ def _hooked(module: nn.Module) -> bool:
     return any(own) or any(_GLOBAL_HOOKS) or hasattr(module, "_hf_hook")
 
 
-def add_dense_(weight: torch.Tensor, bias: torch.Tensor | None, delta: Delta, sign: float = 1.0) -> None:
-    """``W += sign * dW`` (and ``b += sign * db``) in place; half-precision weights accumulate in float32."""
-    with torch.no_grad():
-        for target, update in ((weight, delta.dense()), (bias, delta.dense_bias())):
-            if update is None or target is None:
-                continue
-            if target.dtype in (torch.float16, torch.bfloat16):
-                target.copy_((target.float() + sign * update.float()).to(target.dtype))
-            else:
-                target.add_(update.to(target.dtype), alpha=sign)
-
-
 class AdaptedLayer(nn.Module):
     """A frozen layer plus named deltas. ``y = base(x) + sum_a delta_a(x)`` over active, unmerged adapters."""
 
@@ -154,14 +142,14 @@ class AdaptedLayer(nn.Module):
     def merge(self, name: str) -> None:
         if name in self.merged or name not in self.deltas:
             return
-        add_dense_(self.linear_weight(), self.bias if self.kind != "embedding" else None, self.deltas[name], +1.0)
+        self.deltas[name].merge_into(self.linear_weight(), self.bias if self.kind != "embedding" else None, +1.0)
         self.merged.append(name)
         self.refresh()
 
     def unmerge(self, name: str) -> None:
         if name not in self.merged:
             return
-        add_dense_(self.linear_weight(), self.bias if self.kind != "embedding" else None, self.deltas[name], -1.0)
+        self.deltas[name].merge_into(self.linear_weight(), self.bias if self.kind != "embedding" else None, -1.0)
         self.merged.remove(name)
         self.refresh()
 
@@ -513,11 +501,14 @@ def begin(model: nn.Module, total_steps: int | None = None, resizable: bool = Tr
         c.begin(unwrap(model), total_steps, resizable)
 
 
-def after_backward(model: nn.Module) -> None:
-    """Optional, after ``loss.backward()`` and before ``optimizer.step()``, for controllers that act on gradients
-    before the update (the built-in ones need only :func:`step`)."""
+def after_backward(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """After ``loss.backward()`` (and gradient clipping) and before ``optimizer.step()``, for controllers that act on
+    gradients before the update (SORSA's regularizer; the others need only :func:`step`). ``optimizer`` is made
+    available to them as ``controller.optimizer``."""
     reg = registry(model)
     for c in _controllers(model):
+        if optimizer is not None:
+            c.optimizer = optimizer
         c.after_backward(unwrap(model), reg.step)
 
 

@@ -1,10 +1,12 @@
 """Delta structures: one module per structure (see DESIGN.md's table)."""
 from .base import Delta, delta_from_spec, structures
+from .basis import NOLADelta, OrthogonalLowRankDelta, VeRADelta
 from .full import FullDelta
 from .gated import GatedSVDDelta
 from .lowrank import FactoredDelta, LowRankDelta, lowrank_apply
+from .rotation import RotationDelta
 from .sliced import SlicedDelta
 from .sparse import SparseDelta
 
-__all__ = ["Delta", "FactoredDelta", "FullDelta", "GatedSVDDelta", "LowRankDelta", "SlicedDelta", "SparseDelta", "delta_from_spec",
-           "lowrank_apply", "structures"]
+__all__ = ["Delta", "FactoredDelta", "FullDelta", "GatedSVDDelta", "LowRankDelta", "NOLADelta", "OrthogonalLowRankDelta",
+           "RotationDelta", "SlicedDelta", "SparseDelta", "VeRADelta", "delta_from_spec", "lowrank_apply", "structures"]

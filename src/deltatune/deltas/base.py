@@ -81,6 +81,18 @@ class Delta(nn.Module):
         """The bias update, or ``None`` when the structure leaves the bias alone (all but full replacement)."""
         return None
 
+    @torch.no_grad()
+    def merge_into(self, weight: torch.Tensor, bias: torch.Tensor | None, sign: float = 1.0) -> None:
+        """``W += sign * dW`` (and ``b += sign * db``) in place, exactly; half-precision weights accumulate in float32.
+        Multiplicative structures override this (``W <- W R^T`` and back)."""
+        for target, update in ((weight, self.dense()), (bias, self.dense_bias())):
+            if update is None or target is None:
+                continue
+            if target.dtype in (torch.float16, torch.bfloat16):
+                target.copy_((target.float() + sign * update.float()).to(target.dtype))
+            else:
+                target.add_(update.to(target.dtype), alpha=sign)
+
     # -- bookkeeping -----------------------------------------------------------------------------------------
     def spec(self) -> dict:
         """JSON-serializable description: enough, with :meth:`tensors`, to rebuild the delta."""

@@ -12,6 +12,11 @@ The triplet ``i`` is *live* when ``lam_i * mask_i != 0``. The forward folds the 
 ``Q`` (``dL/dQ = diag(lam * mask) dL/dA'``, ``dL/dlam = mask * rowsum(Q * dL/dA')``). Merge uses the same folded
 factors; export to PEFT LoRA is exact with the gates folded into ``P`` (``B = P diag(g)``, ``A = Q``).
 
+An optional frozen *anchor* ``(P0, lam0, Q0)`` makes the delta ``s (P diag(lam * mask) Q - P0 diag(lam0) Q0)``: SORSA
+starts from the top singular triplets of ``W`` and trains them on the residual ``W - s P0 diag(lam0) Q0`` without
+rewriting ``W`` (as :class:`~deltatune.deltas.lowrank.LowRankDelta`'s anchor does for PiSSA). Saved and exported, the
+anchor is folded in: ``[P | -P0] diag([lam ; lam0]) [Q ; Q0]`` is again a gated delta (of twice the components).
+
 Components can be removed (:meth:`GatedSVDDelta.keep_`) or added (:meth:`GatedSVDDelta.grow_`): the delta
 gets new parameter tensors of the new size (autograd caches a leaf's shape, so a tensor cannot change size in
 place); :mod:`deltatune.budget.resize` moves gradients, optimizer state and param groups over to them.
@@ -35,7 +40,8 @@ class GatedSVDDelta(FactoredDelta):
     component_dims = COMPONENT_DIMS
 
     def __init__(self, out_features: int, in_features: int, r: int, scale: float, dropout: float = 0.0,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 anchored: bool = False):
         super().__init__(out_features, in_features)
         if r < 0:
             raise ValueError(f"number of components r must be >= 0, got r={r}")
@@ -45,6 +51,19 @@ class GatedSVDDelta(FactoredDelta):
         self.Q = nn.Parameter(torch.zeros(r, in_features, dtype=dtype, device=device))
         self.register_buffer("mask", torch.ones(r, dtype=dtype, device=device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        if anchored:
+            self.register_buffer("P0", torch.zeros(out_features, r, dtype=dtype, device=device))
+            self.register_buffer("lam0", torch.zeros(r, dtype=dtype, device=device))
+            self.register_buffer("Q0", torch.zeros(r, in_features, dtype=dtype, device=device))
+        else:
+            self.P0 = self.lam0 = self.Q0 = None
+
+    def anchor_(self) -> None:
+        """Freeze the current triplets as the anchor (right after a residual initialization)."""
+        with torch.no_grad():
+            self.P0.copy_(self.P)
+            self.lam0.copy_(self.gate())
+            self.Q0.copy_(self.Q)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -64,14 +83,26 @@ class GatedSVDDelta(FactoredDelta):
         return self.gate().detach() != 0
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(P, diag(lam * mask) Q)``."""
-        return self.P, self.gate()[:, None] * self.Q
+        """``(P, diag(lam * mask) Q)``, or ``([P | -P0], [diag(lam * mask) Q ; diag(lam0) Q0])`` when anchored."""
+        A = self.gate()[:, None] * self.Q
+        if self.P0 is None:
+            return self.P, A
+        return torch.cat([self.P, -self.P0], dim=1), torch.cat([A, self.lam0[:, None] * self.Q0], dim=0)
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(P, g, Q)`` (detached) of the equivalent plain gated delta over the kept components: the gates are
+        ``lam * mask``; an anchor is appended as ``(-P0, lam0, Q0)``."""
+        keep = self.mask.detach() != 0
+        P, g, Q = self.P.detach()[:, keep], self.gate().detach()[keep], self.Q.detach()[keep]
+        if self.P0 is not None:
+            P, g, Q = torch.cat([P, -self.P0], 1), torch.cat([g, self.lam0]), torch.cat([Q, self.Q0])
+        return P.contiguous(), g.contiguous(), Q.contiguous()
 
     def lowrank(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """The exact LoRA ``(B, A, s) = (P diag(lam * mask), Q, s)`` over the live components (for export)."""
-        g = self.gate().detach()
+        """The exact LoRA ``(B, A, s) = (P diag(g), Q, s)`` over the live components (for export)."""
+        P, g, Q = self.folded()
         live = g != 0
-        return (self.P.detach() * g)[:, live].contiguous(), self.Q.detach()[live].contiguous(), self.scale
+        return (P * g)[:, live].contiguous(), Q[live].contiguous(), self.scale
 
     # -- changing the set of components --------------------------------------------------------------------
     def set_mask(self, mask: torch.Tensor) -> None:
@@ -107,10 +138,9 @@ class GatedSVDDelta(FactoredDelta):
         return {**super().spec(), "r": int(self.tensors()["lam"].shape[0]), "scale": self.scale}
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Masked-off components are dropped; the gates are saved as ``lam * mask``."""
-        keep = self.mask.detach() != 0
-        return {"P": self.P.detach()[:, keep].contiguous(), "lam": self.lam.detach()[keep].contiguous(),
-                "Q": self.Q.detach()[keep].contiguous()}
+        """Masked-off components are dropped; the gates are saved as ``lam * mask``; an anchor is folded in."""
+        P, g, Q = self.folded()
+        return {"P": P, "lam": g, "Q": Q}
 
     @classmethod
     def from_spec(cls, spec: dict, tensors: dict[str, torch.Tensor]) -> "GatedSVDDelta":

@@ -2,7 +2,11 @@
 from .adaptive import AdaLoRA, IncreLoRA, SoRA
 from .base import Controller, Method, methods
 from .lora import LoRA, MiLoRA, OLoRA, PiSSA
+from .oft import OFT
+from .orthogonal import NOLA, OrthogonalAdaptation, VeRA
 from .s2ft import S2FT
+from .sorsa import SORSA
 from .sparse import LTSFT, SpIEL
 
-__all__ = ["AdaLoRA", "Controller", "IncreLoRA", "LTSFT", "LoRA", "Method", "MiLoRA", "OLoRA", "PiSSA", "S2FT", "SoRA", "SpIEL", "methods"]
+__all__ = ["AdaLoRA", "Controller", "IncreLoRA", "LTSFT", "LoRA", "Method", "MiLoRA", "NOLA", "OFT", "OLoRA",
+           "OrthogonalAdaptation", "PiSSA", "S2FT", "SORSA", "SoRA", "SpIEL", "VeRA", "methods"]

@@ -7,7 +7,7 @@ trainer, by :class:`deltatune.train.DeltatuneCallback` for Hugging Face ``Traine
     dt.begin(model, total_steps)    # optional: tells schedules how long training runs, resets the step counter
     for batch in data:
         loss = ...; loss.backward()
-        dt.after_backward(model)    # optional: gradients are present, before the update
+        dt.after_backward(model, optimizer)  # gradients are present (clipped), before the update
         optimizer.step()
         dt.step(model, optimizer)   # required: importance, masking, pruning, growing; before zero_grad()
         optimizer.zero_grad()
@@ -30,7 +30,10 @@ _METHODS: dict[str, type["Method"]] = {}
 
 
 class Controller:
-    """Acts on one adapter during training. Every hook is optional; the default does nothing."""
+    """Acts on one adapter during training. Every hook is optional; the default does nothing. ``optimizer`` is the
+    optimizer last passed to ``dt.after_backward`` or ``dt.step`` (``None`` before that)."""
+
+    optimizer: torch.optim.Optimizer | None = None
 
     def begin(self, model: nn.Module, total_steps: int | None, resizable: bool = True) -> None:
         """Called once before training: ``total_steps`` optimizer steps will follow (``None``: unknown).

@@ -27,13 +27,13 @@ init) and trains with partial back-propagation.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..budget.sync import broadcast_
+from ..calibration import progress, run_batch
 from ..deltas import SlicedDelta
 from ..targets import Block, UnitMap, find_blocks
 from .base import Method, adapter_dtype
@@ -75,22 +75,12 @@ def select_units(scores: torch.Tensor, num: int, allocation: str) -> list[list[i
 
 
 # -- calibration ---------------------------------------------------------------------------------------------------
-def _run(model: nn.Module, batch):
-    return model(**batch) if isinstance(batch, dict) else model(batch)
-
-
 def _loss(out) -> torch.Tensor:
     loss = getattr(out, "loss", None) if not isinstance(out, dict) else out.get("loss")
     if loss is None:
         raise ValueError("gradient-based selection needs a loss: give calibration batches with labels so that the "
                          "model returns .loss")
     return loss
-
-
-def _batches(data: Iterable, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(data, desc=desc, leave=False, disable=None)
 
 
 def activation_scores(model, blocks: list[Block], modules: dict[str, nn.Module], parts, data) -> dict:
@@ -115,8 +105,8 @@ def activation_scores(model, blocks: list[Block], modules: dict[str, nn.Module],
                 hooks.append(target.register_forward_pre_hook(lambda m, a, f=add: f(a[0])))
     try:
         with torch.no_grad():
-            for batch in _batches(data, "S2FT activations"):
-                _run(model, batch)
+            for batch in progress(data, "S2FT activations"):
+                run_batch(model, batch)
     finally:
         for h in hooks:
             h.remove()
@@ -132,8 +122,8 @@ def gradient_scores(model, blocks: list[Block], modules: dict[str, nn.Module], p
         for w in weights.values():
             w.requires_grad_(True)
             w.grad = None
-        for batch in _batches(data, "S2FT gradients"):
-            _loss(_run(model, batch)).backward()
+        for batch in progress(data, "S2FT gradients"):
+            _loss(run_batch(model, batch)).backward()
             for (i, p), w in weights.items():
                 role, axis = PARTS[p]
                 grad = _linear(modules[blocks[i].names[role]], w.grad)

@@ -24,8 +24,8 @@ class DeltatuneCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         M.begin(model, state.max_steps or None, resizable=args.world_size <= 1, step=state.global_step)
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        M.after_backward(model)
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        M.after_backward(model, optimizer)
 
     def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         M.step(model, optimizer)

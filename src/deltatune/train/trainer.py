@@ -376,7 +376,7 @@ def train(
                 torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
                                                args.max_grad_norm)
             if adapted:
-                M.after_backward(inner)
+                M.after_backward(inner, optimizer)
             optimizer.step()
             if adapted and M.step(inner, optimizer) and world > 1:
                 del net  # parameters changed shape: DDP's buckets must be rebuilt
