@@ -17,3 +17,4 @@ python benchmarks/bench_sparse.py --what memory
 python benchmarks/bench_sparse.py --what sweep
 python benchmarks/bench_sparse.py --what quality
 python benchmarks/bench_sparse.py --what sst2
+python benchmarks/bench_modular.py

@@ -68,7 +68,7 @@ def read_rows(path: str | Path, max_rows: int | None = None) -> list[dict]:
     if suffix not in FILE_TYPES:
         raise ValueError(f"cannot read {str(path)!r}: unsupported file type {suffix or '(none)'!r}; "
                          f"use one of {', '.join(FILE_TYPES)}")
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:
         if suffix == ".json":
             rows = _json_rows(f, path)
         elif suffix == ".jsonl":
