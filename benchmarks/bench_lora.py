@@ -164,6 +164,12 @@ def bench_speed(model_name: str, cfg: dict, variants: list[str], rounds: int, st
     batches = make_batches(model_name, cfg)
     vs = [build(n, base, cfg) for n in variants]
     del base
+    return run_rounds(vs, batches, rounds, steps, warmup)
+
+
+def run_rounds(vs: list[Variant], batches: list[dict], rounds: int, steps: int, warmup: int) -> dict:
+    """``warmup`` untimed steps of each variant, then ``rounds`` rounds of ``steps`` timed steps of each, the order
+    rotating from round to round; ``{name: {"trainable", "times" (per round, per step), "faults_per_step"}}``."""
     gc.collect()
     for v in vs:
         time_steps(v, batches, warmup)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import sys
 from pathlib import Path
 
@@ -67,15 +66,7 @@ def bench_speed(variants: list[str], rounds: int, steps: int, warmup: int) -> di
     batches = BL.make_batches("minilm", CFG)
     vs = [build(n, base) for n in variants]
     del base
-    gc.collect()
-    for v in vs:
-        BL.time_steps(v, batches, warmup)
-    for r in range(rounds):
-        for v in vs[r % len(vs):] + vs[:r % len(vs)]:
-            ts, _ = BL.time_steps(v, batches, steps, first=r)
-            v.times.append(ts)
-        BL._report_round(r, rounds, vs)
-    return {v.name: {"trainable": v.trainable, "times": v.times} for v in vs}
+    return BL.run_rounds(vs, batches, rounds, steps, warmup)
 
 
 def speed_table(res: dict) -> str:

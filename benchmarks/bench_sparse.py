@@ -108,17 +108,7 @@ def bench_speed(variants: list[str], rounds: int, steps: int, warmup: int) -> di
     batches = BL.make_batches("smollm2", CFG)
     vs = [build(n, base) for n in variants]
     del base
-    gc.collect()
-    for v in vs:
-        BL.time_steps(v, batches, warmup)
-    for r in range(rounds):
-        for v in vs[r % len(vs):] + vs[:r % len(vs)]:
-            ts, faults = BL.time_steps(v, batches, steps, first=r)
-            v.times.append(ts)
-            v.faults += faults
-        BL._report_round(r, rounds, vs)
-    return {v.name: {"trainable": v.trainable, "times": v.times, "faults_per_step": v.faults / (rounds * steps)}
-            for v in vs}
+    return BL.run_rounds(vs, batches, rounds, steps, warmup)
 
 
 def speed_table(res: dict) -> str:

@@ -283,3 +283,30 @@ def test_orthogonal_slots_interfere_far_less_than_plain_lora(minilm_dir, minilm_
     assert main(["inspect", str(tmp_path / "oa" / "a"), "--interference", str(tmp_path / "oa" / "b"), "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert len(printed) == 3 * 6 and max(r["input_overlap"] for r in printed) < 1e-6
+
+
+def test_weighted_merge_sums_adapters_with_lambda_and_unmerges_exactly(minilm_dir, minilm_batch):
+    model = make_minilm(minilm_dir)
+    W0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for k, name in enumerate(["a", "b"]):
+        dt.attach(model, dt.OrthogonalAdaptation(r=8, slot=k, targets=["query", "value"]), name=name, activate=False)
+        _randomize(model, name, std=0.05, seed=k)
+    dt.attach(model, dt.OFT(block_size=32, targets=["key"]), name="rot", activate=False)
+    _randomize(model, "rot", std=0.05, seed=3)
+    dense = {n: {m: d.dense().detach() for m, d in dt.deltas(model, n).items()} for n in ("a", "b")}
+    with pytest.raises(ValueError, match="2 merge weights for 3 adapters"):
+        dt.merge(model, ["a", "b", "rot"], weights=[0.6, 0.6])
+    dt.merge(model, ["a", "b", "rot"], weights={"a": 0.6, "b": 0.6, "rot": 0.5})
+    q = model.bert.encoder.layer[0].attention.self
+    torch.testing.assert_close(q.query.weight.detach(), W0[Q_NAME + ".weight"] + 0.6 * (dense["a"][Q_NAME]
+                                                                                     + dense["b"][Q_NAME]))
+    key = "bert.encoder.layer.0.attention.self.key"
+    R_half = cayley(dt.deltas(model, "rot")[key].skew().detach() * 0.5)
+    torch.testing.assert_close(q.key.weight.detach(), rotate(W0[key + ".weight"], R_half.transpose(1, 2)))
+    with dt.disabled(model):  # takes the weighted merges out and puts them back with their weights
+        pass
+    torch.testing.assert_close(q.query.weight.detach(), W0[Q_NAME + ".weight"] + 0.6 * (dense["a"][Q_NAME]
+                                                                                     + dense["b"][Q_NAME]))
+    dt.unmerge(model)
+    for n, p in dt.unload(model).named_parameters():
+        torch.testing.assert_close(p, W0[n], rtol=0, atol=1e-6)

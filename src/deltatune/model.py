@@ -64,6 +64,7 @@ class AdaptedLayer(nn.Module):
         self.deltas = nn.ModuleDict()
         self.active: tuple[str, ...] = ()
         self.merged: list[str] = []
+        self.merge_weights: dict[str, float] = {}  # the weight each merged adapter was merged with
         self.enabled = True
         self._live: tuple[Delta, ...] = ()
         self._replacing: Delta | None = None
@@ -139,17 +140,21 @@ class AdaptedLayer(nn.Module):
             return self._replacing.replace(x, embedding=self.kind == "embedding")
         return self.base(x, *args, **kwargs)
 
-    def merge(self, name: str) -> None:
+    def merge(self, name: str, weight: float = 1.0) -> None:
+        """``W <- W + weight * dW_name`` (a rotation: ``W <- W R(weight q)^T``), exactly."""
         if name in self.merged or name not in self.deltas:
             return
-        self.deltas[name].merge_into(self.linear_weight(), self.bias if self.kind != "embedding" else None, +1.0)
+        self.deltas[name].merge_into(self.linear_weight(), self.bias if self.kind != "embedding" else None,
+                                     float(weight))
         self.merged.append(name)
+        self.merge_weights[name] = float(weight)
         self.refresh()
 
     def unmerge(self, name: str) -> None:
         if name not in self.merged:
             return
-        self.deltas[name].merge_into(self.linear_weight(), self.bias if self.kind != "embedding" else None, -1.0)
+        weight = self.merge_weights.pop(name, 1.0)
+        self.deltas[name].merge_into(self.linear_weight(), self.bias if self.kind != "embedding" else None, -weight)
         self.merged.remove(name)
         self.refresh()
 
@@ -370,9 +375,9 @@ def set_active(model: nn.Module, names: str | Iterable[str],
 def disabled(model: nn.Module):
     """Run the plain base model inside the block (merged adapters are unmerged and re-merged after)."""
     layers = [layer for _, layer in adapted_layers(model)]
-    merged = {id(layer): list(layer.merged) for layer in layers}
+    merged = {id(layer): [(n, layer.merge_weights.get(n, 1.0)) for n in layer.merged] for layer in layers}
     for layer in layers:
-        for n in reversed(merged[id(layer)]):
+        for n, _ in reversed(merged[id(layer)]):
             layer.unmerge(n)
         layer.enabled = False
         layer.refresh()
@@ -381,8 +386,8 @@ def disabled(model: nn.Module):
     finally:
         for layer in layers:
             layer.enabled = True
-            for n in merged[id(layer)]:
-                layer.merge(n)
+            for n, w in merged[id(layer)]:
+                layer.merge(n, w)
             layer.refresh()
 
 
@@ -400,18 +405,37 @@ def _untie(model: nn.Module, layers: list[AdaptedLayer]) -> None:
             layer.base.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
 
 
-def _merge_layers(model: nn.Module, names: list[str]) -> None:
+def _merge_layers(model: nn.Module, names: list[str], weights: dict[str, float] | None = None) -> None:
     todo = [layer for _, layer in adapted_layers(model) if any(n in layer.deltas and n not in layer.merged
                                                               for n in names)]
     _untie(model, todo)
     for layer in todo:
         for n in names:
-            layer.merge(n)
+            layer.merge(n, (weights or {}).get(n, 1.0))
 
 
-def merge(model: nn.Module, names: str | Iterable[str] | None = None) -> nn.Module:
-    """Add the adapters' dense deltas into the base weights (exact; default: the active adapters)."""
-    _merge_layers(model, _check_names(model, registry(model).active if names is None else names))
+def merge(model: nn.Module, names: str | Iterable[str] | None = None,
+          weights: float | Iterable[float] | dict[str, float] | None = None) -> nn.Module:
+    """Merge the adapters into the base weights, exactly (default: the active adapters).
+
+    ``W <- W + sum_i weights_i dW_i``: the weighted sum that Orthogonal Adaptation and task arithmetic use (the
+    paper's ``lambda``; 1 by default). ``weights``: one number for all, one per name, or ``{name: weight}``. A
+    rotation (OFT) multiplies instead, ``W <- W R^T``, and a weight ``w`` merges the rotation of ``w q``.
+    :func:`unmerge` subtracts exactly what was merged."""
+    names = _check_names(model, registry(model).active if names is None else names)
+    if weights is None or isinstance(weights, dict):
+        table = dict(weights or {})
+    elif isinstance(weights, (int, float)):
+        table = {n: float(weights) for n in names}
+    else:
+        weights = [float(w) for w in weights]
+        if len(weights) != len(names):
+            raise ValueError(f"got {len(weights)} merge weights for {len(names)} adapters {names}")
+        table = dict(zip(names, weights))
+    stray = sorted(set(table) - set(names))
+    if stray:
+        raise ValueError(f"merge weights given for adapters {stray} that are not being merged ({names})")
+    _merge_layers(model, names, table)
     return model
 
 

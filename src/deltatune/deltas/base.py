@@ -82,16 +82,16 @@ class Delta(nn.Module):
         return None
 
     @torch.no_grad()
-    def merge_into(self, weight: torch.Tensor, bias: torch.Tensor | None, sign: float = 1.0) -> None:
-        """``W += sign * dW`` (and ``b += sign * db``) in place, exactly; half-precision weights accumulate in float32.
-        Multiplicative structures override this (``W <- W R^T`` and back)."""
+    def merge_into(self, weight: torch.Tensor, bias: torch.Tensor | None, scale: float = 1.0) -> None:
+        """``W += scale * dW`` (and ``b += scale * db``) in place; half-precision weights accumulate in float32.
+        ``scale`` is the merge weight (``-weight`` to unmerge). Multiplicative structures override this."""
         for target, update in ((weight, self.dense()), (bias, self.dense_bias())):
             if update is None or target is None:
                 continue
             if target.dtype in (torch.float16, torch.bfloat16):
-                target.copy_((target.float() + sign * update.float()).to(target.dtype))
+                target.copy_((target.float() + scale * update.float()).to(target.dtype))
             else:
-                target.add_(update.to(target.dtype), alpha=sign)
+                target.add_(update.to(target.dtype), alpha=scale)
 
     # -- bookkeeping -----------------------------------------------------------------------------------------
     def spec(self) -> dict:

@@ -63,7 +63,7 @@ def cayley(Q: torch.Tensor, variant: str = "exact", terms: int = 5) -> torch.Ten
 def rotate(x: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """``x R`` block by block: ``x`` (T x n b), ``R`` (n x b x b) -> (T x n b)."""
     n, b, _ = R.shape
-    return torch.bmm(x.view(-1, n, b).transpose(0, 1), R).transpose(0, 1).reshape(x.shape)
+    return torch.bmm(x.reshape(-1, n, b).transpose(0, 1), R).transpose(0, 1).reshape(x.shape)
 
 
 def rotate_t(x: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
@@ -74,7 +74,7 @@ def rotate_t(x: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
 def block_grad(x: torch.Tensor, g: torch.Tensor, n: int) -> torch.Tensor:
     """``x_k^T g_k`` for each block ``k``: (n x b x b) from two (T x n b) tensors."""
     b = x.shape[-1] // n
-    return torch.bmm(x.view(-1, n, b).permute(1, 2, 0), g.view(-1, n, b).transpose(0, 1))
+    return torch.bmm(x.reshape(-1, n, b).permute(1, 2, 0), g.reshape(-1, n, b).transpose(0, 1))
 
 
 def rotate_weight(W: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
@@ -180,10 +180,12 @@ class RotationDelta(Delta):
         return rotate_weight(W.to(R.dtype), R) - W.to(R.dtype)
 
     @torch.no_grad()
-    def merge_into(self, weight: torch.Tensor, bias: torch.Tensor | None, sign: float = 1.0) -> None:
-        """``W <- W R^T`` (``sign=+1``) or ``W <- W (R^T)^{-1}`` (``sign=-1``), exactly, in place."""
-        R = self.rotation().detach().float()
-        if sign < 0:
+    def merge_into(self, weight: torch.Tensor, bias: torch.Tensor | None, scale: float = 1.0) -> None:
+        """``W <- W R_w^T`` for ``scale = w > 0``, or ``W <- W (R_w^T)^{-1}`` for ``scale = -w`` (unmerge), in place.
+        ``R_w`` is the rotation of ``w q`` (``R`` itself for ``w = 1``): a merge weight scales the rotation angle."""
+        Q = self.skew().detach().float() * abs(scale)
+        R = cayley(Q, self.cayley, self.terms)
+        if scale < 0:
             R = torch.linalg.inv(R)
         weight.copy_(rotate_weight(weight.float(), R).to(weight.dtype))
 
