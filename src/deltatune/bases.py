@@ -52,7 +52,7 @@ def uniform(seed: int | str, name: str, shape: tuple[int, ...], low: float = 0.0
 
 def permutation(seed: int | str, name: str, n: int) -> torch.Tensor:
     """A random permutation of ``range(n)``: stable argsort of random keys (ties broken by position)."""
-    keys = torch.bitwise_right_shift(words(seed, name, n), 1)  # non-negative int64
+    keys = words(seed, name, n)  # signed int64 keys: any fixed total order of random keys will do
     return torch.argsort(keys, stable=True)
 
 
@@ -94,7 +94,8 @@ def _cached_columns(seed, key, n, columns, dtype):
 def basis_slot(seed: int | str, key: str, n: int, columns, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """:func:`orthogonal_columns` as (len(columns) x n) rows, cached per ``(seed, key, n, columns)`` so that a layer's
     basis is built once per process. Returns a fresh copy (the cache is never handed out)."""
-    return _cached_columns(seed, key, int(n), tuple(int(c) for c in columns), dtype).t().contiguous()
+    return _cached_columns(seed, key, int(n), tuple(int(c) for c in columns), dtype).t().clone(
+        memory_format=torch.contiguous_format)
 
 
 def slot_columns(slot: int | str, r: int, n: int, seed: int | str = 0, key: str = "") -> list[int]:
@@ -119,5 +120,6 @@ def _shared(seed, name, shape, bound):
 
 def shared_uniform(seed: int | str, name: str, shape: tuple[int, ...], bound: float) -> torch.Tensor:
     """A frozen ``U(-bound, bound)`` tensor for ``(seed, name, shape)``. Every caller in a process gets the *same*
-    tensor object (layers of one shape share one basis in memory); never modify it in place."""
+    tensor object, read-only by contract: layers of one shape share one basis in memory (on the CPU in float32;
+    moving or casting a model gives each layer its own copy)."""
     return _shared(seed, name, tuple(int(s) for s in shape), float(bound))

@@ -48,7 +48,7 @@ def _fmt(v) -> str:
 
 def _interference(args) -> int:
     """``inspect A --interference B ...``: overlaps of the saved adapters' subspaces, per layer and on average."""
-    from .deltas import delta_from_spec
+    from .deltas import delta_from_spec, structure_class
     from .interference import pair_overlaps, summarize
     from .io import read_record
 
@@ -59,7 +59,7 @@ def _interference(args) -> int:
         name = rec.name if rec.name not in deltas else str(folder)
         deltas[name] = {}
         for mod, spec in rec.modules.items():
-            if spec["structure"] in ("rotation", "full"):  # relative to the base weight, which a checkpoint lacks
+            if structure_class(spec["structure"]).needs_base:  # relative to the base weight, which a checkpoint lacks
                 skipped.add(spec["structure"])
                 continue
             deltas[name][mod] = delta_from_spec(spec, rec.tensors[mod])

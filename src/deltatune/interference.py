@@ -100,8 +100,9 @@ def crosstalk(model: nn.Module, names: list[str], inputs: dict[str, Iterable]) -
                 def hook(_layer, args, mod=mod, present=present, layer=layer):
                     x = args[0]
                     for n in present:
-                        key = (mod, a, n)
-                        sums[key] = sums.get(key, 0.0) + float(layer.deltas[n](x).float().pow(2).sum())
+                        d = layer.deltas[n]
+                        y = d.embed(x) if layer.kind == "embedding" else d(x)
+                        sums[(mod, a, n)] = sums.get((mod, a, n), 0.0) + float(y.float().pow(2).sum())
                 handles.append(layer.register_forward_pre_hook(hook))
             try:
                 for batch in progress(inputs[a], f"interference: inputs of {a}"):

@@ -92,12 +92,16 @@ class AdaptedLayer(nn.Module):
     def linear_weight(self) -> torch.Tensor:
         return linear_weight(self.base)
 
+    def base_bias(self) -> torch.Tensor | None:
+        """The bias a delta may update (embeddings have none)."""
+        return self.bias if self.kind != "embedding" else None
+
     def add(self, name: str, delta: Delta) -> None:
         w = self.linear_weight()
         if (delta.out_features, delta.in_features) != tuple(w.shape):
             raise ValueError(f"delta of shape ({delta.out_features}, {delta.in_features}) does not fit a weight of "
                              f"shape {tuple(w.shape)}")
-        delta.bind(w, self.bias if self.kind != "embedding" else None)
+        delta.bind(self)
         self.deltas[name] = delta
         self.refresh()
 
@@ -141,21 +145,34 @@ class AdaptedLayer(nn.Module):
         return self.base(x, *args, **kwargs)
 
     def merge(self, name: str, weight: float = 1.0) -> None:
-        """``W <- W + weight * dW_name`` (a rotation: ``W <- W R(weight q)^T``), exactly."""
+        """``W <- W + weight * dW_name`` (a multiplicative delta: ``W <- W R(weight q)^T``), exactly."""
         if name in self.merged or name not in self.deltas:
             return
-        self.deltas[name].merge_into(self.linear_weight(), self.bias if self.kind != "embedding" else None,
-                                     float(weight))
+        delta = self.deltas[name]
+        rotating = [n for n in self.active if n in self.deltas and n not in self.merged and n != name
+                    and self.deltas[n].multiplicative] if self.enabled else []
+        if rotating and not delta.multiplicative:
+            raise ValueError(f"cannot merge {name!r} while {rotating[0]!r} is live on the same layer: it multiplies "
+                             "the layer's current weight, so it would then act on the merged update too and the "
+                             f"output would change. Merge {rotating[0]!r} first (dt.merge merges in the order given) "
+                             "or deactivate it")
+        delta.merge_into(self.linear_weight(), self.base_bias(), float(weight))
         self.merged.append(name)
         self.merge_weights[name] = float(weight)
         self.refresh()
 
     def unmerge(self, name: str) -> None:
+        """Take ``name`` out of the weights exactly: the adapters merged after it come out first (last in, first out)
+        and go back in afterwards, so the result does not depend on the order of unmerging."""
         if name not in self.merged:
             return
-        weight = self.merge_weights.pop(name, 1.0)
-        self.deltas[name].merge_into(self.linear_weight(), self.bias if self.kind != "embedding" else None, -weight)
+        later = self.merged[self.merged.index(name) + 1:]
+        for n in [*reversed(later), name]:
+            self.deltas[n].merge_into(self.linear_weight(), self.base_bias(), -self.merge_weights.get(n, 1.0))
         self.merged.remove(name)
+        self.merge_weights.pop(name, None)
+        for n in later:
+            self.deltas[n].merge_into(self.linear_weight(), self.base_bias(), self.merge_weights.get(n, 1.0))
         self.refresh()
 
     def extra_repr(self) -> str:
@@ -410,7 +427,8 @@ def _merge_layers(model: nn.Module, names: list[str], weights: dict[str, float] 
                                                               for n in names)]
     _untie(model, todo)
     for layer in todo:
-        for n in names:
+        # multiplicative deltas first: W R^T + dW is what the layer computes while both are live
+        for n in sorted(names, key=lambda n: not (n in layer.deltas and layer.deltas[n].multiplicative)):
             layer.merge(n, (weights or {}).get(n, 1.0))
 
 
@@ -544,6 +562,8 @@ def step(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> bo
     reg = registry(model)
     changed = False
     for c in _controllers(model):
+        if optimizer is not None:
+            c.optimizer = optimizer
         changed = bool(c.after_step(unwrap(model), optimizer, reg.step)) or changed
     reg.step += 1
     return changed

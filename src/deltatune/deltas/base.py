@@ -29,6 +29,11 @@ class Delta(nn.Module):
     #: True for structures that compute the layer's whole output themselves (:meth:`replace`) instead of adding
     #: to the base output; the layer then skips the base computation.
     replaces_output: ClassVar[bool] = False
+    #: True when the update multiplies the layer's *current* weight (``W <- W R^T``) instead of adding to it: merging
+    #: an additive delta underneath a live multiplicative one would change the layer's output, so the layer refuses.
+    multiplicative: ClassVar[bool] = False
+    #: True when :meth:`dense` needs the base weight (a checkpoint alone cannot say what the update is).
+    needs_base: ClassVar[bool] = False
 
     def __init__(self, out_features: int, in_features: int):
         super().__init__()
@@ -64,8 +69,10 @@ class Delta(nn.Module):
         """Contribution for a lookup table: row ``ids`` of ``dW^T`` (the one-hot input of a linear map)."""
         return F.embedding(ids, self.dense().t())
 
-    def bind(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        """Called when the delta is installed on a layer (``weight`` in linear layout). Most structures need nothing."""
+    def bind(self, layer: nn.Module) -> None:
+        """Called when the delta is installed on ``layer`` (a :class:`deltatune.model.AdaptedLayer`), whose
+        ``linear_weight()`` and ``base_bias()`` give the frozen weight (out x in) and bias *as they are now*; a
+        structure that needs them later keeps ``layer`` as an unregistered reference. Most structures need nothing."""
 
     # -- materialization -----------------------------------------------------------------------------------
     def dense(self) -> torch.Tensor:
@@ -120,15 +127,19 @@ def fusable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dt
     return frozen and x.dtype == weight.dtype == dtype and not torch.is_autocast_enabled(x.device.type)
 
 
-def delta_from_spec(spec: dict, tensors: dict[str, torch.Tensor]) -> Delta:
-    """Rebuild a delta of any registered structure from its :meth:`Delta.spec` and :meth:`Delta.tensors`."""
-    structure = spec.get("structure")
+def structure_class(structure: str) -> type[Delta]:
+    """The delta class registered for ``structure``."""
     if structure not in _STRUCTURES:
         raise ValueError(
             f"unknown delta structure {structure!r}; this deltatune knows {sorted(_STRUCTURES)}. "
             "Was the checkpoint written by a newer deltatune?"
         )
-    return _STRUCTURES[structure].from_spec(spec, tensors)
+    return _STRUCTURES[structure]
+
+
+def delta_from_spec(spec: dict, tensors: dict[str, torch.Tensor]) -> Delta:
+    """Rebuild a delta of any registered structure from its :meth:`Delta.spec` and :meth:`Delta.tensors`."""
+    return structure_class(spec.get("structure")).from_spec(spec, tensors)
 
 
 def structures() -> list[str]:

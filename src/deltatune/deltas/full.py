@@ -19,6 +19,7 @@ class FullDelta(Delta):
 
     structure = "full"
     replaces_output = True
+    needs_base = True
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         out_features, in_features = weight.shape
@@ -49,9 +50,10 @@ class FullDelta(Delta):
             t["bias"] = self.bias.detach()
         return t
 
-    def bind(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def bind(self, layer: nn.Module) -> None:
         """Point the frozen reference at the weight this delta sits on (a loaded head replaces a fresh one)."""
-        self.weight0 = weight.detach().clone()
+        bias = layer.base_bias()
+        self.weight0 = layer.linear_weight().detach().clone()
         self.bias0 = None if bias is None else bias.detach().clone()
 
     @classmethod

@@ -14,8 +14,9 @@ factors; export to PEFT LoRA is exact with the gates folded into ``P`` (``B = P 
 
 An optional frozen *anchor* ``(P0, lam0, Q0)`` makes the delta ``s (P diag(lam * mask) Q - P0 diag(lam0) Q0)``: SORSA
 starts from the top singular triplets of ``W`` and trains them on the residual ``W - s P0 diag(lam0) Q0`` without
-rewriting ``W`` (as :class:`~deltatune.deltas.lowrank.LowRankDelta`'s anchor does for PiSSA). Saved and exported, the
-anchor is folded in: ``[P | -P0] diag([lam ; lam0]) [Q ; Q0]`` is again a gated delta (of twice the components).
+rewriting ``W`` (as :class:`~deltatune.deltas.lowrank.LowRankDelta`'s anchor does for PiSSA). Checkpoints keep the
+anchor as frozen tensors (training resumes on the same parameters); exported to PEFT it is folded in:
+``[P | -P0] diag([lam ; lam0]) [Q ; Q0]`` is a plain LoRA of twice the rank.
 
 Components can be removed (:meth:`GatedSVDDelta.keep_`) or added (:meth:`GatedSVDDelta.grow_`): the delta
 gets new parameter tensors of the new size (autograd caches a leaf's shape, so a tensor cannot change size in
@@ -135,12 +136,16 @@ class GatedSVDDelta(FactoredDelta):
 
     # -- bookkeeping -----------------------------------------------------------------------------------------
     def spec(self) -> dict:
-        return {**super().spec(), "r": int(self.tensors()["lam"].shape[0]), "scale": self.scale}
+        return {**super().spec(), "r": int((self.mask != 0).sum()), "scale": self.scale}
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Masked-off components are dropped; the gates are saved as ``lam * mask``; an anchor is folded in."""
-        P, g, Q = self.folded()
-        return {"P": P, "lam": g, "Q": Q}
+        """Masked-off components are dropped; the gates are saved as ``lam * mask``; an anchor as ``P0, lam0, Q0``."""
+        keep = self.mask.detach() != 0
+        out = {"P": self.P.detach()[:, keep].contiguous(), "lam": self.gate().detach()[keep].contiguous(),
+               "Q": self.Q.detach()[keep].contiguous()}
+        if self.P0 is not None:
+            out.update(P0=self.P0.detach(), lam0=self.lam0.detach(), Q0=self.Q0.detach())
+        return out
 
     @classmethod
     def from_spec(cls, spec: dict, tensors: dict[str, torch.Tensor]) -> "GatedSVDDelta":
@@ -149,11 +154,14 @@ class GatedSVDDelta(FactoredDelta):
         if P.shape != (out_f, r) or lam.shape != (r,) or Q.shape != (r, in_f):
             raise ValueError(f"gated-SVD tensors have shapes P{tuple(P.shape)}, lam{tuple(lam.shape)}, "
                              f"Q{tuple(Q.shape)}, but the spec says r={r}, in={in_f}, out={out_f}")
-        d = cls(out_f, in_f, r, spec["scale"], dropout=spec.get("dropout", 0.0), dtype=Q.dtype)
+        anchored = "P0" in tensors
+        if anchored and (tensors["P0"].shape != P.shape or tensors["Q0"].shape != Q.shape):
+            raise ValueError(f"gated-SVD anchor shapes P0{tuple(tensors['P0'].shape)}, Q0{tuple(tensors['Q0'].shape)}"
+                             f" do not match P{tuple(P.shape)}, Q{tuple(Q.shape)}")
+        d = cls(out_f, in_f, r, spec["scale"], dropout=spec.get("dropout", 0.0), dtype=Q.dtype, anchored=anchored)
         with torch.no_grad():
-            d.P.copy_(P)
-            d.lam.copy_(lam)
-            d.Q.copy_(Q)
+            for name in ("P", "lam", "Q", *(("P0", "lam0", "Q0") if anchored else ())):
+                getattr(d, name).copy_(tensors[name])
         return d
 
     def extra_repr(self) -> str:

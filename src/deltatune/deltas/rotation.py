@@ -112,6 +112,8 @@ class RotationDelta(Delta):
 
     structure = "rotation"
     replaces_output = True
+    multiplicative = True
+    needs_base = True
 
     def __init__(self, out_features: int, in_features: int, block_size: int, cayley: str = "exact",
                  terms: int = 5, dtype: torch.dtype = torch.float32, device=None):
@@ -126,7 +128,7 @@ class RotationDelta(Delta):
         self.register_buffer("rows", rows, persistent=False)
         self.register_buffer("cols", cols, persistent=False)
         self.q = nn.Parameter(torch.zeros(n, rows.numel(), dtype=dtype, device=device))
-        self.__dict__["_weight"] = self.__dict__["_bias"] = None
+        self.__dict__["_layer"] = None
 
     @property
     def blocks(self) -> int:
@@ -139,20 +141,20 @@ class RotationDelta(Delta):
         """``R`` as (n x b x b) blocks."""
         return cayley(self.skew(), self.cayley, self.terms)
 
-    def bind(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        self.__dict__["_weight"] = weight  # references, not registered parameters
-        self.__dict__["_bias"] = bias
+    def bind(self, layer: nn.Module) -> None:
+        self.__dict__["_layer"] = layer  # a reference, not a registered submodule: read the weight when needed
 
-    def _bound(self) -> torch.Tensor:
-        if self._weight is None:
+    def _bound(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The current weight (linear layout) and bias of the layer this delta rotates."""
+        if self._layer is None:
             raise RuntimeError("a rotation delta needs the weight it rotates; install it on a layer first")
-        return self._weight
+        return self._layer.linear_weight(), self._layer.base_bias()
 
     # -- application ----------------------------------------------------------------------------------------
     def replace(self, x: torch.Tensor, embedding: bool = False) -> torch.Tensor:
         if embedding:
             raise NotImplementedError("OFT rotates a linear layer's input; it does not apply to embeddings")
-        W, b = self._bound(), self._bias
+        W, b = self._bound()
         R = self.rotation()
         x2 = x.reshape(-1, self.in_features)
         x2 = x2 if x2.dtype == R.dtype else x2.to(R.dtype)
@@ -164,7 +166,7 @@ class RotationDelta(Delta):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Contribution ``W (x R - x)`` (row vectors), used when another output-replacing delta is live."""
-        W = self._bound()
+        W, _ = self._bound()
         x2 = x.reshape(-1, self.in_features).to(self.q.dtype)
         out = F.linear((rotate(x2, self.rotation()) - x2).to(W.dtype), W)
         return out.view(*x.shape[:-1], self.out_features)
@@ -174,8 +176,11 @@ class RotationDelta(Delta):
 
     # -- materialization and merging ----------------------------------------------------------------------------
     def dense(self) -> torch.Tensor:
-        """``W (R^T - I)`` for the weight this delta sits on."""
-        W = self._bound().detach()
+        """``W (R^T - I)`` for the weight this delta sits on (it must not be merged into it)."""
+        layer = self._layer
+        if layer is not None and any(layer.deltas[n] is self for n in layer.merged):
+            raise RuntimeError("the additive form W (R^T - I) of a merged rotation is undefined; dt.unmerge it first")
+        W = self._bound()[0].detach()
         R = self.rotation().detach()
         return rotate_weight(W.to(R.dtype), R) - W.to(R.dtype)
 

@@ -10,7 +10,9 @@ adapter ``i``'s inputs, ``dW_j x_i``, is small but not zero; :func:`deltatune.in
 
 - ``slot=k`` takes columns ``[k r, (k+1) r)``: slots are mutually orthogonal by construction; a layer with
   ``in < (k+1) r`` inputs has no room and attach fails with the layer's name;
-- ``slot="random"`` draws ``r`` columns from ``slot_seed`` (collisions are unlikely when ``r << in``);
+- ``slot="random"`` draws ``r`` columns per layer from ``slot_seed``; left at ``None``, a fresh seed is drawn at attach
+  and recorded in the config, so independent users do not collide (two random slots overlap in about ``r^2 / in``
+  columns: unlikely only when ``r << in``);
 - ``basis_seed`` must be the same for every adapter meant to be merged (it is public: the default 0 is fine);
 - the layer key is the module name *as seen by attach* (``bert.encoder.layer.0...`` differs from
   ``encoder.layer.0...``): adapters to be merged must be attached to the same model class.
@@ -28,6 +30,7 @@ LoRA (the factors are materialized).
 """
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +39,14 @@ from .. import bases
 from ..deltas.basis import NOLADelta, OrthogonalLowRankDelta, VeRADelta
 from .base import Method, adapter_dtype, check_dropout
 from .lora import lora_scale
+
+
+def fresh_seed() -> int:
+    """A random seed, the same on every rank under ``torch.distributed`` (rank 0's)."""
+    seed = torch.tensor([secrets.randbits(31)])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.broadcast(seed, 0)
+    return int(seed)
 
 
 def _check_positive(**values) -> None:
@@ -55,7 +66,7 @@ class OrthogonalAdaptation(Method):
     alpha: float | None = None
     slot: int | str = 0
     basis_seed: int = 0
-    slot_seed: int = 0
+    slot_seed: int | None = None
     dropout: float = 0.0
 
     def validate(self) -> None:
@@ -63,6 +74,8 @@ class OrthogonalAdaptation(Method):
         check_dropout(self.dropout)
         if self.slot != "random" and (not isinstance(self.slot, int) or isinstance(self.slot, bool) or self.slot < 0):
             raise ValueError(f"slot must be a non-negative integer or 'random', got {self.slot!r}")
+        if self.slot == "random" and self.slot_seed is None:
+            self.slot_seed = fresh_seed()  # recorded in the saved config
 
     def build(self, module_name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> OrthogonalLowRankDelta:
         out_f, in_f = weight.shape

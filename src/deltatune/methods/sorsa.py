@@ -44,6 +44,7 @@ class SORSAController(Controller):
         self.deltas, self.gamma, self.lr = deltas, gamma, lr
         self.last = float("nan")
 
+    @torch.no_grad()
     def regularizer(self) -> torch.Tensor:
         """The current value of ``R``."""
         return orthogonality([d.P for d in self.deltas], [d.Q for d in self.deltas])
