@@ -15,7 +15,8 @@ controller adds ``(gamma / lr_peak) dR/dP`` and ``dR/dQ`` to the gradients (clos
 :func:`deltatune.budget.orthogonality_grads`), so its effective step follows the learning-rate schedule.
 ``lr_peak`` is ``lr`` when given, else the largest ``initial_lr`` (or ``lr``) of the optimizer's groups. The
 deltatune trainer and :class:`~deltatune.train.DeltatuneCallback` call ``dt.after_backward(model, optimizer)`` at
-that point; in a bare loop call it yourself (the regularizer is skipped otherwise).
+that point; in a bare loop call it yourself (the regularizer is skipped otherwise). Under fp16 loss scaling call it
+after ``scaler.unscale_(optimizer)``: on still-scaled gradients the added term would be divided by the loss scale.
 
 Paper settings: ``gamma = 4e-4``, lr 3e-5, ``r = 128``, weight decay 0.
 """
