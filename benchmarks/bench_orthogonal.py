@@ -11,7 +11,7 @@ and FFN linear layers), the classifier head trains in full in every variant, fp3
 - ``orthogonal``: Orthogonal Adaptation r=8 (frozen basis slot, only B trains);
 - ``vera``: r=256; ``nola``: r=8, k_A = k_B = 64.
 
-    python benchmarks/bench_orthogonal.py --rounds 6 --steps 3
+    python benchmarks/bench_orthogonal.py --rounds 8 --steps 3
 """
 from __future__ import annotations
 
@@ -84,21 +84,28 @@ def speed_table(res: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--malloc", choices=["default", "retain"], default="retain",
+                    help="glibc malloc as it comes, or deltatune.runtime.retain_freed_memory() for the whole process "
+                         "(every variant; removes per-step page faults, the main source of noise here)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.malloc == "retain":
+        from deltatune.runtime import retain_freed_memory
+
+        assert retain_freed_memory(), "retain_freed_memory() did not apply on this system"
     variants = [v for v in args.variants.split(",") if v]
     res = bench_speed(variants, args.rounds, args.steps, args.warmup)
     body = "\n".join([
         header(f"Merge-friendly methods, training step: {CFG['label']}"),
         f"- setup: batch {CFG['batch']}, sequence length {CFG['seq']}, targets {'/'.join(CFG['targets'])}, "
-        f"classifier trained in full, fp32, AdamW; {args.rounds} rounds x {args.steps} steps, interleaved in one "
-        "process. Ratio of per-step medians in bold, [q25, q75] of the per-round ratios.\n",
+        f"classifier trained in full, fp32, AdamW, glibc malloc {args.malloc}; {args.rounds} rounds x {args.steps} "
+        "steps, interleaved in one process. Ratio of per-step medians in bold, [q25, q75] of the per-round ratios.\n",
         speed_table(res), ""])
     print(body)
     if not args.no_write:

@@ -45,11 +45,29 @@ def skew(q: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, b: int) -> tor
     return S - S.transpose(1, 2)
 
 
+class _Cayley(torch.autograd.Function):
+    """``R = (I + Q)(I - Q)^{-1} = 2 M - I`` with ``M = (I - Q)^{-1}``; since ``dR = 2 M dQ M``, the gradient is
+    ``dL/dQ = 2 M^T G M^T`` (one inverse forward, two small products backward)."""
+
+    @staticmethod
+    def forward(ctx, Q):
+        eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
+        M = torch.linalg.inv(eye - Q)
+        ctx.save_for_backward(M)
+        return 2 * M - eye
+
+    @staticmethod
+    def backward(ctx, G):
+        (M,) = ctx.saved_tensors
+        Mt = M.transpose(1, 2)
+        return 2 * torch.bmm(torch.bmm(Mt, G), Mt)
+
+
 def cayley(Q: torch.Tensor, variant: str = "exact", terms: int = 5) -> torch.Tensor:
     """``(I + Q)(I - Q)^{-1}`` per block, or its Neumann series with ``terms`` terms (see the module docstring)."""
-    eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device).expand_as(Q)
     if variant == "exact":
-        return torch.linalg.solve(eye - Q, eye + Q, left=False)
+        return _Cayley.apply(Q)
+    eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device).expand_as(Q)
     R = eye.clone()
     if terms > 1:
         R = R + 2 * Q if terms > 2 else R + Q
@@ -61,9 +79,15 @@ def cayley(Q: torch.Tensor, variant: str = "exact", terms: int = 5) -> torch.Ten
 
 
 def rotate(x: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-    """``x R`` block by block: ``x`` (T x n b), ``R`` (n x b x b) -> (T x n b)."""
+    """``x R`` block by block: ``x`` (T x n b), ``R`` (n x b x b) -> (T x n b).
+
+    Computed as ``(R^T x^T)^T``: one batched product of the small blocks with the *transposed view* of ``x`` (each
+    block is b x T, so the product is b x b times b x T, a shape BLAS runs far faster than T x b times b x b), and
+    the result is returned as a transposed (column-major) view, which the following matrix product reads as is."""
     n, b, _ = R.shape
-    return torch.bmm(x.reshape(-1, n, b).transpose(0, 1), R).transpose(0, 1).reshape(x.shape)
+    T = x.numel() // (n * b)
+    xT = x.reshape(T, n * b).contiguous().t().view(n, b, T)
+    return torch.bmm(R.transpose(1, 2), xT).view(n * b, T).t()
 
 
 def rotate_t(x: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
@@ -74,7 +98,8 @@ def rotate_t(x: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
 def block_grad(x: torch.Tensor, g: torch.Tensor, n: int) -> torch.Tensor:
     """``x_k^T g_k`` for each block ``k``: (n x b x b) from two (T x n b) tensors."""
     b = x.shape[-1] // n
-    return torch.bmm(x.reshape(-1, n, b).permute(1, 2, 0), g.reshape(-1, n, b).transpose(0, 1))
+    T = x.numel() // (n * b)
+    return torch.bmm(x.reshape(T, n * b).contiguous().t().view(n, b, T), g.reshape(T, n, b).transpose(0, 1))
 
 
 def rotate_weight(W: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
@@ -96,7 +121,8 @@ class _RotatedLinear(torch.autograd.Function):
     def backward(ctx, g):
         x, R, W = ctx.saved_tensors
         gr = torch.mm(g, W)
-        gx = rotate_t(gr, R) if ctx.needs_input_grad[0] else None
+        # row-major for the elementwise backward ops upstream (GELU, residual sums), which are slow on a transposed view
+        gx = rotate_t(gr, R).contiguous() if ctx.needs_input_grad[0] else None
         gR = block_grad(x, gr, R.shape[0]) if ctx.needs_input_grad[1] else None
         return gx, gR, None, None
 
@@ -162,7 +188,7 @@ class RotationDelta(Delta):
             out = rotated_linear(x2, R, W, b)
         else:
             out = F.linear(rotate(x2, R).to(W.dtype), W, b)
-        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Contribution ``W (x R - x)`` (row vectors), used when another output-replacing delta is live."""
