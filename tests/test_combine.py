@@ -54,3 +54,79 @@ def test_dare_drops_at_the_given_rate_rescales_and_combines():
     torch.testing.assert_close(same[0], same[1])
     with pytest.raises(ValueError, match="consensus"):
         dare([a, b], consensus="mean")
+
+
+# -- dt.combine on real MiniLM adapters ------------------------------------------------------------------------------
+def _model_with_adapters(minilm_dir):
+    from conftest import make_minilm
+
+    import deltatune as dt
+
+    model = make_minilm(minilm_dir)
+    g = torch.Generator().manual_seed(0)
+    specs = {"lora4": dt.LoRA(r=4, targets=["query", "value"]),
+             "lora8": dt.LoRA(r=8, targets=["query", "key"], rank_pattern={"key": 2}),
+             "s2ft": dt.S2FT(v_ratio=0.1, o_ratio=0.1, d_ratio=0.02),
+             "spiel": dt.SpIEL(density=0.001, targets=["intermediate.dense", "value"]),
+             "oft": dt.OFT(block_size=32, targets=["value"])}
+    for name, method in specs.items():
+        dt.attach(model, method, name=name, activate=False)
+        with torch.no_grad():
+            for d in dt.deltas(model, name).values():
+                for p in d.parameters():
+                    p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    return model, list(specs)
+
+
+def test_combine_sums_mixed_structures_exactly_with_any_ranks_and_signs(minilm_dir, minilm_batch, tmp_path):
+    from conftest import logits, make_minilm
+
+    import deltatune as dt
+    from deltatune.deltas import DenseDelta, LowRankDelta
+
+    model, names = _model_with_adapters(minilm_dir)
+    weights = [1.0, -0.5, 0.7, 1.0, 2.0]
+    expected = {}
+    for n, w in zip(names, weights):
+        for mod, d in dt.deltas(model, n).items():
+            expected[mod] = expected.get(mod, 0) + w * d.dense().detach()
+    errors = dt.combine(model, names, weights=weights, name="sum")
+    assert set(errors.values()) == {0.0}
+    got = dt.deltas(model, "sum")
+    assert set(got) == set(expected)
+    for mod, dW in expected.items():
+        torch.testing.assert_close(got[mod].dense().detach(), dW, rtol=1e-5, atol=1e-6)
+    # pure low-rank layers stay low-rank (factors side by side), the others are dense
+    q = "bert.encoder.layer.0.attention.self.query"
+    assert isinstance(got[q], LowRankDelta) and got[q].r == 4 + 8  # query: lora4 + lora8 only
+    assert isinstance(got["bert.encoder.layer.0.attention.self.value"], DenseDelta)
+    # one adapter with weight 1 gives its own outputs; the combination saves and loads like any adapter
+    dt.combine(model, ["lora4"], name="one")
+    dt.set_active(model, "lora4")
+    own = logits(model, minilm_batch)
+    dt.set_active(model, "one")
+    torch.testing.assert_close(logits(model, minilm_batch), own)
+    dt.save(model, tmp_path / "one", names=["one"])
+    fresh = dt.load(make_minilm(minilm_dir), tmp_path / "one")
+    torch.testing.assert_close(logits(fresh, minilm_batch), own)
+
+
+def test_combine_ties_dare_and_refactorization(minilm_dir):
+    import deltatune as dt
+
+    model, names = _model_with_adapters(minilm_dir)
+    pair = ["lora4", "s2ft"]
+    dt.combine(model, pair, method="ties", density=0.3, name="ties")
+    mod = "bert.encoder.layer.1.attention.self.value"
+    taus = [dt.deltas(model, n)[mod].dense().detach() for n in pair]
+    torch.testing.assert_close(dt.deltas(model, "ties")[mod].dense().detach(), ties(taus, density=0.3))
+    dt.combine(model, pair, method="dare", density=0.5, seed=3, name="dare")
+    dense = dt.deltas(model, "dare")[mod].dense().detach()
+    assert 0.3 < float((dense != 0).float().mean()) < 0.9  # random drops over the union of the two supports
+    # re-factorization to a LoRA: the error falls with the rank, and an energy threshold picks the rank
+    errs = [max(dt.combine(model, names, rank=r, name=f"r{r}").values()) for r in (2, 8, 32)]
+    assert errs[0] > errs[1] > errs[2] > 0
+    e = dt.combine(model, ["lora4", "lora8"], energy=1.0, name="energy")
+    assert max(e.values()) < 1e-5  # two LoRAs: their sum has rank <= 12, kept whole
+    with pytest.raises(ValueError, match="unknown combine method"):
+        dt.combine(model, pair, method="mean")

@@ -1,6 +1,7 @@
 """Delta structures: one module per structure (see DESIGN.md's table)."""
 from .base import Delta, delta_from_spec, structure_class, structures
 from .basis import NOLADelta, OrthogonalLowRankDelta, VeRADelta
+from .dense import DenseDelta
 from .full import FullDelta
 from .gated import GatedSVDDelta
 from .lowrank import FactoredDelta, LowRankDelta, lowrank_apply
@@ -8,6 +9,6 @@ from .rotation import RotationDelta
 from .sliced import SlicedDelta
 from .sparse import SparseDelta
 
-__all__ = ["Delta", "FactoredDelta", "FullDelta", "GatedSVDDelta", "LowRankDelta", "NOLADelta", "OrthogonalLowRankDelta",
+__all__ = ["Delta", "DenseDelta", "FactoredDelta", "FullDelta", "GatedSVDDelta", "LowRankDelta", "NOLADelta", "OrthogonalLowRankDelta",
            "RotationDelta", "SlicedDelta", "SparseDelta", "VeRADelta", "delta_from_spec", "lowrank_apply", "structure_class",
            "structures"]
