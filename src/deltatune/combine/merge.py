@@ -124,6 +124,7 @@ def combine(model, names: list[str], method: str = "sum", weights=None, density:
         density = density if density is not None else (0.2 if method in ("ties", "magnitude") else 0.5)
         ops._check_density(density)
     M.check_new_name(model, name)
+    model = M.unwrap(model)
     per_adapter = [M.deltas(model, n) for n in names]
     modules = list(dict.fromkeys(m for d in per_adapter for m in d))
     generator = torch.Generator().manual_seed(seed)
