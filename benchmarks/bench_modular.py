@@ -16,7 +16,7 @@ Methods (``--methods``; every method sees the same rows, seed and data order per
 - ``orthogonal``: ``dt.OrthogonalAdaptation(r=8, slot=i, basis_seed=0)`` on the same layers (alpha = r): task i
   (its index in ``TASKS``, whatever ``--tasks`` selects) gets the i-th block of r columns of one shared, seeded
   orthogonal basis as its frozen input-side factor A; only B trains, so it gets a larger lr, 3e-3;
-- ``ties`` (a later issue, not here): LoRA adapters merged with TIES instead of the plain sum; see ``METHODS``.
+- ``ties``: the ``lora`` adapters (reused, not retrained) merged with TIES (density 0.2) instead of the plain sum.
 
 Choices:
 
@@ -42,7 +42,7 @@ Choices:
   (unmerged forward), and before evaluating merged models the script checks on one dev batch that "base + own delta
   + own head" built the merging way gives the adapter's logits.
 
-    python benchmarks/bench_modular.py                          # lora + orthogonal, 4 tasks, lambda 1.0 and 0.6
+    python benchmarks/bench_modular.py                          # lora, orthogonal, ties; 4 tasks; lambda 1.0 and 0.6
     python benchmarks/bench_modular.py --reuse --lams 1.0,0.8,0.6,0.4 --no-write   # re-evaluate, no training
     python benchmarks/bench_modular.py --methods lora --tasks sst2,mrpc --rows 64 --dev-rows 64 --no-write  # smoke
 
@@ -67,6 +67,7 @@ from common import DATA, REPO, header, md_table, update_section  # noqa: E402
 import torch  # noqa: E402
 
 import deltatune as dt  # noqa: E402
+from deltatune.combine import ties  # noqa: E402
 from deltatune.model import linear_weight  # noqa: E402
 from deltatune.train import (  # noqa: E402
     Collator, TrainArgs, encode_classification, eval_loader, evaluate, label_map, read_rows, set_seed, train)
@@ -110,13 +111,10 @@ def orthogonal(slot: int, targets, saved: list[str]) -> dt.Method:
 METHODS: dict[str, Callable[[int, object, list[str]], dt.Method]] = {
     "lora": lora,
     "orthogonal": orthogonal,
-    # "ties": LoRA merged with TIES (Yadav et al., 2023) comes with a later issue. Its adapters are exactly "lora"'s,
-    # so it needs no factory of its own: add TRAINS_AS["ties"] = "lora" (it then trains, caches and reuses the lora
-    # adapters) and MERGERS["ties"] = a TIES merger (trim each task delta to its top-k magnitudes, elect the sign
-    # per entry, mean over the tasks that agree, times lam) in place of `sum_merge`.
 }
 #: method name -> the method whose adapters it merges (a merge-only method such as "ties" reuses "lora"'s)
-TRAINS_AS: dict[str, str] = {}
+TRAINS_AS: dict[str, str] = {"ties": "lora"}
+TIES_DENSITY = 0.2  # the TIES paper's default k = 20 %
 #: peak learning rates (``--lr`` overrides all); Orthogonal Adaptation trains B only against a frozen A
 LR = {"lora": 1e-3, "orthogonal": 3e-3}
 
@@ -130,8 +128,16 @@ def sum_merge(dense: dict[str, dict[str, torch.Tensor]], lam: float) -> dict[str
     return {key: lam * d for key, d in out.items()}
 
 
-#: method name -> how its task deltas combine into one backbone delta ("ties" will get its own)
-MERGERS: dict[str, Callable] = {}
+def ties_merge(dense: dict[str, dict[str, torch.Tensor]], lam: float) -> dict[str, torch.Tensor]:
+    """TIES (Yadav et al., 2023) per tensor: trim each task's delta to its top 20 % magnitudes, elect the sign by
+    total mass, mean over the agreeing tasks, times ``lam`` (:func:`deltatune.combine.ties`)."""
+    keys = list(dict.fromkeys(k for per_task in dense.values() for k in per_task))
+    return {k: lam * ties([per_task[k] for per_task in dense.values() if k in per_task], density=TIES_DENSITY)
+            for k in keys}
+
+
+#: method name -> how its task deltas combine into one backbone delta (default: ``sum_merge``)
+MERGERS: dict[str, Callable] = {"ties": ties_merge}
 
 
 T0 = time.perf_counter()
@@ -301,7 +307,7 @@ def ratio(merged: float, individual: float) -> float:
 # -- main ------------------------------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--methods", default="lora,orthogonal", help=f"comma list of {', '.join(METHODS)}")
+    ap.add_argument("--methods", default="lora,orthogonal,ties", help=f"comma list of {', '.join(METHODS)}")
     ap.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help=f"comma list of {', '.join(TASKS)}")
     lam = ap.add_mutually_exclusive_group()
     lam.add_argument("--lams", default="1.0,0.6", help="merge weights to evaluate, comma list (default 1.0,0.6)")
@@ -415,8 +421,9 @@ def main() -> None:
              f"{args.seed} + task index; targets: the 36 encoder linear layers (attention q/k/v/output, FFN in/out)"
              f"{' and the pooler' if args.pooler == 'adapt' else ''}; {pooler}; each task's head "
              f"({', '.join(saved)}) trains in full and is never merged. LoRA r=8, alpha=16; orthogonal: Orthogonal "
-             "Adaptation r=8 (alpha=r), task i in slot i of one basis (seed 0), frozen A.")
-    merged_line = ("- merged: `theta + lambda * sum_i dW_i` over all tasks' backbone deltas, each task evaluated with "
+             "Adaptation r=8 (alpha=r), task i in slot i of one basis (seed 0), frozen A; ties: the lora adapters merged "
+             "with TIES (top 20 % per task, sign election, disjoint mean) instead of the sum.")
+    merged_line = ("- merged: `theta + lambda * sum_i dW_i` (ties: `theta + lambda * TIES(dW_i)`) over all tasks' backbone deltas, each task evaluated with "
                    "its own head; retention = merged / individual dev accuracy (the mean row averages the ratios). "
                    f"Dev accuracy on {dev} (majority = the majority class's share). "
                    "Trainable parameters include the head; train time is that of the run that trained the adapters.\n")
