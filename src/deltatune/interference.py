@@ -25,16 +25,10 @@ from torch import nn
 
 from .calibration import progress, run_batch
 from .deltas import Delta
+from .svd import energy_rank, factored_svd
 
 
 # -- pure tensor math ------------------------------------------------------------------------------------------
-def _rank_for(S: torch.Tensor, energy: float) -> int:
-    if S.numel() == 0 or float(S[0]) == 0.0:
-        return 0
-    e = torch.cumsum(S.double() ** 2, 0)
-    return int(torch.searchsorted(e, energy * e[-1]).item()) + 1
-
-
 def subspaces(delta: Delta, energy: float = 0.99) -> tuple[torch.Tensor, torch.Tensor]:
     """``(U, V)``: orthonormal bases (out x k and in x k) of the column and row spaces of ``dW``, truncated to hold
     ``energy`` of its squared Frobenius norm. Factored deltas are decomposed through their factors (two thin QRs
@@ -42,14 +36,11 @@ def subspaces(delta: Delta, energy: float = 0.99) -> tuple[torch.Tensor, torch.T
     lr = delta.lowrank()
     if lr is not None:
         B, A, s = lr
-        Qb, Rb = torch.linalg.qr(B.float())
-        Qa, Ra = torch.linalg.qr(A.float().t())
-        u, S, vh = torch.linalg.svd(Rb @ Ra.t() * s)
-        U, V = Qb @ u, Qa @ vh.t()
+        U, S, V = factored_svd(B * s, A)
     else:
         U, S, Vh = torch.linalg.svd(delta.dense().detach().float(), full_matrices=False)
         V = Vh.t()
-    k = _rank_for(S, energy)
+    k = energy_rank(S, energy)
     return U[:, :k], V[:, :k]
 
 

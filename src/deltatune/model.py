@@ -63,8 +63,7 @@ class AdaptedLayer(nn.Module):
         self.kind = _kind(base)
         self.deltas = nn.ModuleDict()
         self.active: tuple[str, ...] = ()
-        self.merged: list[str] = []
-        self.merge_weights: dict[str, float] = {}  # the weight each merged adapter was merged with
+        self.merged: dict[str, float] = {}  # merged adapters in merge order, with the weight each was merged with
         self.enabled = True
         self._live: tuple[Delta, ...] = ()
         self._replacing: Delta | None = None
@@ -157,8 +156,7 @@ class AdaptedLayer(nn.Module):
                              f"output would change. Merge {rotating[0]!r} first (dt.merge merges in the order given) "
                              "or deactivate it")
         delta.merge_into(self.linear_weight(), self.base_bias(), float(weight))
-        self.merged.append(name)
-        self.merge_weights[name] = float(weight)
+        self.merged[name] = float(weight)
         self.refresh()
 
     def unmerge(self, name: str) -> None:
@@ -166,17 +164,17 @@ class AdaptedLayer(nn.Module):
         and go back in afterwards, so the result does not depend on the order of unmerging."""
         if name not in self.merged:
             return
-        later = self.merged[self.merged.index(name) + 1:]
+        order = list(self.merged)
+        later = order[order.index(name) + 1:]
         for n in [*reversed(later), name]:
-            self.deltas[n].merge_into(self.linear_weight(), self.base_bias(), -self.merge_weights.get(n, 1.0))
-        self.merged.remove(name)
-        self.merge_weights.pop(name, None)
+            self.deltas[n].merge_into(self.linear_weight(), self.base_bias(), -self.merged[n])
+        del self.merged[name]
         for n in later:
-            self.deltas[n].merge_into(self.linear_weight(), self.base_bias(), self.merge_weights.get(n, 1.0))
+            self.deltas[n].merge_into(self.linear_weight(), self.base_bias(), self.merged[n])
         self.refresh()
 
     def extra_repr(self) -> str:
-        return f"active={list(self.active)}, merged={self.merged}"
+        return f"active={list(self.active)}, merged={list(self.merged)}"
 
 
 @dataclass
@@ -392,9 +390,9 @@ def set_active(model: nn.Module, names: str | Iterable[str],
 def disabled(model: nn.Module):
     """Run the plain base model inside the block (merged adapters are unmerged and re-merged after)."""
     layers = [layer for _, layer in adapted_layers(model)]
-    merged = {id(layer): [(n, layer.merge_weights.get(n, 1.0)) for n in layer.merged] for layer in layers}
+    merged = {id(layer): dict(layer.merged) for layer in layers}
     for layer in layers:
-        for n, _ in reversed(merged[id(layer)]):
+        for n in reversed(merged[id(layer)]):
             layer.unmerge(n)
         layer.enabled = False
         layer.refresh()
@@ -403,7 +401,7 @@ def disabled(model: nn.Module):
     finally:
         for layer in layers:
             layer.enabled = True
-            for n, w in merged[id(layer)]:
+            for n, w in merged[id(layer)].items():
                 layer.merge(n, w)
             layer.refresh()
 

@@ -15,13 +15,13 @@ the fewest that hold ``energy`` of ``||dW||_F^2``, and the relative Frobenius er
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from ..deltas import DenseDelta, Delta, LowRankDelta
 from ..methods import Method
+from ..svd import factored_svd, keep_count, svd_factors, tail_error
 from . import ops
 
 METHODS = ("sum", "ties", "dare", "dare_ties", "magnitude")
@@ -54,25 +54,18 @@ def concat_lowrank(parts: list[tuple[torch.Tensor, torch.Tensor, float]], weight
 
 def truncate(B: torch.Tensor, A: torch.Tensor, rank: int | None, energy: float | None):
     """The best approximation of ``B A`` with ``rank`` components (or the fewest holding ``energy`` of its squared
-    norm): ``(B', A', relative Frobenius error)``, computed through two thin QRs and a small SVD."""
-    Qb, Rb = torch.linalg.qr(B)
-    Qa, Ra = torch.linalg.qr(A.t())
-    u, S, vh = torch.linalg.svd(Rb @ Ra.t())
-    total = float(S.pow(2).sum())
-    if rank is None:
-        cum = torch.cumsum(S.double().pow(2), 0)
-        rank = int(torch.searchsorted(cum, energy * cum[-1]).item()) + 1 if total > 0 else 1
-    k = max(1, min(rank, S.numel()))
-    err = math.sqrt(float(S[k:].pow(2).sum()) / total) if total > 0 else 0.0
-    return (Qb @ u[:, :k]) * S[:k], (Qa @ vh[:k].t()).t(), err
+    norm), ``(B', A', relative Frobenius error)``, computed on the factors (:func:`deltatune.svd.factored_svd`)."""
+    U, S, V = factored_svd(B, A)
+    k = keep_count(S, rank, energy)
+    return U[:, :k] * S[:k], V[:, :k].t().contiguous(), tail_error(S, k)
 
 
 def combine_layer(deltas: list[Delta | None], weights: list[float], method: str, density: float | None,
                   generator: torch.Generator | None, rank: int | None, energy: float | None):
     """The combined delta of one layer and its re-factorization error (0 when exact)."""
     present = [(d, w) for d, w in zip(deltas, weights) if d is not None]
-    factors = [d.lowrank() for d, _ in present]
-    if method == "sum" and all(f is not None for f in factors):
+    factors = [d.lowrank() for d, _ in present] if method == "sum" else [None]
+    if all(f is not None for f in factors):
         B, A = concat_lowrank(factors, [w for _, w in present])
         err = 0.0
         if rank is not None or energy is not None:
@@ -90,8 +83,7 @@ def combine_layer(deltas: list[Delta | None], weights: list[float], method: str,
             dW = ops.dare(taus, ws, density, "ties" if method == "dare_ties" else "linear", generator)
         if rank is None and energy is None:
             return DenseDelta(dW), 0.0
-        U, S, Vh = torch.linalg.svd(dW, full_matrices=False)
-        B, A, err = truncate(U * S, Vh, rank, energy)
+        B, A, err = svd_factors(dW, rank, energy)
     d = LowRankDelta(B.shape[0], A.shape[1], B.shape[1], 1.0)
     with torch.no_grad():
         d.B.copy_(B)
@@ -115,9 +107,7 @@ def combine(model, names: list[str], method: str = "sum", weights=None, density:
     names = M._check_names(model, names)
     if not names:
         raise ValueError("give at least one adapter to combine")
-    weights = [1.0] * len(names) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(names):
-        raise ValueError(f"got {len(weights)} weights for {len(names)} adapters {names}")
+    weights = ops._weights(len(names), weights)
     if rank is not None and rank <= 0 or energy is not None and not 0 < energy <= 1:
         raise ValueError(f"rank must be positive and energy in (0, 1], got rank={rank}, energy={energy}")
     if method != "sum":

@@ -29,6 +29,7 @@ import torch
 
 from .. import __version__
 from ..deltas import delta_from_spec
+from ..svd import svd_factors
 from .record import AdapterRecord
 
 PREFIX = "base_model.model."
@@ -59,15 +60,6 @@ def _alpha(scale: float, r: int, rslora: bool) -> float:
 
 def _in_module_layout(t: torch.Tensor, kind: str) -> torch.Tensor:
     return t if kind == "linear" else t.t().contiguous()
-
-
-def svd_factors(dW: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """``(B, A, error)``: the best rank-``r`` approximation ``B A`` of ``dW`` and its relative Frobenius error."""
-    U, S, Vh = torch.linalg.svd(dW.detach().float(), full_matrices=False)
-    r = min(r, S.numel())
-    total = float(S.pow(2).sum())
-    err = math.sqrt(float(S[r:].pow(2).sum()) / total) if total > 0 else 0.0
-    return (U[:, :r] * S[:r]).contiguous(), Vh[:r].contiguous(), err
 
 
 def to_peft(record: AdapterRecord, rank: int | None = None,
