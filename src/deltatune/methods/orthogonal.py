@@ -72,8 +72,6 @@ class OrthogonalAdaptation(Method):
     def validate(self) -> None:
         _check_positive(r=self.r)
         check_dropout(self.dropout)
-        if self.slot != "random" and (not isinstance(self.slot, int) or isinstance(self.slot, bool) or self.slot < 0):
-            raise ValueError(f"slot must be a non-negative integer or 'random', got {self.slot!r}")
         if self.slot == "random" and self.slot_seed is None:
             self.slot_seed = fresh_seed()  # recorded in the saved config
 
