@@ -130,3 +130,34 @@ def test_combine_ties_dare_and_refactorization(minilm_dir):
     assert max(e.values()) < 1e-5  # two LoRAs: their sum has rank <= 12, kept whole
     with pytest.raises(ValueError, match="unknown combine method"):
         dt.combine(model, pair, method="mean")
+
+
+def test_sum_keeps_sparse_and_block_structures_on_the_union_of_their_supports():
+    from deltatune.combine.merge import combine_deltas
+    from deltatune.deltas import DenseDelta, LowRankDelta, SlicedDelta, SparseDelta
+
+    g = torch.Generator().manual_seed(1)
+
+    def filled(d):
+        with torch.no_grad():
+            for p in d.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+        return d
+
+    sp1 = filled(SparseDelta(6, 5, torch.tensor([0, 3, 7, 29])))
+    sp2 = filled(SparseDelta(6, 5, torch.tensor([3, 8, 29])))
+    rows1 = filled(SlicedDelta(6, 5, torch.tensor([4, 1]), axis=0))
+    rows2 = filled(SlicedDelta(6, 5, torch.tensor([1, 2]), axis=0))
+    cols = filled(SlicedDelta(6, 5, torch.tensor([0]), axis=1))
+    lora = filled(LowRankDelta(6, 5, 2, 0.5))
+    adapters = [{"sp": sp1, "rows": rows1, "mix": rows1, "lr": sp1},
+                {"sp": sp2, "rows": rows2, "mix": cols, "lr": lora}]
+    built, errors, _, _ = combine_deltas(adapters, weights=[2.0, -1.0])
+    for mod, d in built.items():
+        want = 2.0 * adapters[0][mod].dense() - 1.0 * adapters[1][mod].dense()
+        torch.testing.assert_close(d.dense().detach(), want.detach(), msg=mod)
+    assert isinstance(built["sp"], SparseDelta) and built["sp"].idx.tolist() == [0, 3, 7, 8, 29]
+    assert isinstance(built["rows"], SlicedDelta) and built["rows"].idx.tolist() == [1, 2, 4]
+    assert isinstance(built["mix"], DenseDelta)  # a row block plus a column block is no single block
+    assert isinstance(built["lr"], DenseDelta)
+    assert set(errors.values()) == {0.0}

@@ -32,6 +32,7 @@ from .model import (  # noqa: E402
     unmerge,
 )
 from .combine import combine  # noqa: E402
+from .extract import extract  # noqa: E402
 from .interference import interference  # noqa: E402
 from .io import load, save  # noqa: E402
 
@@ -39,6 +40,6 @@ __all__ = [
     "AdaLoRA", "AdaptedLayer", "Controller", "Delta", "FullDelta", "GatedSVDDelta", "IncreLoRA", "LTSFT", "LoRA",
     "LowRankDelta", "Method", "MiLoRA", "NOLA", "NOLADelta", "OFT", "OLoRA", "OrthogonalAdaptation",
     "OrthogonalLowRankDelta", "PiSSA", "RotationDelta", "S2FT", "SORSA", "SlicedDelta", "SoRA", "SparseDelta", "SpIEL",
-    "VeRA", "VeRADelta", "active_adapters", "adapters", "after_backward", "attach", "combine", "interference", "begin", "controller_metrics", "deltas", "delete", "disabled", "load", "merge", "save", "set_active",
+    "VeRA", "VeRADelta", "active_adapters", "adapters", "after_backward", "attach", "combine", "interference", "begin", "controller_metrics", "deltas", "delete", "disabled", "extract", "load", "merge", "save", "set_active",
     "step", "trainable_parameters", "unload", "unmerge",
 ]

@@ -1,4 +1,5 @@
-"""Feeding calibration batches to a model (data-aware initializers, interference diagnostics).
+"""Feeding calibration batches to a model (data-aware initializers, interference diagnostics), and the progress bar
+of every long loop.
 
 A batch is a dict of model keyword arguments (with ``labels`` where a loss is needed) or a tensor of input ids.
 """

@@ -1,4 +1,4 @@
-"""``deltatune`` command line: demo, train, inspect, export."""
+"""``deltatune`` command line: demo, train, inspect, export, merge, extract."""
 from __future__ import annotations
 
 import argparse
@@ -113,17 +113,121 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _base_weights(path):
+    """``base(module, spec)`` reading the base model's safetensors (``None`` without a path) and the store to close."""
+    if path is None:
+        return None, None
+    from .io.weights import WeightStore
+
+    store = WeightStore(path)
+    return (lambda mod, spec: store.module_weight(mod, spec.get("layer") or "linear",
+                                                  (spec["out_features"], spec["in_features"]))), store
+
+
+def _report(errors: dict[str, float]) -> None:
+    from .io import svd_error_summary
+
+    errors = {m: e for m, e in errors.items() if e > 0}
+    if errors:
+        print(svd_error_summary(errors))
+
+
 def _cmd_export(args) -> int:
-    from .io import read_record, svd_error_summary, write_record
+    from .io import read_record, write_record
 
     if args.to != "peft":
         raise SystemExit(f"unknown export target {args.to!r}; supported: peft")
     rec = read_record(args.adapter)
-    errors = write_record(args.out, rec, format="peft", rank=args.rank)
+    base, store = _base_weights(args.base)
+    try:
+        errors = write_record(args.out, rec, format="peft", rank=args.rank, energy=args.energy, base=base)
+    finally:
+        if store is not None:
+            store.close()
     print(f"wrote a PEFT LoRA checkpoint of {len(rec.modules)} modules to {args.out}")
-    if errors:
-        print(svd_error_summary(errors))
+    _report(errors)
     return 0
+
+
+MERGE_KEYS = {"method", "adapters", "density", "rank", "energy", "seed", "name", "base", "output", "format"}
+
+
+def read_merge_config(path: str | Path) -> dict:
+    """A ``MERGE.yaml`` (see ``deltatune merge --help``) as a checked dict; paths are relative to the file."""
+    import yaml
+
+    path = Path(path)
+    with open(path) as f:
+        cfg = yaml.safe_load(f) or {}
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a mapping with keys {sorted(MERGE_KEYS)}")
+    unknown = set(cfg) - MERGE_KEYS
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(MERGE_KEYS)}")
+    for key in ("adapters", "output"):
+        if key not in cfg:
+            raise ValueError(f"{path}: missing {key!r} (see deltatune merge --help for an example)")
+    adapters = []
+    for a in cfg["adapters"]:
+        entry = {"path": a, "weight": 1.0} if isinstance(a, str) else dict(a)
+        if "path" not in entry or set(entry) - {"path", "weight"}:
+            raise ValueError(f"{path}: each adapter is a folder, or a mapping with 'path' and optional 'weight'; "
+                             f"got {a!r}")
+        entry["path"] = path.parent / entry["path"]
+        adapters.append(entry)
+    cfg["adapters"] = adapters
+    cfg["output"] = path.parent / cfg["output"]
+    if cfg.get("base") is not None:
+        cfg["base"] = path.parent / cfg["base"]
+    return cfg
+
+
+def _cmd_merge(args) -> int:
+    from .combine.merge import combine_records
+    from .io import read_record, write_record
+
+    cfg = read_merge_config(args.config)
+    records = [read_record(a["path"]) for a in cfg["adapters"]]
+    base, store = _base_weights(cfg.get("base"))
+    try:
+        record, errors = combine_records(records, cfg.get("method", "sum"), [a.get("weight", 1.0) for a in
+                                         cfg["adapters"]], cfg.get("density"), cfg.get("rank"), cfg.get("energy"),
+                                         cfg.get("seed", 0), cfg.get("name", "merged"), base)
+    finally:
+        if store is not None:
+            store.close()
+    write_record(cfg["output"], record, format=cfg.get("format", "deltatune"))
+    structures = Counter(spec["structure"] for spec in record.modules.values())
+    print(f"wrote {record.name!r} ({cfg.get('method', 'sum')} of {len(records)} adapters; " +
+          ", ".join(f"{n} {s}" for s, n in structures.items()) + f" modules) to {cfg['output']}")
+    _report(errors)
+    return 0
+
+
+def _cmd_extract(args) -> int:
+    from .extract import extract
+    from .io import write_record
+
+    record, report = extract(args.base, args.tuned, rank=args.rank, energy=args.energy, targets=args.targets,
+                             exclude=args.exclude, name=args.name)
+    write_record(args.out, record, format=args.to)
+    print(f"wrote {args.to} adapter {record.name!r} to {args.out}")
+    print(report.summary())
+    return 0
+
+
+MERGE_EXAMPLE = """example MERGE.yaml (paths relative to the file):
+
+  method: ties            # sum (task arithmetic) | ties | dare | dare_ties | magnitude
+  adapters:               # deltatune or PEFT adapter folders; weight defaults to 1
+    - {path: sst2, weight: 1.0}
+    - {path: mrpc, weight: 0.5}
+  density: 0.2            # kept fraction for ties / dare / magnitude
+  rank: 16                # re-factorize to a LoRA of this rank (or energy: 0.95); omit both for an exact merge
+  output: merged          # folder to write
+  format: peft            # deltatune (default) or peft
+  base: base_model_dir    # only for OFT rotations and kept-whole heads: the base model's safetensors
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,13 +256,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --interference: share of ||dW||^2 that defines each subspace (default 0.99)")
     i.set_defaults(func=_cmd_inspect)
 
-    e = sub.add_parser("export", help="write an adapter in another format")
+    e = sub.add_parser("export", help="write an adapter in another format (a PEFT LoRA for any method)")
     e.add_argument("adapter", help="adapter folder")
     e.add_argument("--to", default="peft", help="target format (peft)")
-    e.add_argument("--rank", type=int, default=None,
-                   help="rank for structures that are not a LoRA (sparse, sliced): truncated SVD, error reported")
+    how = e.add_mutually_exclusive_group()
+    how.add_argument("--rank", type=int, default=None, help="rank for structures that are not a LoRA (sparse, "
+                     "sliced, rotations, dense merges): truncated SVD, relative error reported")
+    how.add_argument("--energy", type=float, default=None, help="instead of --rank: per module the fewest SVD "
+                     "components holding this share of ||dW||^2 (e.g. 0.95)")
+    e.add_argument("--base", metavar="MODEL", help="the base model's safetensors (file or folder); needed for "
+                   "rotations (OFT), whose update depends on the base weight")
     e.add_argument("out", help="output folder")
     e.set_defaults(func=_cmd_export)
+
+    m = sub.add_parser("merge", help="combine adapters of any structures (sum, TIES, DARE, ...) from a YAML",
+                       epilog=MERGE_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    m.add_argument("config", help="MERGE.yaml")
+    m.set_defaults(func=_cmd_merge)
+
+    x = sub.add_parser("extract", help="extract a LoRA from a fully fine-tuned model and its base")
+    x.add_argument("base", help="base model: safetensors file or model folder")
+    x.add_argument("tuned", help="fine-tuned model: safetensors file or model folder")
+    x.add_argument("out", help="output adapter folder")
+    how = x.add_mutually_exclusive_group(required=True)
+    how.add_argument("--rank", type=int, help="components per module")
+    how.add_argument("--energy", type=float, help="per module the fewest components holding this share of ||dW||^2")
+    x.add_argument("--targets", nargs="+", help="only these modules (names or suffixes; default every changed "
+                   "weight matrix)")
+    x.add_argument("--exclude", nargs="+", help="leave these modules out (names or suffixes)")
+    x.add_argument("--to", default="peft", choices=["peft", "deltatune"], help="output format (default peft)")
+    x.add_argument("--name", default="extracted", help="adapter name")
+    x.set_defaults(func=_cmd_extract)
     return p
 
 

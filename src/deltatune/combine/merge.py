@@ -2,10 +2,12 @@
 
 Per layer, with ``dW_i`` the adapters' updates (zero where an adapter has no delta) and ``w_i`` their weights:
 
-- ``method="sum"`` (task arithmetic) ``sum_i w_i dW_i``; when every delta on the layer is a low-rank product it is
-  computed *on the factors*, exactly, as one LoRA of the summed ranks: ``B = [w_1 s_1 B_1 | w_2 s_2 B_2 | ...]``,
-  ``A = [A_1; A_2; ...]`` (different ranks and rank patterns are fine; PEFT's weighted merge weights ``A`` and
-  ``B`` separately, which is not the weighted sum);
+- ``method="sum"`` (task arithmetic) ``sum_i w_i dW_i``, kept in the most compact exact structure
+  (:func:`exact_sum`): sparse deltas sum on the union of their entries, row (or column) blocks on the union of
+  their rows; when every delta on the layer is a low-rank product it is computed *on the factors* as one LoRA of
+  the summed ranks, ``B = [w_1 s_1 B_1 | w_2 s_2 B_2 | ...]``, ``A = [A_1; A_2; ...]`` (different ranks and rank
+  patterns are fine; PEFT's weighted merge weights ``A`` and ``B`` separately, which is not the weighted sum);
+  anything else (a LoRA plus a sparse delta plus a rotation) sums as one dense delta;
 - ``"ties"``, ``"dare"``, ``"dare_ties"``, ``"magnitude"`` (magnitude-pruned sum) on the dense updates
   (:mod:`deltatune.combine.ops`).
 
@@ -21,6 +23,7 @@ import torch
 
 from ..deltas import DenseDelta, Delta, LowRankDelta
 from ..methods import Method
+from ..calibration import progress as progress_bar
 from ..svd import factored_svd, keep_count, svd_factors, tail_error
 from . import ops
 
@@ -60,35 +63,102 @@ def truncate(B: torch.Tensor, A: torch.Tensor, rank: int | None, energy: float |
     return U[:, :k] * S[:k], V[:, :k].t().contiguous(), tail_error(S, k)
 
 
-def combine_layer(deltas: list[Delta | None], weights: list[float], method: str, density: float | None,
-                  generator: torch.Generator | None, rank: int | None, energy: float | None):
-    """The combined delta of one layer and its re-factorization error (0 when exact)."""
-    present = [(d, w) for d, w in zip(deltas, weights) if d is not None]
-    factors = [d.lowrank() for d, _ in present] if method == "sum" else [None]
-    if all(f is not None for f in factors):
-        B, A = concat_lowrank(factors, [w for _, w in present])
-        err = 0.0
-        if rank is not None or energy is not None:
-            B, A, err = truncate(B, A, rank, energy)
-    else:
-        taus = [d.dense().detach().float() for d, _ in present]
-        ws = [w for _, w in present]
-        if method == "sum":
-            dW = ops.task_arithmetic(taus, ws)
-        elif method == "magnitude":
-            dW = ops.task_arithmetic([ops.magnitude_prune(t, density) for t in taus], ws)
-        elif method == "ties":
-            dW = ops.ties(taus, ws, density)
-        else:
-            dW = ops.dare(taus, ws, density, "ties" if method == "dare_ties" else "linear", generator)
-        if rank is None and energy is None:
-            return DenseDelta(dW), 0.0
-        B, A, err = svd_factors(dW, rank, energy)
+def exact_sum(terms: list[tuple[Delta, float]]) -> Delta | None:
+    """``sum_i w_i dW_i`` in the most compact structure that holds it exactly: the deltas' own structure when they
+    share one that can (:meth:`Delta.weighted_sum`: sparse on the union of entries, row or column blocks on the
+    union of rows or columns), else one LoRA of the summed ranks when every delta is a low-rank product; ``None``
+    when only a dense matrix holds it."""
+    kinds = {type(d) for d, _ in terms}
+    if len(kinds) == 1:
+        summed = kinds.pop().weighted_sum(terms)
+        if summed is not None:
+            return summed
+    factors = [d.lowrank() for d, _ in terms]
+    if any(f is None for f in factors):
+        return None
+    return lowrank_delta(*concat_lowrank(factors, [w for _, w in terms]))
+
+
+def lowrank_delta(B: torch.Tensor, A: torch.Tensor) -> LowRankDelta:
+    """The LoRA ``dW = B A`` (scale 1)."""
     d = LowRankDelta(B.shape[0], A.shape[1], B.shape[1], 1.0)
     with torch.no_grad():
         d.B.copy_(B)
         d.A.copy_(A)
-    return d, err
+    return d
+
+
+def dense_combination(terms: list[tuple[Delta, float]], method: str, density: float | None,
+                      generator: torch.Generator | None) -> torch.Tensor:
+    """The combined dense update of one layer for ``method`` (:mod:`deltatune.combine.ops`)."""
+    taus = [d.dense().detach().float() for d, _ in terms]
+    ws = [w for _, w in terms]
+    if method == "sum":
+        return ops.task_arithmetic(taus, ws)
+    if method == "magnitude":
+        return ops.task_arithmetic([ops.magnitude_prune(t, density) for t in taus], ws)
+    if method == "ties":
+        return ops.ties(taus, ws, density)
+    return ops.dare(taus, ws, density, "ties" if method == "dare_ties" else "linear", generator)
+
+
+def refactorize(delta: Delta, rank: int | None, energy: float | None) -> tuple[LowRankDelta, float]:
+    """A LoRA of ``rank`` components (or the fewest holding ``energy`` of ``||dW||_F^2``) closest to ``delta``, and
+    its relative Frobenius error; on the factors when ``delta`` is low-rank, else by SVD of ``dW``."""
+    factors = delta.lowrank()
+    if factors is not None:
+        B, A, s = factors
+        B, A, err = truncate(B.detach().float() * s, A.detach().float(), rank, energy)
+    else:
+        B, A, err = svd_factors(delta.dense(), rank, energy)
+    return lowrank_delta(B, A), err
+
+
+def combine_layer(deltas: list[Delta | None], weights: list[float], method: str, density: float | None,
+                  generator: torch.Generator | None, rank: int | None, energy: float | None):
+    """The combined delta of one layer and its re-factorization error (0 when exact)."""
+    terms = [(d, w) for d, w in zip(deltas, weights) if d is not None]
+    delta = exact_sum(terms) if method == "sum" else None
+    if delta is None:
+        delta = DenseDelta(dense_combination(terms, method, density, generator))
+    if rank is None and energy is None:
+        return delta, 0.0
+    return refactorize(delta, rank, energy)
+
+
+def check_options(method: str, n: int, weights, density, rank, energy):
+    """Validated ``(weights, density)`` for combining ``n`` adapters; raises ``ValueError`` naming what to fix."""
+    if method not in METHODS:
+        raise ValueError(f"unknown combine method {method!r}; choose one of {METHODS}")
+    if n == 0:
+        raise ValueError("give at least one adapter to combine")
+    weights = ops._weights(n, weights)
+    if rank is not None and rank <= 0 or energy is not None and not 0 < energy <= 1:
+        raise ValueError(f"rank must be positive and energy in (0, 1], got rank={rank}, energy={energy}")
+    if method != "sum":
+        density = density if density is not None else (0.2 if method in ("ties", "magnitude") else 0.5)
+        ops._check_density(density)
+    return weights, density
+
+
+def combine_deltas(per_adapter: list[dict[str, Delta]], method: str = "sum", weights=None,
+                   density: float | None = None, rank: int | None = None, energy: float | None = None,
+                   seed: int = 0) -> tuple[dict[str, Delta], dict[str, float], list, float]:
+    """Combine adapters given as ``{module: delta}`` maps, without a model (a progress bar on a terminal): ``(deltas, errors, weights, density)``.
+    Deltas whose update depends on the base weight (rotations) must be bound to it (:meth:`Delta.bind`)."""
+    weights, density = check_options(method, len(per_adapter), weights, density, rank, energy)
+    modules = list(dict.fromkeys(m for d in per_adapter for m in d))
+    for mod in modules:
+        shapes = {(d[mod].out_features, d[mod].in_features) for d in per_adapter if mod in d}
+        if len(shapes) > 1:
+            raise ValueError(f"the adapters disagree on the shape of {mod!r} ({sorted(shapes)}): they were trained on "
+                             "different base models and cannot be combined")
+    generator = torch.Generator().manual_seed(seed)
+    built, errors = {}, {}
+    for mod in progress_bar(modules, "combine"):
+        built[mod], errors[mod] = combine_layer([d.get(mod) for d in per_adapter], weights, method, density,
+                                                generator, rank, energy)
+    return built, errors, weights, density
 
 
 def combine(model, names: list[str], method: str = "sum", weights=None, density: float | None = None,
@@ -102,30 +172,39 @@ def combine(model, names: list[str], method: str = "sum", weights=None, density:
     """
     from .. import model as M
 
-    if method not in METHODS:
-        raise ValueError(f"unknown combine method {method!r}; choose one of {METHODS}")
     names = M._check_names(model, names)
-    if not names:
-        raise ValueError("give at least one adapter to combine")
-    weights = ops._weights(len(names), weights)
-    if rank is not None and rank <= 0 or energy is not None and not 0 < energy <= 1:
-        raise ValueError(f"rank must be positive and energy in (0, 1], got rank={rank}, energy={energy}")
-    if method != "sum":
-        density = density if density is not None else (0.2 if method in ("ties", "magnitude") else 0.5)
-        ops._check_density(density)
+    check_options(method, len(names), weights, density, rank, energy)
     M.check_new_name(model, name)
     model = M.unwrap(model)
-    per_adapter = [M.deltas(model, n) for n in names]
-    modules = list(dict.fromkeys(m for d in per_adapter for m in d))
-    generator = torch.Generator().manual_seed(seed)
-    built, errors = {}, {}
-    for mod in modules:
-        delta, err = combine_layer([d.get(mod) for d in per_adapter], weights, method, density, generator, rank,
-                                   energy)
-        w = M.linear_weight(model.get_submodule(mod).base)
-        built[mod] = delta.to(device=w.device)
-        errors[mod] = err
-    config = Combined(targets=modules, sources=names, how=method, weights=weights, density=density, rank=rank,
+    built, errors, weights, density = combine_deltas([M.deltas(model, n) for n in names], method, weights, density,
+                                                     rank, energy, seed)
+    for mod, delta in built.items():
+        built[mod] = delta.to(device=M.linear_weight(model.get_submodule(mod).base).device)
+    config = Combined(targets=list(built), sources=names, how=method, weights=weights, density=density, rank=rank,
                       energy=energy, seed=seed)
     M.install(model, name, config, built, activate)
     return errors
+
+
+def combine_records(records: list, method: str = "sum", weights=None, density: float | None = None,
+                    rank: int | None = None, energy: float | None = None, seed: int = 0, name: str = "combined",
+                    base=None):
+    """Combine saved adapters (:class:`deltatune.io.AdapterRecord`, e.g. from :func:`deltatune.io.read_record`)
+    without a model: ``(record of the combination, {module: relative error})``. ``base(module, spec) -> (weight,
+    bias)`` supplies the base weight that rotation deltas and kept-whole modules need (e.g. from
+    :class:`deltatune.io.weights.WeightStore`)."""
+    from ..io.peft_format import dense_delta
+    from ..io.record import AdapterRecord
+
+    if not records:
+        raise ValueError("give at least one adapter to combine")
+    per_adapter = [{mod: dense_delta(mod, spec, rec.tensors[mod], base) for mod, spec in rec.modules.items()}
+                   for rec in records]
+    built, errors, weights, density = combine_deltas(per_adapter, method, weights, density, rank, energy, seed)
+    kinds = {mod: spec.get("layer") for rec in reversed(records) for mod, spec in rec.modules.items()}
+    config = Combined(targets=list(built), sources=[r.name for r in records], how=method, weights=weights,
+                      density=density, rank=rank, energy=energy, seed=seed)
+    record = AdapterRecord(name, config.to_dict(), {m: {"layer": kinds[m], **d.spec()} for m, d in built.items()},
+                           {m: d.tensors() for m, d in built.items()}, base_model=records[0].base_model,
+                           task_type=records[0].task_type)
+    return record, errors

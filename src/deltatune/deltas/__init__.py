@@ -1,5 +1,5 @@
 """Delta structures: one module per structure (see DESIGN.md's table)."""
-from .base import Delta, delta_from_spec, structure_class, structures
+from .base import Delta, FrozenWeight, delta_from_spec, structure_class, structures
 from .basis import NOLADelta, OrthogonalLowRankDelta, VeRADelta
 from .dense import DenseDelta
 from .full import FullDelta
@@ -10,5 +10,5 @@ from .sliced import SlicedDelta
 from .sparse import SparseDelta
 
 __all__ = ["Delta", "DenseDelta", "FactoredDelta", "FullDelta", "GatedSVDDelta", "LowRankDelta", "NOLADelta", "OrthogonalLowRankDelta",
-           "RotationDelta", "SlicedDelta", "SparseDelta", "VeRADelta", "delta_from_spec", "lowrank_apply", "structure_class",
+           "FrozenWeight", "RotationDelta", "SlicedDelta", "SparseDelta", "VeRADelta", "delta_from_spec", "lowrank_apply", "structure_class",
            "structures"]

@@ -88,6 +88,13 @@ class Delta(nn.Module):
         """The bias update, or ``None`` when the structure leaves the bias alone (all but full replacement)."""
         return None
 
+    @classmethod
+    def weighted_sum(cls, terms: list[tuple["Delta", float]]) -> "Delta | None":
+        """``sum_i w_i dW_i`` for deltas ``terms = [(delta_i, w_i)]`` of this structure, as one delta of this structure
+        when that is exact (sparse deltas: on the union of their entries); ``None`` when the structure cannot hold
+        the sum (the caller then concatenates low-rank factors or goes dense)."""
+        return None
+
     @torch.no_grad()
     def merge_into(self, weight: torch.Tensor, bias: torch.Tensor | None, scale: float = 1.0) -> None:
         """``W += scale * dW`` (and ``b += scale * db``) in place; half-precision weights accumulate in float32.
@@ -118,6 +125,20 @@ class Delta(nn.Module):
 
     def extra_repr(self) -> str:
         return f"out_features={self.out_features}, in_features={self.in_features}"
+
+
+class FrozenWeight:
+    """What :meth:`Delta.bind` needs of a layer, for when only its base weight is known (exporting or combining a
+    checkpoint whose update depends on the base, with the base read from the model's files)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self.weight, self.bias = weight, bias
+
+    def linear_weight(self) -> torch.Tensor:
+        return self.weight
+
+    def base_bias(self) -> torch.Tensor | None:
+        return self.bias
 
 
 def fusable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> bool:

@@ -29,6 +29,10 @@ class DenseDelta(Delta):
         return self.D
 
     @classmethod
+    def weighted_sum(cls, terms: list[tuple["DenseDelta", float]]) -> "DenseDelta":
+        return cls(sum(d.D.detach().float() * w for d, w in terms))
+
+    @classmethod
     def from_spec(cls, spec: dict, tensors: dict[str, torch.Tensor]) -> "DenseDelta":
         D = tensors["D"]
         if tuple(D.shape) != (spec["out_features"], spec["in_features"]):

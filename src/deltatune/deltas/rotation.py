@@ -204,7 +204,7 @@ class RotationDelta(Delta):
     def dense(self) -> torch.Tensor:
         """``W (R^T - I)`` for the weight this delta sits on (it must not be merged into it)."""
         layer = self._layer
-        if layer is not None and any(layer.deltas[n] is self for n in layer.merged):
+        if layer is not None and any(layer.deltas[n] is self for n in getattr(layer, "merged", ())):
             raise RuntimeError("the additive form W (R^T - I) of a merged rotation is undefined; dt.unmerge it first")
         W = self._bound()[0].detach()
         R = self.rotation().detach()

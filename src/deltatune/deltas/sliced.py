@@ -123,6 +123,20 @@ class SlicedDelta(Delta):
     def dense(self) -> torch.Tensor:
         return sliced_dense(self.D, self.idx, self.axis, (self.out_features, self.in_features))
 
+    @classmethod
+    def weighted_sum(cls, terms: list[tuple["SlicedDelta", float]]) -> "SlicedDelta | None":
+        """``sum_i w_i dW_i`` as one block on the union of the selected rows (or columns) when every delta selects
+        along the same axis; ``None`` for a mix of row and column blocks (their sum is not one block)."""
+        first = terms[0][0]
+        if any(d.axis != first.axis for d, _ in terms):
+            return None
+        idx, inverse = torch.unique(torch.cat([d.idx for d, _ in terms]), return_inverse=True)
+        blocks = torch.cat([d.D.detach().float() * w for d, w in terms], dim=first.axis)
+        out = cls(first.out_features, first.in_features, idx, first.axis, dtype=first.dtype, device=idx.device)
+        with torch.no_grad():
+            out.D.copy_(torch.zeros_like(out.D, dtype=blocks.dtype).index_add_(first.axis, inverse, blocks))
+        return out
+
     # -- bookkeeping -------------------------------------------------------------------------------------------
     def spec(self) -> dict:
         return {**super().spec(), "axis": self.axis, "k": int(self.idx.numel())}

@@ -117,6 +117,18 @@ class SparseDelta(Delta):
             dW.register_hook(self.observer)
         return dW
 
+    @classmethod
+    def weighted_sum(cls, terms: list[tuple["SparseDelta", float]]) -> "SparseDelta":
+        """``sum_i w_i dW_i`` on the union of the entries: ``idx = U_i idx_i``, ``values = sum_i w_i values_i``
+        scattered onto it (entries active in several deltas add)."""
+        first = terms[0][0]
+        idx, inverse = torch.unique(torch.cat([d.idx for d, _ in terms]), return_inverse=True)
+        values = torch.cat([d.values.detach().float() * w for d, w in terms])
+        out = cls(first.out_features, first.in_features, idx, dtype=first.dtype, device=idx.device)
+        with torch.no_grad():
+            out.values.copy_(values.new_zeros(idx.numel()).index_add_(0, inverse, values))
+        return out
+
     # -- bookkeeping -------------------------------------------------------------------------------------------
     def spec(self) -> dict:
         return {**super().spec(), "k": int(self.idx.numel())}

@@ -21,7 +21,7 @@ from .. import __version__
 from .. import model as M
 from ..methods import Method
 from .files import CONFIG_NAME, WEIGHTS_NAME, adapter_folders, read_adapter, write_adapter
-from .peft_format import NotLowRank, from_peft, to_peft
+from .peft_format import NeedsBase, NotLowRank, from_peft, to_peft
 from .record import FORMAT_VERSION, AdapterRecord, build_deltas, check_fits, record_from_model
 
 FORMATS = ("deltatune", "peft")
@@ -68,28 +68,36 @@ def read_record(folder: str | Path, name: str | None = None, model: nn.Module | 
     raise ValueError(f"{Path(folder) / CONFIG_NAME} is neither a deltatune nor a PEFT adapter config")
 
 
-def _convert(record: AdapterRecord, format: str, rank: int | None, errors: dict | None):
+def _convert(record: AdapterRecord, format: str, rank: int | None, errors: dict | None, energy: float | None = None,
+             base=None):
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; choose one of {FORMATS}")
-    return to_peft(record, rank, errors) if format == "peft" else to_own(record)
+    return to_peft(record, rank, errors, energy, base) if format == "peft" else to_own(record)
 
 
-def write_record(folder: str | Path, record: AdapterRecord, format: str = "deltatune",
-                 rank: int | None = None) -> dict[str, float]:
+def write_record(folder: str | Path, record: AdapterRecord, format: str = "deltatune", rank: int | None = None,
+                 energy: float | None = None, base=None) -> dict[str, float]:
     """Write one adapter; returns ``{module: relative error}`` of the modules factored by truncated SVD (PEFT format
-    with ``rank``)."""
+    with ``rank`` or ``energy``). ``base(module, spec) -> (weight, bias)``: see :func:`to_peft`."""
     errors: dict[str, float] = {}
-    write_adapter(folder, *_convert(record, format, rank, errors))
+    write_adapter(folder, *_convert(record, format, rank, errors, energy, base))
     return errors
 
 
+def model_base(model: nn.Module):
+    """``base(module, spec) -> (weight, bias)`` read from ``model``'s adapted layers, as they are now."""
+    layers = dict(M.adapted_layers(M.unwrap(model)))
+    return lambda mod, spec: (layers[mod].linear_weight().detach(), layers[mod].base_bias())
+
+
 def save(model: nn.Module, path: str | Path, names: str | list[str] | None = None, format: str = "deltatune",
-         rank: int | None = None) -> Path:
+         rank: int | None = None, energy: float | None = None) -> Path:
     """Save adapters (default: all). One adapter goes to ``path`` itself; several to ``path/<name>/``.
 
     ``format="peft"`` writes PEFT's LoRA checkpoint (loads with ``PeftModel.from_pretrained``, servable by vLLM);
-    structures that are not a LoRA (sparse, sliced) need ``rank``: they are factored by truncated SVD and the
-    relative error of each module is reported as a warning. Files are written atomically.
+    structures that are not a LoRA (sparse, sliced, rotations, dense combinations) need ``rank`` (or ``energy``, the
+    share of ``||dW||_F^2`` to keep per module): they are factored by truncated SVD and the relative error of each
+    module is reported as a warning. Files are written atomically.
     """
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; choose one of {FORMATS}")
@@ -98,10 +106,14 @@ def save(model: nn.Module, path: str | Path, names: str | list[str] | None = Non
         raise ValueError("the model has no adapters to save")
     records = [record_from_model(model, n) for n in names]
     path = Path(path)
-    for rec in records:  # convert all before writing any (a non-LoRA delta fails here, not half-way)
-        _convert(rec, format, rank, None)
+    base = model_base(model)
+    # convert all before writing any (a non-LoRA delta fails here, not half-way)
+    converted = []
     for rec in records:
-        errors = write_record(path if len(records) == 1 else path / rec.name, rec, format, rank)
+        errors: dict[str, float] = {}
+        converted.append((rec, errors, _convert(rec, format, rank, errors, energy, base)))
+    for rec, errors, (config, tensors) in converted:
+        write_adapter(path if len(records) == 1 else path / rec.name, config, tensors)
         if errors:
             warnings.warn(f"adapter {rec.name!r}: {svd_error_summary(errors)}", stacklevel=2)
     return path
@@ -134,5 +146,5 @@ def load(model: nn.Module, path: str | Path, name: str | None = None, activate: 
     return model
 
 
-__all__ = ["AdapterRecord", "CONFIG_NAME", "NotLowRank", "WEIGHTS_NAME", "check_fits", "from_own", "from_peft",
-           "load", "read_record", "record_from_model", "save", "svd_error_summary", "to_own", "to_peft", "write_record"]
+__all__ = ["AdapterRecord", "CONFIG_NAME", "NeedsBase", "NotLowRank", "WEIGHTS_NAME", "check_fits", "from_own", "from_peft",
+           "load", "model_base", "read_record", "record_from_model", "save", "svd_error_summary", "to_own", "to_peft", "write_record"]

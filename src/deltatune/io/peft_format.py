@@ -28,7 +28,8 @@ from collections import Counter
 import torch
 
 from .. import __version__
-from ..deltas import delta_from_spec
+from ..calibration import progress
+from ..deltas import FrozenWeight, delta_from_spec
 from ..svd import svd_factors
 from .record import AdapterRecord
 
@@ -46,8 +47,30 @@ _PEFT_DEFAULTS = {
 }
 
 
+#: PEFT task types whose model wrapper adds the task head to ``modules_to_save`` and then requires it in the
+#: checkpoint: an adapter without a trained head is written without a task type (it loads as a plain PeftModel)
+HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
+
+
 class NotLowRank(ValueError):
     pass
+
+
+class NeedsBase(ValueError):
+    pass
+
+
+def dense_delta(mod: str, spec: dict, tensors: dict[str, torch.Tensor], base=None):
+    """The delta of one module, bound to its base weight when its update depends on it (rotations); ``base(module,
+    spec)`` returns that weight (linear layout) and bias."""
+    delta = delta_from_spec(spec, tensors)
+    if delta.needs_base:
+        if base is None:
+            raise NeedsBase(f"{mod}: the update of a {spec['structure']!r} delta depends on the base weight, which a "
+                            "checkpoint does not hold; export from the model (dt.save(model, format='peft', rank=16)) "
+                            "or give the base model's weights (deltatune export --base MODEL_DIR)")
+        delta.bind(FrozenWeight(*base(mod, spec)))
+    return delta
 
 
 def _number(x: float):
@@ -62,15 +85,17 @@ def _in_module_layout(t: torch.Tensor, kind: str) -> torch.Tensor:
     return t if kind == "linear" else t.t().contiguous()
 
 
-def to_peft(record: AdapterRecord, rank: int | None = None,
-            errors: dict[str, float] | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+def to_peft(record: AdapterRecord, rank: int | None = None, errors: dict[str, float] | None = None,
+            energy: float | None = None, base=None) -> tuple[dict, dict[str, torch.Tensor]]:
     """``(adapter_config, tensors)`` exactly as PEFT writes them. Deltas that are not a LoRA are factored by
-    truncated SVD at ``rank`` (their relative errors go into ``errors``); without a rank they raise
-    :class:`NotLowRank`."""
+    truncated SVD at ``rank`` (or per module the fewest components holding ``energy`` of ``||dW||_F^2``; their
+    relative errors go into ``errors``); without either they raise :class:`NotLowRank`. ``base(module, spec)``
+    gives the base weight for deltas whose update depends on it (rotations); without it they raise
+    :class:`NeedsBase`."""
     rslora = bool(record.method.get("use_rslora", False))
     tensors: dict[str, torch.Tensor] = {}
     ranks, alphas, saved = {}, {}, []
-    for mod, spec in record.modules.items():
+    for mod, spec in progress(record.modules.items(), "export"):
         t, kind = record.tensors[mod], spec.get("layer", "linear")
         if spec["structure"] == "full":
             saved.append(mod)
@@ -78,13 +103,14 @@ def to_peft(record: AdapterRecord, rank: int | None = None,
             if "bias" in t:
                 tensors[f"{PREFIX}{mod}.bias"] = t["bias"]
             continue
-        delta = delta_from_spec(spec, t)
+        delta = dense_delta(mod, spec, t, base)
         factors = delta.lowrank()
         if factors is None:
-            if rank is None:
-                raise NotLowRank(f"{mod}: a {spec['structure']!r} delta is not a LoRA; give a rank to export it by "
-                                 "truncated SVD (dt.save(..., format='peft', rank=16) or deltatune export --rank 16)")
-            B, A, err = svd_factors(delta.dense(), rank)
+            if rank is None and energy is None:
+                raise NotLowRank(f"{mod}: a {spec['structure']!r} delta is not a LoRA; give a rank or an energy to "
+                                 "export it by truncated SVD (dt.save(..., format='peft', rank=16) or deltatune export "
+                                 "--rank 16 / --energy 0.9)")
+            B, A, err = svd_factors(delta.dense(), rank, energy)
             factors = (B, A, 1.0)
             if errors is not None:
                 errors[mod] = err
@@ -104,7 +130,7 @@ def to_peft(record: AdapterRecord, rank: int | None = None,
         **_PEFT_DEFAULTS,
         "peft_type": "LORA",
         "peft_version": f"deltatune-{__version__}",
-        "task_type": record.task_type,
+        "task_type": record.task_type if saved or record.task_type not in HEAD_TASKS else None,
         "base_model_name_or_path": record.base_model,
         "r": r,
         "lora_alpha": alpha,
