@@ -2,7 +2,11 @@
 
 A :class:`WeightStore` opens a ``.safetensors`` file, or a model folder holding ``model.safetensors`` or the shards
 listed in ``model.safetensors.index.json`` (any ``*.safetensors`` otherwise), and hands out single tensors on
-demand: the files are memory-mapped, so reading a tensor costs that tensor's memory only.
+demand. A tensor is read with one positioned read into its own buffer (the file is not memory-mapped, so the pages
+of tensors already read do not stay in the process): reading a tensor costs that tensor's memory only.
+
+The safetensors layout: an 8-byte little-endian header length ``N``, ``N`` bytes of JSON ``{name: {"dtype",
+"shape", "data_offsets": [begin, end]}}`` (offsets relative to the end of the header), then the data.
 
 Module names in an adapter and tensor names in a checkpoint may differ by a prefix (an adapter trained on
 ``BertForSequenceClassification`` says ``bert.encoder...``, a ``BertModel`` checkpoint says ``encoder...``, or the
@@ -11,11 +15,22 @@ other way round): :meth:`WeightStore.module_weight` accepts either direction whe
 from __future__ import annotations
 
 import json
-from contextlib import ExitStack
+import struct
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def read_header(f) -> tuple[dict, int]:
+    """``({name: entry}, start of the data)`` of an open safetensors file."""
+    (n,) = struct.unpack("<Q", f.read(8))
+    header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
 
 
 def weight_files(path: str | Path) -> list[Path]:
@@ -43,12 +58,18 @@ class WeightStore:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._stack = ExitStack()
-        self._where: dict[str, object] = {}
-        for f in weight_files(path):
-            handle = self._stack.enter_context(safe_open(str(f), framework="pt"))
-            for key in handle.keys():
-                self._where[key] = handle
+        self._files = []
+        self._where: dict[str, tuple[object, int, dict]] = {}
+        try:
+            for name in weight_files(path):
+                f = open(name, "rb")
+                self._files.append(f)
+                header, start = read_header(f)
+                for key, entry in header.items():
+                    self._where[key] = (f, start, entry)
+        except (ValueError, struct.error, UnicodeDecodeError) as e:
+            self.close()
+            raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
 
     def __enter__(self) -> "WeightStore":
         return self
@@ -57,7 +78,9 @@ class WeightStore:
         self.close()
 
     def close(self) -> None:
-        self._stack.close()
+        for f in self._files:
+            f.close()
+        self._files = []
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -66,10 +89,18 @@ class WeightStore:
         return key in self._where
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        return self._where[key].get_tensor(key)
+        f, start, entry = self._where[key]
+        begin, end = entry["data_offsets"]
+        if entry["dtype"] not in DTYPES:
+            raise ValueError(f"{key}: safetensors dtype {entry['dtype']} is not supported")
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        f.seek(start + begin)
+        if f.readinto(memoryview(buf.numpy())) != end - begin:
+            raise ValueError(f"{self.path}: {key} is cut short (truncated file?)")
+        return buf.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._where[key].get_slice(key).get_shape())
+        return tuple(self._where[key][2]["shape"])
 
     def resolve(self, module: str, param: str = "weight") -> str | None:
         """The tensor name of ``module.param``, allowing a prefix on either side; ``None`` when absent or ambiguous."""
