@@ -18,3 +18,4 @@ python benchmarks/bench_sparse.py --what sweep
 python benchmarks/bench_sparse.py --what quality
 python benchmarks/bench_sparse.py --what sst2
 python benchmarks/bench_modular.py
+python benchmarks/bench_combine.py --what all --rounds 3

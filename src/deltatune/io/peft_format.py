@@ -67,8 +67,9 @@ def dense_delta(mod: str, spec: dict, tensors: dict[str, torch.Tensor], base=Non
     if delta.needs_base:
         if base is None:
             raise NeedsBase(f"{mod}: the update of a {spec['structure']!r} delta depends on the base weight, which a "
-                            "checkpoint does not hold; export from the model (dt.save(model, format='peft', rank=16)) "
-                            "or give the base model's weights (deltatune export --base MODEL_DIR)")
+                            "checkpoint does not hold; work on the model (dt.save(model, path, format='peft', rank=16), "
+                            "dt.combine) or give the base model's safetensors (deltatune export --base MODEL_DIR; "
+                            "'base: MODEL_DIR' in MERGE.yaml)")
         delta.bind(FrozenWeight(*base(mod, spec)))
     return delta
 
