@@ -35,11 +35,12 @@ from .combine import combine  # noqa: E402
 from .extract import extract  # noqa: E402
 from .interference import interference  # noqa: E402
 from .io import load, save  # noqa: E402
+from .serving import adapter_rows, set_serving  # noqa: E402
 
 __all__ = [
     "AdaLoRA", "AdaptedLayer", "Controller", "Delta", "FullDelta", "GatedSVDDelta", "IncreLoRA", "LTSFT", "LoRA",
     "LowRankDelta", "Method", "MiLoRA", "NOLA", "NOLADelta", "OFT", "OLoRA", "OrthogonalAdaptation",
     "OrthogonalLowRankDelta", "PiSSA", "RotationDelta", "S2FT", "SORSA", "SlicedDelta", "SoRA", "SparseDelta", "SpIEL",
-    "VeRA", "VeRADelta", "active_adapters", "adapters", "after_backward", "attach", "combine", "interference", "begin", "controller_metrics", "deltas", "delete", "disabled", "extract", "load", "merge", "save", "set_active",
+    "VeRA", "VeRADelta", "active_adapters", "adapter_rows", "adapters", "after_backward", "attach", "combine", "interference", "begin", "controller_metrics", "deltas", "delete", "disabled", "extract", "load", "merge", "save", "set_active", "set_serving",
     "step", "trainable_parameters", "unload", "unmerge",
 ]

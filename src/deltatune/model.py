@@ -67,6 +67,7 @@ class AdaptedLayer(nn.Module):
         self.enabled = True
         self._live: tuple[Delta, ...] = ()
         self._replacing: Delta | None = None
+        self._rows = None  # a deltatune.serving.Rows while a mixed-adapter batch runs
         # exactly nn.Linear / Conv1D (not quantized or other subclasses): its output is x W^T + b, so it may run
         # on 2-D inputs and a single live delta may compute the whole layer in one fused node (Delta.fuse)
         self._plain = type(base) is nn.Linear or self.kind == "conv1d"
@@ -114,6 +115,8 @@ class AdaptedLayer(nn.Module):
         self._live = tuple(d for d in live if d is not self._replacing)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self._rows is not None:
+            return self._rows.forward(self, x, *args, **kwargs)
         if self.kind == "embedding":
             out = self._base_output(x, *args, **kwargs)
             for d in self._live:
@@ -193,6 +196,15 @@ class Registry:
     active: list[str] = field(default_factory=list)
     trainable: list[str] | None = None
     step: int = 0
+    merge_single: bool = False  # serving: run a batch whose rows all use one adapter with it merged
+    serving_merged: str | None = None  # the adapter merged for that, if any
+    hooks: list = field(default_factory=list)  # model(..., adapter_names=[...])
+
+    def close(self, model: nn.Module) -> None:
+        from .serving import remove_hooks
+
+        remove_hooks(model, self.hooks)
+        self.hooks = []
 
     def training(self) -> list[str]:
         """The active adapters whose parameters train."""
@@ -216,7 +228,10 @@ def registry(model: nn.Module, create: bool = False) -> Registry:
     if reg is None:
         if not create:
             raise ValueError("this model has no deltatune adapters; attach one first with dt.attach(model, dt.LoRA())")
+        from .serving import install_hooks
+
         reg = Registry()
+        reg.hooks = install_hooks(model)
         model.__dict__[REGISTRY_ATTR] = reg
     return reg
 
@@ -474,7 +489,7 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
     _merge_layers(model, keep)
     for name, layer in list(adapted_layers(model)):
         _set_submodule(model, name, layer.base)
-    del model.__dict__[REGISTRY_ATTR]
+    model.__dict__.pop(REGISTRY_ATTR).close(model)
     return model
 
 
@@ -491,11 +506,13 @@ def delete(model: nn.Module, name: str) -> nn.Module:
         if not len(layer.deltas):
             _set_submodule(model, mod_name, layer.base)
     del reg.adapters[name]
+    if reg.serving_merged == name:
+        reg.serving_merged = None
     reg.active = [n for n in reg.active if n != name] or list(reg.adapters)[-1:]
     if reg.trainable is not None:
         reg.trainable = [n for n in reg.trainable if n != name] or None
     if not reg.adapters:
-        del model.__dict__[REGISTRY_ATTR]
+        model.__dict__.pop(REGISTRY_ATTR).close(model)
         return model
     _sync(model)
     return model
