@@ -127,7 +127,6 @@ def _base_weights(path):
 def _report(errors: dict[str, float]) -> None:
     from .io import svd_error_summary
 
-    errors = {m: e for m, e in errors.items() if e > 0}
     if errors:
         print(svd_error_summary(errors))
 
@@ -167,24 +166,39 @@ def read_merge_config(path: str | Path) -> dict:
     for key in ("adapters", "output"):
         if key not in cfg:
             raise ValueError(f"{path}: missing {key!r} (see deltatune merge --help for an example)")
+    if not isinstance(cfg["adapters"], list) or not cfg["adapters"]:
+        raise ValueError(f"{path}: 'adapters' must be a list of adapter folders (or {{path, weight}} mappings)")
     adapters = []
     for a in cfg["adapters"]:
-        entry = {"path": a, "weight": 1.0} if isinstance(a, str) else dict(a)
-        if "path" not in entry or set(entry) - {"path", "weight"}:
+        entry = {"path": a, "weight": 1.0} if isinstance(a, str) else dict(a) if isinstance(a, dict) else {}
+        if not isinstance(entry.get("path"), str) or set(entry) - {"path", "weight"}:
             raise ValueError(f"{path}: each adapter is a folder, or a mapping with 'path' and optional 'weight'; "
                              f"got {a!r}")
-        entry["path"] = path.parent / entry["path"]
+        entry["path"] = _relative(path, entry["path"])
         adapters.append(entry)
     cfg["adapters"] = adapters
-    cfg["output"] = path.parent / cfg["output"]
-    if cfg.get("base") is not None:
-        cfg["base"] = path.parent / cfg["base"]
+    for key in ("output", "base"):
+        if cfg.get(key) is not None:
+            if not isinstance(cfg[key], str):
+                raise ValueError(f"{path}: {key!r} must be a path, got {cfg[key]!r}")
+            cfg[key] = _relative(path, cfg[key])
+    if cfg.get("format", "deltatune") not in ("deltatune", "peft"):
+        raise ValueError(f"{path}: format must be 'deltatune' or 'peft', got {cfg['format']!r}")
+    if cfg.get("format") == "peft" and cfg.get("method", "sum") != "sum" and cfg.get("rank") is None \
+            and cfg.get("energy") is None:
+        raise ValueError(f"{path}: a {cfg['method']} merge is a dense update; format: peft needs 'rank:' or "
+                         "'energy:' to write it as a LoRA")
     return cfg
+
+
+def _relative(config: Path, p: str) -> Path:
+    """``p`` (``~`` expanded) relative to the folder of the config file that names it."""
+    return config.parent / Path(p).expanduser()
 
 
 def _cmd_merge(args) -> int:
     from .combine.merge import combine_records
-    from .io import read_record, write_record
+    from .io import NotLowRank, read_record, write_record
 
     cfg = read_merge_config(args.config)
     records = [read_record(a["path"]) for a in cfg["adapters"]]
@@ -196,11 +210,15 @@ def _cmd_merge(args) -> int:
     finally:
         if store is not None:
             store.close()
-    write_record(cfg["output"], record, format=cfg.get("format", "deltatune"))
+    try:
+        write_record(cfg["output"], record, format=cfg.get("format", "deltatune"))
+    except NotLowRank as e:
+        raise ValueError(f"{e}; in MERGE.yaml: add 'rank:' or 'energy:' to write the merge as a LoRA") from None
     structures = Counter(spec["structure"] for spec in record.modules.values())
     print(f"wrote {record.name!r} ({cfg.get('method', 'sum')} of {len(records)} adapters; " +
           ", ".join(f"{n} {s}" for s, n in structures.items()) + f" modules) to {cfg['output']}")
-    _report(errors)
+    if cfg.get("rank") is not None or cfg.get("energy") is not None:
+        _report(errors)
     return 0
 
 

@@ -9,14 +9,18 @@ approximation in Frobenius norm)::
 with ``k = rank``, or per layer the fewest components holding ``energy`` of ``||dW||_F^2``. The relative error
 ``||dW - B A||_F / ||dW||_F = sqrt(sum_{i>k} S_i^2 / sum_i S_i^2)`` is reported per layer.
 
-Tensors are streamed from the two safetensors checkpoints one pair at a time (:class:`deltatune.io.weights.
-WeightStore`), so peak memory is about one layer's ``W``, ``W'`` and its SVD, whatever the model size. Modules
-present only in the fine-tuned model (a new classification head) are kept whole (PEFT's ``modules_to_save``);
-other changed tensors that are not weight matrices (norms, biases) cannot be a LoRA and are listed in the report.
+Layer kinds come from the model's ``config.json`` (built on the meta device), so GPT-2's ``Conv1D`` (stored
+``in x out``) and embedding tables (``dW`` of the transposed table: an embedding LoRA) are handled; without a
+config, tables are recognized by name. Tensors are streamed from the two safetensors checkpoints one pair at a time
+(:class:`deltatune.io.weights.WeightStore`), so peak memory is about one layer's ``W``, ``W'`` and its SVD, whatever
+the model size. Modules present only in the fine-tuned model (a new classification head) are kept whole (PEFT's
+``modules_to_save``); other changed tensors that are not weight matrices (norms, biases), and resized ones, cannot
+be a LoRA and are listed in the report.
 """
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +60,7 @@ class ExtractionReport:
     errors: dict[str, float] = field(default_factory=dict)
     kept_whole: list[str] = field(default_factory=list)
     skipped: dict[str, float] = field(default_factory=dict)  # tensor -> relative change ||T' - T|| / ||T||
+    resized: list[str] = field(default_factory=list)  # tensors whose shape differs (e.g. a resized vocabulary)
     unchanged: int = 0
 
     def summary(self) -> str:
@@ -68,6 +73,8 @@ class ExtractionReport:
                          f"worst {self.errors[worst]:.4f} ({worst})")
         if self.kept_whole:
             lines.append(f"kept whole (new in the fine-tuned model): {', '.join(self.kept_whole)}")
+        if self.resized:
+            lines.append(f"resized, left out (not a LoRA; keep or resize them yourself): {', '.join(self.resized)}")
         if self.skipped:
             shown = ", ".join(f"{k} ({v:.2g})" for k, v in list(self.skipped.items())[:5])
             more = f" and {len(self.skipped) - 5} more" if len(self.skipped) > 5 else ""
@@ -85,44 +92,88 @@ def _relative_change(new: torch.Tensor, old: torch.Tensor) -> float:
     return float((new.float() - old.float()).norm()) / (norm if norm > 0 else 1.0)
 
 
+def common_precision(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both tensors in the coarser of their two float dtypes (a float32 base against a bfloat16 fine-tune would
+    otherwise show rounding noise as a full-rank update everywhere)."""
+    if a.dtype == b.dtype or not (a.is_floating_point() and b.is_floating_point()):
+        return a, b
+    coarse = max((a.dtype, b.dtype), key=lambda d: torch.finfo(d).eps)
+    return a.to(coarse), b.to(coarse)
+
+
+def module_kinds(path: str | Path) -> dict[str, str] | None:
+    """``{module name: "linear" | "conv1d" | "embedding"}`` of the model whose ``config.json`` sits beside the weights
+    (built on the meta device: no memory, no weights); ``None`` without a usable config."""
+    from .model import _kind
+
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    if not (folder / "config.json").is_file():
+        return None
+    try:
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(folder)
+        cls = getattr(transformers, (config.architectures or [""])[0], None)
+        with torch.device("meta"):
+            model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
+    except Exception as e:  # an architecture this transformers does not know: fall back on names
+        warnings.warn(f"could not build the model of {folder / 'config.json'} to read its layer kinds ({e}); "
+                      "guessing embeddings from tensor names", stacklevel=3)
+        return None
+    kinds = {}
+    for name, module in model.named_modules():
+        try:
+            kinds[name] = _kind(module)
+        except TypeError:
+            pass
+    return kinds
+
+
 def extract(base: str | Path, tuned: str | Path, rank: int | None = None, energy: float | None = None,
             targets: TargetSpec = None, exclude: TargetSpec = None, name: str = "extracted",
-            task_type: str | None = None) -> tuple[AdapterRecord, ExtractionReport]:
+            task_type: str | None = None, kinds: dict[str, str] | None = None) -> tuple[AdapterRecord, ExtractionReport]:
     """The LoRA adapter that best turns ``base`` into ``tuned`` (safetensors files or model folders).
 
     ``rank``: components per module; ``energy``: instead, per module the fewest components holding this share of
-    ``||dW||_F^2`` (both given: ``rank`` caps the energy rank). ``targets`` / ``exclude``: which modules (a list of
-    names or suffixes, or a regular expression over the whole module name; default every changed weight matrix).
-    Returns the adapter (save it with :func:`deltatune.io.write_record`, or in PEFT format) and the report.
+    ``||dW||_F^2`` (both given: the smaller of the two). ``targets`` / ``exclude``: which modules (a list of names
+    or suffixes, or a regular expression over the whole module name; default every changed weight matrix).
+    ``kinds``: ``{module: "linear" | "conv1d" | "embedding"}``; by default read from the fine-tuned model's
+    ``config.json`` (GPT-2's ``Conv1D`` stores ``in x out``), else guessed from names (``embed``, ``wte``, ...).
+    Tensor names may differ by a prefix between the two checkpoints. Returns the adapter (write it with
+    :func:`deltatune.io.write_record`, e.g. in PEFT format) and the report.
     """
     if rank is None and energy is None:
         raise ValueError("give rank= (components per module) or energy= (share of ||dW||^2 to keep, e.g. 0.9)")
     if rank is not None and rank <= 0 or energy is not None and not 0 < energy <= 1:
         raise ValueError(f"rank must be positive and energy in (0, 1], got rank={rank}, energy={energy}")
+    kinds = kinds if kinds is not None else module_kinds(tuned)
     modules, tensors, report = {}, {}, ExtractionReport()
+    matched = 0
     with WeightStore(base) as old, WeightStore(tuned) as new:
         for key in progress(new.keys(), "extract"):
             mod, _, param = key.rpartition(".")
             if targets is not None and not _matches(mod, targets) or _matches(mod, exclude):
                 continue
-            shape = new.shape(key)
-            if len(shape) != 2 or param != "weight":
-                if len(shape) and key in old and not (new_t := new[key]).equal(old_t := old[key]):
+            shape, old_key = new.shape(key), old.resolve(mod, param)
+            if old_key is not None and old.shape(old_key) != shape:
+                report.resized.append(key)
+                continue
+            if len(shape) != 2 or param != "weight" or (kinds is not None and mod not in kinds):
+                if old_key is not None and len(shape) and not (new_t := new[key]).equal(old_t := old[old_key]):
                     report.skipped[key] = _relative_change(new_t, old_t)
                 continue
-            kind = "embedding" if EMBEDDING.fullmatch(mod) else "linear"
+            kind = kinds[mod] if kinds is not None else ("embedding" if EMBEDDING.fullmatch(mod) else "linear")
             W_new = new[key] if kind == "linear" else new[key].t()
-            if key not in old:  # a module only the fine-tuned model has: keep it whole
+            if old_key is None:  # a module only the fine-tuned model has: keep it whole
                 bias = f"{mod}.bias"
-                modules[mod] = {"structure": "full", "layer": kind, "out_features": shape[0] if kind == "linear"
-                                else shape[1], "in_features": shape[1] if kind == "linear" else shape[0]}
+                modules[mod] = {"structure": "full", "layer": kind, "out_features": W_new.shape[0],
+                                "in_features": W_new.shape[1]}
                 tensors[mod] = {"weight": W_new, **({"bias": new[bias]} if bias in new else {})}
                 report.kept_whole.append(mod)
                 continue
-            if old.shape(key) != shape:
-                raise ValueError(f"{key} has shape {old.shape(key)} in {base} but {shape} in {tuned}: not a base "
-                                 "model and its fine-tune")
-            W_old = old[key] if kind == "linear" else old[key].t()
+            matched += 1
+            W_old = old[old_key] if kind == "linear" else old[old_key].t()
+            W_new, W_old = common_precision(W_new, W_old)
             if W_new.equal(W_old):
                 report.unchanged += 1
                 continue
@@ -132,8 +183,13 @@ def extract(base: str | Path, tuned: str | Path, rank: int | None = None, energy
                             "in_features": A.shape[1], "r": int(A.shape[0]), "scale": 1.0}
             tensors[mod] = {"A": A.to(dtype), "B": B.to(dtype)}
             report.ranks[mod], report.errors[mod] = int(A.shape[0]), err
+    if not matched and report.kept_whole:
+        raise ValueError(f"no weight matrix of {tuned} has a counterpart in {base} (compared "
+                         f"{len(report.kept_whole)}): not a base model and its fine-tune")
     if not modules:
         raise ValueError(f"{tuned} does not differ from {base} in any selected weight matrix: nothing to extract")
-    config = Extracted(targets=sorted(report.ranks), base=str(base), tuned=str(tuned), rank=rank, energy=energy)
-    record = AdapterRecord(name, config.to_dict(), modules, tensors, base_model=str(base), task_type=task_type)
+    config = Extracted(targets=sorted(report.ranks), modules_to_save=report.kept_whole or None, base=str(base),
+                       tuned=str(tuned), rank=rank, energy=energy)
+    folder = Path(base) if Path(base).is_dir() else Path(base).parent
+    record = AdapterRecord(name, config.to_dict(), modules, tensors, base_model=str(folder), task_type=task_type)
     return record, report

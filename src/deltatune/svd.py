@@ -26,8 +26,9 @@ def tail_error(S: torch.Tensor, k: int) -> float:
 
 
 def keep_count(S: torch.Tensor, rank: int | None, energy: float | None) -> int:
-    """``rank`` (capped at ``len(S)``), or the :func:`energy_rank` when ``rank`` is None; at least 1."""
-    k = rank if rank is not None else energy_rank(S, energy)
+    """``rank``, or the :func:`energy_rank` for ``energy``, or (both given) the smaller of the two; capped at
+    ``len(S)``, at least 1."""
+    k = min(rank if rank is not None else S.numel(), energy_rank(S, energy) if energy is not None else S.numel())
     return max(1, min(k, S.numel()))
 
 

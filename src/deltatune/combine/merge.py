@@ -17,6 +17,7 @@ the fewest that hold ``energy`` of ``||dW||_F^2``, and the relative Frobenius er
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -121,7 +122,7 @@ def combine_layer(deltas: list[Delta | None], weights: list[float], method: str,
     delta = exact_sum(terms) if method == "sum" else None
     if delta is None:
         delta = DenseDelta(dense_combination(terms, method, density, generator))
-    if rank is None and energy is None:
+    if rank is None and energy is None or delta.whole_module:  # a module kept whole stays whole
         return delta, 0.0
     return refactorize(delta, rank, energy)
 
@@ -141,23 +142,22 @@ def check_options(method: str, n: int, weights, density, rank, energy):
     return weights, density
 
 
-def combine_deltas(per_adapter: list[dict[str, Delta]], method: str = "sum", weights=None,
+def combine_deltas(per_adapter: list[Mapping[str, Delta]], method: str = "sum", weights=None,
                    density: float | None = None, rank: int | None = None, energy: float | None = None,
                    seed: int = 0) -> tuple[dict[str, Delta], dict[str, float], list, float]:
     """Combine adapters given as ``{module: delta}`` maps, without a model (a progress bar on a terminal): ``(deltas, errors, weights, density)``.
     Deltas whose update depends on the base weight (rotations) must be bound to it (:meth:`Delta.bind`)."""
     weights, density = check_options(method, len(per_adapter), weights, density, rank, energy)
     modules = list(dict.fromkeys(m for d in per_adapter for m in d))
-    for mod in modules:
-        shapes = {(d[mod].out_features, d[mod].in_features) for d in per_adapter if mod in d}
-        if len(shapes) > 1:
-            raise ValueError(f"the adapters disagree on the shape of {mod!r} ({sorted(shapes)}): they were trained on "
-                             "different base models and cannot be combined")
     generator = torch.Generator().manual_seed(seed)
     built, errors = {}, {}
     for mod in progress_bar(modules, "combine"):
-        built[mod], errors[mod] = combine_layer([d.get(mod) for d in per_adapter], weights, method, density,
-                                                generator, rank, energy)
+        layer = [d.get(mod) for d in per_adapter]  # built here, one module at a time, when the maps are lazy
+        shapes = {(d.out_features, d.in_features) for d in layer if d is not None}
+        if len(shapes) > 1:
+            raise ValueError(f"the adapters disagree on the shape of {mod!r} ({sorted(shapes)}): they were trained on "
+                             "different base models and cannot be combined")
+        built[mod], errors[mod] = combine_layer(layer, weights, method, density, generator, rank, energy)
     return built, errors, weights, density
 
 
@@ -186,6 +186,28 @@ def combine(model, names: list[str], method: str = "sum", weights=None, density:
     return errors
 
 
+class RecordDeltas(Mapping):
+    """``{module: delta}`` of a saved adapter, each delta built (and bound to its base weight, when it needs one)
+    only when asked for, so combining saved adapters holds one module's base weights at a time."""
+
+    def __init__(self, record, base=None):
+        self.record, self.base = record, base
+
+    def __getitem__(self, mod: str) -> Delta:
+        from ..io.peft_format import bound_delta
+
+        return bound_delta(mod, self.record.modules[mod], self.record.tensors[mod], self.base)
+
+    def get(self, mod: str, default=None):  # not Mapping.get: a KeyError from building a delta must surface
+        return self[mod] if mod in self.record.modules else default
+
+    def __iter__(self):
+        return iter(self.record.modules)
+
+    def __len__(self) -> int:
+        return len(self.record.modules)
+
+
 def combine_records(records: list, method: str = "sum", weights=None, density: float | None = None,
                     rank: int | None = None, energy: float | None = None, seed: int = 0, name: str = "combined",
                     base=None):
@@ -193,13 +215,11 @@ def combine_records(records: list, method: str = "sum", weights=None, density: f
     without a model: ``(record of the combination, {module: relative error})``. ``base(module, spec) -> (weight,
     bias)`` supplies the base weight that rotation deltas and kept-whole modules need (e.g. from
     :class:`deltatune.io.weights.WeightStore`)."""
-    from ..io.peft_format import dense_delta
     from ..io.record import AdapterRecord
 
     if not records:
         raise ValueError("give at least one adapter to combine")
-    per_adapter = [{mod: dense_delta(mod, spec, rec.tensors[mod], base) for mod, spec in rec.modules.items()}
-                   for rec in records]
+    per_adapter = [RecordDeltas(rec, base) for rec in records]
     built, errors, weights, density = combine_deltas(per_adapter, method, weights, density, rank, energy, seed)
     kinds = {mod: spec.get("layer") for rec in reversed(records) for mod, spec in rec.modules.items()}
     config = Combined(targets=list(built), sources=[r.name for r in records], how=method, weights=weights,

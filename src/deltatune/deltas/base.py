@@ -34,6 +34,9 @@ class Delta(nn.Module):
     multiplicative: ClassVar[bool] = False
     #: True when :meth:`dense` needs the base weight (a checkpoint alone cannot say what the update is).
     needs_base: ClassVar[bool] = False
+    #: True when the delta is a module's own trained parameters (PEFT's ``modules_to_save``): combinations keep it a
+    #: whole module (weights and bias), never a low-rank re-factorization.
+    whole_module: ClassVar[bool] = False
 
     def __init__(self, out_features: int, in_features: int):
         super().__init__()

@@ -14,12 +14,21 @@ from torch import nn
 from .base import Delta
 
 
+def shifted_sum(p0: torch.Tensor, terms: list[tuple[torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:
+    """``p0 + sum_i w_i (p_i - q_i)`` for ``terms = [(p_i, q_i, w_i)]``, accumulated in float32."""
+    out = p0.detach().float().clone()
+    for p, q, w in terms:
+        out += w * (p.detach().float() - q.detach().float())
+    return out.to(p0.dtype)
+
+
 class FullDelta(Delta):
     """``y = W' x + b'`` in place of ``y = W x + b``; expressed additively as ``(W' - W) x + (b' - b)``."""
 
     structure = "full"
     replaces_output = True
     needs_base = True
+    whole_module = True
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         out_features, in_features = weight.shape
@@ -55,6 +64,18 @@ class FullDelta(Delta):
         bias = layer.base_bias()
         self.weight0 = layer.linear_weight().detach().clone()
         self.bias0 = None if bias is None else bias.detach().clone()
+
+    @classmethod
+    def weighted_sum(cls, terms: list[tuple["FullDelta", float]]) -> "FullDelta":
+        """``W0 + sum_i w_i (W'_i - W0)`` and the bias alike: one whole module, relative to the base ``W0``, ``b0``
+        that every term sits on (weights summing to 1 average the trained modules)."""
+        first = terms[0][0]
+        weight = shifted_sum(first.weight0, [(d.weight, d.weight0, w) for d, w in terms])
+        bias = None if first.bias is None else shifted_sum(first.bias0, [(d.bias, d.bias0, w) for d, w in terms])
+        out = cls(weight, bias)
+        out.weight0 = first.weight0.clone()
+        out.bias0 = None if first.bias0 is None else first.bias0.clone()
+        return out
 
     @classmethod
     def from_spec(cls, spec: dict, tensors: dict[str, torch.Tensor]) -> "FullDelta":

@@ -85,9 +85,17 @@ def write_record(folder: str | Path, record: AdapterRecord, format: str = "delta
 
 
 def model_base(model: nn.Module):
-    """``base(module, spec) -> (weight, bias)`` read from ``model``'s adapted layers, as they are now."""
+    """``base(module, spec) -> (weight, bias)`` read from ``model``'s adapted layers; refuses a layer with merged
+    adapters (its weight is no longer the base weight the update is relative to)."""
     layers = dict(M.adapted_layers(M.unwrap(model)))
-    return lambda mod, spec: (layers[mod].linear_weight().detach(), layers[mod].base_bias())
+
+    def base(mod: str, spec: dict):
+        layer = layers[mod]
+        if layer.merged:
+            raise ValueError(f"{mod}: adapters {list(layer.merged)} are merged into its weight, and a "
+                             f"{spec['structure']!r} update is relative to the base weight; dt.unmerge(model) first")
+        return layer.linear_weight().detach(), layer.base_bias()
+    return base
 
 
 def save(model: nn.Module, path: str | Path, names: str | list[str] | None = None, format: str = "deltatune",

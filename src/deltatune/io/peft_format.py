@@ -60,17 +60,19 @@ class NeedsBase(ValueError):
     pass
 
 
-def dense_delta(mod: str, spec: dict, tensors: dict[str, torch.Tensor], base=None):
-    """The delta of one module, bound to its base weight when its update depends on it (rotations); ``base(module,
-    spec)`` returns that weight (linear layout) and bias."""
+def bound_delta(mod: str, spec: dict, tensors: dict[str, torch.Tensor], base=None):
+    """The delta of one module, bound to its base weight when its update depends on it (a rotation, a module kept
+    whole); ``base(module, spec)`` returns that weight (linear layout) and bias."""
     delta = delta_from_spec(spec, tensors)
     if delta.needs_base:
         if base is None:
-            raise NeedsBase(f"{mod}: the update of a {spec['structure']!r} delta depends on the base weight, which a "
-                            "checkpoint does not hold; work on the model (dt.save(model, path, format='peft', rank=16), "
-                            "dt.combine) or give the base model's safetensors (deltatune export --base MODEL_DIR; "
-                            "'base: MODEL_DIR' in MERGE.yaml)")
-        delta.bind(FrozenWeight(*base(mod, spec)))
+            raise NeedsBase(f"{mod}: the update of a {spec['structure']!r} delta is relative to the base model's "
+                            "weight, which a checkpoint does not hold; work on the model (dt.save(model, path, "
+                            "format='peft', rank=16), dt.combine) or give the base model's safetensors (deltatune "
+                            "export --base MODEL_DIR; 'base: MODEL_DIR' in MERGE.yaml)")
+        weight, bias = base(mod, spec)
+        delta = delta.to(weight.device)
+        delta.bind(FrozenWeight(weight, bias))
     return delta
 
 
@@ -97,14 +99,14 @@ def to_peft(record: AdapterRecord, rank: int | None = None, errors: dict[str, fl
     tensors: dict[str, torch.Tensor] = {}
     ranks, alphas, saved = {}, {}, []
     for mod, spec in progress(record.modules.items(), "export"):
-        t, kind = record.tensors[mod], spec.get("layer", "linear")
+        t, kind = record.tensors[mod], spec.get("layer") or "linear"
         if spec["structure"] == "full":
             saved.append(mod)
             tensors[f"{PREFIX}{mod}.weight"] = _in_module_layout(t["weight"], kind)
             if "bias" in t:
                 tensors[f"{PREFIX}{mod}.bias"] = t["bias"]
             continue
-        delta = dense_delta(mod, spec, t, base)
+        delta = bound_delta(mod, spec, t, base)
         factors = delta.lowrank()
         if factors is None:
             if rank is None and energy is None:
@@ -203,13 +205,15 @@ def from_peft(config: dict, tensors: dict[str, torch.Tensor], name: str, kinds: 
     found, rest = _split_keys(tensors, r"lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B")
     modules, out = {}, {}
     for mod, t in found.items():
+        embedding = any(k.startswith("lora_embedding") for k in t)
         t = {("A" if "A" in k else "B"): v for k, v in t.items()}
         if set(t) != {"A", "B"}:
             raise ValueError(f"PEFT checkpoint has an incomplete LoRA for {mod!r} (found {sorted(t)})")
         r = t["A"].shape[0]
         alpha = _pattern(mod, config.get("alpha_pattern") or {}, config["lora_alpha"])
         scale = alpha / math.sqrt(r) if rslora else alpha / r
-        modules[mod] = {"structure": "lowrank", "layer": kinds.get(mod), "out_features": t["B"].shape[0],
+        kind = kinds.get(mod) or ("embedding" if embedding else None)
+        modules[mod] = {"structure": "lowrank", "layer": kind, "out_features": t["B"].shape[0],
                         "in_features": t["A"].shape[1], "r": r, "scale": scale}
         out[mod] = t
     _saved_modules(rest, config, kinds, modules, out)

@@ -25,11 +25,23 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
-def read_header(f) -> tuple[dict, int]:
-    """``({name: entry}, start of the data)`` of an open safetensors file."""
+def read_header(f, size: int) -> tuple[dict, int]:
+    """``({name: entry}, start of the data)`` of an open safetensors file of ``size`` bytes; checks every entry's
+    offsets against its dtype, shape and the file size."""
     (n,) = struct.unpack("<Q", f.read(8))
+    if n > min(size - 8, 100 * 2**20):
+        raise ValueError("the header length is impossible")
     header = json.loads(f.read(n))
     header.pop("__metadata__", None)
+    for key, e in header.items():
+        begin, end = e["data_offsets"]
+        if e["dtype"] not in DTYPES:
+            raise ValueError(f"{key}: dtype {e['dtype']} is not supported")
+        numel = 1
+        for d in e["shape"]:
+            numel *= d
+        if end - begin != numel * DTYPES[e["dtype"]].itemsize or not 0 <= begin <= end <= size - 8 - n:
+            raise ValueError(f"{key}: its data offsets do not match its shape or lie outside the file")
     return header, 8 + n
 
 
@@ -46,7 +58,7 @@ def weight_files(path: str | Path) -> list[Path]:
         return [path / s for s in shards]
     if (path / "model.safetensors").is_file():
         return [path / "model.safetensors"]
-    files = sorted(path.glob("*.safetensors"))
+    files = sorted(f for f in path.glob("*.safetensors") if not f.name.startswith("adapter_model"))
     if not files:
         raise FileNotFoundError(f"{path} holds no .safetensors weights (save the model with "
                                 "model.save_pretrained(folder) or safetensors.torch.save_file)")
@@ -60,16 +72,19 @@ class WeightStore:
         self.path = Path(path)
         self._files = []
         self._where: dict[str, tuple[object, int, dict]] = {}
-        try:
-            for name in weight_files(path):
-                f = open(name, "rb")
-                self._files.append(f)
-                header, start = read_header(f)
-                for key, entry in header.items():
-                    self._where[key] = (f, start, entry)
-        except (ValueError, struct.error, UnicodeDecodeError) as e:
-            self.close()
-            raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+        for name in weight_files(path):
+            f = open(name, "rb")
+            self._files.append(f)
+            try:
+                header, start = read_header(f, name.stat().st_size)
+            except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as e:
+                self.close()
+                raise ValueError(f"{name}: not a readable safetensors file ({e})") from None
+            for key, entry in header.items():
+                if key in self._where:
+                    self.close()
+                    raise ValueError(f"{path}: tensor {key!r} is in two of its files; point at one model")
+                self._where[key] = (f, start, entry)
 
     def __enter__(self) -> "WeightStore":
         return self
@@ -91,8 +106,6 @@ class WeightStore:
     def __getitem__(self, key: str) -> torch.Tensor:
         f, start, entry = self._where[key]
         begin, end = entry["data_offsets"]
-        if entry["dtype"] not in DTYPES:
-            raise ValueError(f"{key}: safetensors dtype {entry['dtype']} is not supported")
         buf = torch.empty(end - begin, dtype=torch.uint8)
         f.seek(start + begin)
         if f.readinto(memoryview(buf.numpy())) != end - begin:
@@ -118,7 +131,8 @@ class WeightStore:
         key = self.resolve(module)
         if key is None:
             raise ValueError(f"{self.path} has no (unique) weight for module {module!r}: is it the base model the "
-                             "adapter was trained on?")
+                             "adapter was trained on? (A module the adapter keeps whole, such as a new classification "
+                             "head, must be in the base checkpoint too: save the base model with its head.)")
         W = self[key]
         W = W if kind == "linear" else W.t()
         if shape is not None and tuple(W.shape) != tuple(shape):
