@@ -11,7 +11,8 @@ once for the whole batch: the base product is shared and only the delta terms di
   adapters, zero-padded to the largest rank ``r`` with the scale folded into ``B`` (slot 0 is all zeros, for rows
   without a low-rank delta here), and two batched matmuls over rows compute every row's update with its own
   factors, ``u_i = A_{a(i)} x_i``, ``y_i += B_{a(i)} u_i`` (``torch.bmm`` on gathered factors): the cost does not
-  grow with the number of adapters, and there is no loop over rows or adapters.
+  grow with the number of adapters, and there is no loop over rows or adapters. The second product accumulates
+  into the layer's output in place (``baddbmm_``): no temporary of the output's size.
 - **Every other structure** (S2FT blocks, sparse entries, OFT rotations, dense and full deltas) runs *grouped*:
   per adapter present, its rows are gathered, its contribution ``dW_a x`` computed by the delta itself
   (:meth:`Delta.forward`; for a rotation ``W (R^T - I) x``) and added back to those rows (``index_add``).
@@ -41,22 +42,55 @@ BASE = "base"
 
 # -- pure tensor math -------------------------------------------------------------------------------------------------
 def stack_factors(factors: list[tuple[torch.Tensor, torch.Tensor, float]], dtype: torch.dtype):
-    """``(A, B)``: ``A`` (k+1, r, in) and ``B`` (k+1, out, r) with slot 0 zero and slot ``j`` holding factor ``j-1``
-    (scale folded into ``B``), zero-padded to the largest rank ``r``."""
+    """``(A^T, B^T)`` stacks: ``A^T`` (k+1, in, r) and ``B^T`` (k+1, r, out), slot 0 zero and slot ``j`` holding factor
+    ``j-1`` (scale folded into ``B``), zero-padded to the largest rank ``r`` (laid out for ``x A^T`` and ``u B^T``)."""
     r = max(A.shape[0] for _, A, _ in factors)
     out_f, in_f = factors[0][0].shape[0], factors[0][1].shape[1]
-    A_all = torch.zeros(len(factors) + 1, r, in_f, dtype=dtype, device=factors[0][1].device)
-    B_all = torch.zeros(len(factors) + 1, out_f, r, dtype=dtype, device=factors[0][0].device)
+    At = torch.zeros(len(factors) + 1, in_f, r, dtype=dtype, device=factors[0][1].device)
+    Bt = torch.zeros(len(factors) + 1, r, out_f, dtype=dtype, device=factors[0][0].device)
     for j, (B, A, s) in enumerate(factors, start=1):
-        A_all[j, : A.shape[0]] = A.detach()
-        B_all[j, :, : B.shape[1]] = B.detach() * s
-    return A_all, B_all
+        At[j, :, : A.shape[0]] = A.detach().t()
+        Bt[j, : B.shape[1]] = B.detach().t() * s
+    return At, Bt
 
 
-def gathered_lowrank(x: torch.Tensor, A_all: torch.Tensor, B_all: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-    """``y_i = B_{slot(i)} A_{slot(i)} x_i`` for ``x`` (n, T, in): two batched matmuls on gathered factors."""
-    u = torch.bmm(x, A_all.index_select(0, slot).transpose(1, 2))
-    return torch.bmm(u, B_all.index_select(0, slot).transpose(1, 2))
+def flat_A(At: torch.Tensor) -> torch.Tensor:
+    """``[A_0^T | A_1^T | ...]`` (in, (k+1) r) from the (k+1, in, r) stack."""
+    return At.permute(1, 0, 2).reshape(At.shape[1], -1).contiguous()
+
+
+def add_masked_lowrank(out: torch.Tensor, x: torch.Tensor, A_flat: torch.Tensor, Bt: torch.Tensor,
+                       onehot: torch.Tensor, inplace: bool = True) -> torch.Tensor:
+    """The same sum computed over all slots at once: ``u = x [A_0^T | A_1^T | ...]``, each row's ``u`` masked to its
+    own slot (``onehot`` (n, k+1)), ``out += u [B_0^T; B_1^T; ...]``: two plain matmuls reading every factor once,
+    with no per-row copies; cheaper than gathering when rows have few tokens (decoding)."""
+    n, T, _ = x.shape
+    slots, r = Bt.shape[0], Bt.shape[1]
+    u = torch.mm(x.reshape(n * T, -1), A_flat).view(n, T, slots, r).mul_(onehot.view(n, 1, slots, 1))
+    out2 = out.view(n * T, -1)
+    flat_B = Bt.view(slots * r, -1)
+    return (out2.addmm_(u.view(n * T, -1), flat_B) if inplace else torch.addmm(out2, u.view(n * T, -1), flat_B)) \
+        .view(out.shape)
+
+
+#: when to use :func:`add_masked_lowrank` instead of :func:`add_gathered_lowrank` for ``n`` rows of ``T`` tokens and
+#: ``k + 1`` slots: the masked form does ``k + 1`` times the multiply-adds but reads each factor once instead of
+#: copying it for every row; a float moved costs about ``COPY_COST`` multiply-adds on a CPU
+COPY_COST = 16
+
+
+def masked_is_cheaper(n: int, T: int, slots: int) -> bool:
+    return slots * (COPY_COST + n * T) < n * (2 * COPY_COST + T)
+
+
+def add_gathered_lowrank(out: torch.Tensor, x: torch.Tensor, At: torch.Tensor, Bt: torch.Tensor, slot: torch.Tensor,
+                         inplace: bool = True) -> torch.Tensor:
+    """``out_i + B_{slot(i)} A_{slot(i)} x_i`` for ``x`` (n, T, in) and ``out`` (n, T, out): one batched matmul on
+    gathered ``A`` factors and one batched multiply-add on gathered ``B`` factors, into ``out`` when ``inplace``
+    (no temporary of the output's size)."""
+    u = torch.bmm(x, At.index_select(0, slot))
+    Bs = Bt.index_select(0, slot)
+    return out.baddbmm_(u, Bs) if inplace else torch.baddbmm(out, u, Bs)
 
 
 def expand_rows(ids: torch.Tensor, n: int) -> torch.Tensor:
@@ -79,6 +113,8 @@ class Rows:
         self.adapters = list(dict.fromkeys(n for n in names if n is not None))
         self.index = torch.tensor([0 if n is None else self.adapters.index(n) + 1 for n in names])
         self._expanded: dict[int, torch.Tensor] = {}
+        self._plans: dict[int, tuple] = {}
+        self._rows: dict[tuple, torch.Tensor] = {}
 
     def ids(self, n: int) -> torch.Tensor:
         """Adapter number per row (0: base, ``j``: ``adapters[j-1]``) for a tensor of ``n`` rows."""
@@ -89,20 +125,32 @@ class Rows:
     def forward(self, layer: "M.AdaptedLayer", x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The mixed-batch output of one adapted layer."""
         out = layer.base(x, *args, **kwargs)
-        present = [n for n in self.adapters if n in layer.deltas]
-        if not present:
-            return out
-        ids = self.ids(x.shape[0]).to(x.device)
-        inplace = layer._plain and not M._hooked(layer.base)
-        stack, grouped = layer_plan(layer, present) if layer.kind != "embedding" else (None, present)
+        plan = self._plans.get(id(layer))
+        if plan is None:  # once per routing and layer: parameters do not change during inference
+            present = [n for n in self.adapters if n in layer.deltas]
+            stack, grouped = (layer_plan(layer, present) if layer.kind != "embedding" else (None, present)) \
+                if present else (None, [])
+            plan = self._plans[id(layer)] = (stack, grouped, layer._plain and not M._hooked(layer.base), {})
+        stack, grouped, inplace, slots = plan
+        n_rows = x.shape[0]
         if stack is not None:
-            A_all, B_all, slot_of = stack
-            slot = torch.tensor([0] + [slot_of.get(n, 0) for n in self.adapters], device=x.device)[ids]
-            upd = gathered_lowrank(x.reshape(x.shape[0], -1, x.shape[-1]).to(A_all.dtype), A_all, B_all, slot)
-            upd = upd.reshape(out.shape).to(out.dtype)
-            out = out.add_(upd) if inplace else out + upd
+            At, Bt, A_flat, slot_of = stack
+            if n_rows not in slots:  # the stack slot of every row
+                table = torch.tensor([0] + [slot_of.get(n, 0) for n in self.adapters])
+                slot = table[self.ids(n_rows)].to(x.device)
+                slots[n_rows] = (slot, torch.nn.functional.one_hot(slot, At.shape[0]).to(At.dtype))
+            slot, onehot = slots[n_rows]
+            x3 = x.reshape(n_rows, -1, x.shape[-1]).to(At.dtype)
+            out3 = out.reshape(n_rows, -1, out.shape[-1])
+            same = out3.dtype == At.dtype
+            target = out3 if same else torch.zeros_like(out3, dtype=At.dtype)
+            if masked_is_cheaper(n_rows, x3.shape[1], At.shape[0]):
+                upd = add_masked_lowrank(target, x3, A_flat, Bt, onehot, inplace or not same)
+            else:
+                upd = add_gathered_lowrank(target, x3, At, Bt, slot, inplace or not same)
+            out = upd.reshape(out.shape) if same else out + upd.reshape(out.shape).to(out.dtype)
         for n in grouped:
-            rows = (ids == self.adapters.index(n) + 1).nonzero().squeeze(1)
+            rows = self.rows_of(n, n_rows, x.device)
             if rows.numel() == 0:
                 continue
             xs = x.index_select(0, rows)
@@ -111,24 +159,31 @@ class Rows:
             out = out.index_add_(0, rows, contrib) if inplace else out.index_add(0, rows, contrib)
         return out
 
+    def rows_of(self, name: str, n_rows: int, device) -> torch.Tensor:
+        """The rows (of a tensor of ``n_rows`` rows) that use adapter ``name``."""
+        key = (name, n_rows)
+        if key not in self._rows:
+            self._rows[key] = (self.ids(n_rows) == self.adapters.index(name) + 1).nonzero().squeeze(1).to(device)
+        return self._rows[key]
+
 
 def layer_plan(layer: "M.AdaptedLayer", names: list[str]):
-    """``(stack, grouped)`` for the adapters ``names`` on ``layer``: ``stack = (A_all, B_all, {name: slot})`` for the
-    low-rank ones (``None`` when there are none), cached on the layer until a parameter changes; ``grouped`` the
-    names of the rest."""
-    lowrank = [n for n in names if not layer.deltas[n].replaces_output and layer.deltas[n].lowrank() is not None]
-    grouped = [n for n in names if n not in lowrank]
-    if not lowrank:
-        return None, grouped
-    key = tuple((n, tuple(p._version for p in layer.deltas[n].parameters())) for n in lowrank)
-    cache = layer.__dict__.get("_stack_cache")
+    """``(stack, grouped)`` for the adapters ``names`` on ``layer``: ``stack = (A^T, B^T, [A^T | ...], {name: slot})``
+    (:func:`stack_factors`, :func:`flat_A`) for the
+    low-rank ones (``None`` when there are none) and ``grouped`` the names of the rest; cached on the layer until
+    one of these adapters' parameters changes (their in-place version counters)."""
+    key = tuple((n, tuple(p._version for p in layer.deltas[n].parameters())) for n in names)
+    cache = layer.__dict__.get("_plan_cache")
     if cache is None or cache[0] != key:
-        factors = [layer.deltas[n].lowrank() for n in lowrank]
-        dtype = factors[0][1].dtype
-        A_all, B_all = stack_factors(factors, dtype)
-        cache = (key, (A_all, B_all, {n: j for j, n in enumerate(lowrank, start=1)}))
-        layer.__dict__["_stack_cache"] = cache
-    return cache[1], grouped
+        factors = {n: layer.deltas[n].lowrank() for n in names if not layer.deltas[n].replaces_output}
+        lowrank = [n for n, f in factors.items() if f is not None]
+        stack = None
+        if lowrank:
+            At, Bt = stack_factors([factors[n] for n in lowrank], factors[lowrank[0]][1].dtype)
+            stack = (At, Bt, flat_A(At), {n: j for j, n in enumerate(lowrank, start=1)})
+        cache = (key, (stack, [n for n in names if n not in lowrank]))
+        layer.__dict__["_plan_cache"] = cache
+    return cache[1]
 
 
 # -- entering and leaving a routing -------------------------------------------------------------------------------
