@@ -36,10 +36,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_lora as BL  # noqa: E402
 from common import REPO, header, md_table, update_section  # noqa: E402
+from loras import ours_loras, peft_layers, peft_loras, random_factors  # noqa: E402
 
 import deltatune as dt  # noqa: E402
 
-N, R, ALPHA = 8, 16, 32
+N, R, ALPHA = 8, 16, 32  # alpha = 2r
+SEED = 1000
 WEIGHTS = [1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
 OURS = ("ours_exact", "ours_svd16")
 PEFT = ("peft_cat", "peft_linear", "peft_svd16")
@@ -48,48 +50,16 @@ OUT = REPO / "out" / "bench_combine"
 
 # -- the merge comparison --------------------------------------------------------------------------------------------
 def factors(shapes: dict[str, tuple[int, int]], i: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Adapter ``i``'s ``(B, A)`` per module, the same in both libraries (``A ~ N(0, 1/in)``, ``B ~ N(0, 0.02^2)``)."""
-    g = torch.Generator().manual_seed(1000 + i)
-    return {m: (torch.randn(o, R, generator=g) * 0.02, torch.randn(R, n, generator=g) / n**0.5)
-            for m, (o, n) in sorted(shapes.items())}
+    """Adapter ``i``'s ``(B, A)`` per module, the same in both libraries."""
+    return random_factors(shapes, SEED + i, R)
 
 
 def ours_model():
-    model = BL.load_base("smollm2").eval()
-    for i in range(N):
-        dt.attach(model, dt.LoRA(r=R, alpha=ALPHA, targets="all-linear"), name=f"a{i}", activate=False)
-    shapes = {m: (d.out_features, d.in_features) for m, d in dt.deltas(model, "a0").items()}
-    with torch.no_grad():
-        for i in range(N):
-            for m, (B, A) in factors(shapes, i).items():
-                d = dt.deltas(model, f"a{i}")[m]
-                d.B.copy_(B)
-                d.A.copy_(A)
-    return model, shapes
-
-
-def peft_layers(model) -> dict:
-    from peft.tuners.lora import LoraLayer
-
-    prefix = "base_model.model."
-    return {n[len(prefix):]: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    return ours_loras(BL.load_base("smollm2").eval(), [R] * N, "all-linear", SEED)
 
 
 def peft_model():
-    from peft import LoraConfig, get_peft_model
-
-    cfg = LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear", lora_dropout=0.0)
-    model = get_peft_model(BL.load_base("smollm2").eval(), cfg, adapter_name="a0")
-    for i in range(1, N):
-        model.add_adapter(f"a{i}", cfg)
-    layers = peft_layers(model)
-    shapes = {m: (layer.out_features, layer.in_features) for m, layer in layers.items()}
-    with torch.no_grad():
-        for i in range(N):
-            for m, (B, A) in factors(shapes, i).items():
-                layers[m].lora_B[f"a{i}"].weight.copy_(B)
-                layers[m].lora_A[f"a{i}"].weight.copy_(A)
-    return model, shapes
+    return peft_loras(BL.load_base("smollm2").eval(), [R] * N, "all-linear", SEED)
 
 
 def merge(variant: str, model) -> None:
