@@ -31,7 +31,9 @@ from .model import (  # noqa: E402
     unload,
     unmerge,
 )
+from .calibration import calibrate  # noqa: E402
 from .combine import combine  # noqa: E402
+from .compress import compress, load_compressed  # noqa: E402
 from .extract import extract  # noqa: E402
 from .interference import interference  # noqa: E402
 from .io import load, save  # noqa: E402
@@ -41,6 +43,6 @@ __all__ = [
     "AdaLoRA", "AdaptedLayer", "Controller", "Delta", "FullDelta", "GatedSVDDelta", "IncreLoRA", "LTSFT", "LoRA",
     "LowRankDelta", "Method", "MiLoRA", "NOLA", "NOLADelta", "OFT", "OLoRA", "OrthogonalAdaptation",
     "OrthogonalLowRankDelta", "PiSSA", "RotationDelta", "S2FT", "SORSA", "SlicedDelta", "SoRA", "SparseDelta", "SpIEL",
-    "VeRA", "VeRADelta", "active_adapters", "adapter_rows", "adapters", "after_backward", "attach", "combine", "interference", "begin", "controller_metrics", "deltas", "delete", "disabled", "extract", "load", "merge", "save", "set_active", "set_serving",
+    "VeRA", "VeRADelta", "active_adapters", "adapter_rows", "adapters", "after_backward", "attach", "calibrate", "combine", "compress", "interference", "begin", "controller_metrics", "deltas", "delete", "disabled", "extract", "load", "load_compressed", "merge", "save", "set_active", "set_serving",
     "step", "trainable_parameters", "unload", "unmerge",
 ]

@@ -1,0 +1,70 @@
+"""The calibration pass: per-layer input statistics from forward hooks, on real MiniLM weights and SST-2 text."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_minilm
+
+import deltatune as dt
+from deltatune.calibration import calibrate, load_calibration
+
+
+def _direct(model, batches, layer):
+    """``sum x x^T`` and ``sum x`` over the real tokens of hidden state ``layer`` (the input of its q, k, v)."""
+    C, s, n = 0, 0, 0
+    with torch.no_grad():
+        for b in batches:
+            h = model(**b, output_hidden_states=True).hidden_states[layer].double()
+            x = h[b["attention_mask"].bool()]
+            C, s, n = C + x.t() @ x, s + x.sum(0), n + x.shape[0]
+    return C / n, s / n
+
+
+def _batches(minilm_dir, sst2_rows, n=3):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir)
+    texts = [t for t, _ in sst2_rows[: 4 * n]]
+    return [dict(tok(texts[4 * i: 4 * i + 4], padding=True, return_tensors="pt")) for i in range(n)]
+
+
+def test_covariance_from_hooks_equals_a_direct_computation(minilm_dir, sst2_rows, tmp_path, capsys):
+    model = make_minilm(minilm_dir)
+    batches = _batches(minilm_dir, sst2_rows)
+    assert any(int(b["attention_mask"].sum()) < b["attention_mask"].numel() for b in batches)  # padding present
+    cal = calibrate(model, batches, targets=["query", "key", "value", "intermediate.dense"], stats=("cov", "mean"),
+                    cache=tmp_path / "cal.safetensors")
+    assert "statistics need at most" in capsys.readouterr().err
+    for layer in (0, 3):
+        C, mean = _direct(model, batches, layer)
+        q = cal[f"bert.encoder.layer.{layer}.attention.self.query"]
+        torch.testing.assert_close(q.cov_matrix(), C, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(q.mean_vector(), mean, rtol=1e-9, atol=1e-9)
+        # q, k and v see one input: one shared statistic; the FFN input is another
+        assert cal[f"bert.encoder.layer.{layer}.attention.self.value"] is q
+        assert cal[f"bert.encoder.layer.{layer}.intermediate.dense"] is not q
+    assert q.tokens == sum(int(b["attention_mask"].sum()) for b in batches)
+    # the cache is used instead of running again (an empty data set would fail)
+    again = calibrate(model, [], targets=["query", "key", "value", "intermediate.dense"], stats=("cov",),
+                      cache=tmp_path / "cal.safetensors")
+    torch.testing.assert_close(again["bert.encoder.layer.3.attention.self.key"].cov_matrix(), q.cov_matrix())
+    assert load_calibration(tmp_path / "cal.safetensors")["bert.encoder.layer.3.attention.self.key"].tokens == q.tokens
+    # adapters on the model change nothing about the inputs the base layers see
+    dt.attach(model, dt.LoRA(r=2, targets=["query", "value"]))
+    with_adapter = calibrate(model, batches, targets=["query"], verbose=False)
+    torch.testing.assert_close(with_adapter["bert.encoder.layer.0.attention.self.query"].cov_matrix(),
+                               _direct(model, batches, 0)[0], rtol=1e-9, atol=1e-9)
+
+
+def test_corda_statistic_scales_each_sample_by_its_signed_maximum(minilm_dir, sst2_rows):
+    model = make_minilm(minilm_dir)
+    batches = _batches(minilm_dir, sst2_rows, n=1)
+    cal = calibrate(model, batches, targets=["layer.1.attention.self.query"], stats=("corda",), verbose=False)
+    stat = cal["bert.encoder.layer.1.attention.self.query"]
+    with torch.no_grad():
+        h = model(**batches[0], output_hidden_states=True).hidden_states[1].double()
+    h = h * batches[0]["attention_mask"].unsqueeze(-1)
+    want = sum((x / x.max().abs()).t() @ (x / x.max().abs()) for x in h) / h.shape[0]
+    torch.testing.assert_close(stat.corda_matrix(), want, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="unknown statistics"):
+        calibrate(model, batches, stats=("fisher",))
