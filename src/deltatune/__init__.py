@@ -12,7 +12,7 @@ from .deltas import (  # noqa: E402
     SparseDelta, VeRADelta)
 from .methods import (  # noqa: E402
     LTSFT, NOLA, OFT, S2FT, SORSA, AdaLoRA, Controller, IncreLoRA, LoRA, Method, MiLoRA, OLoRA, OrthogonalAdaptation,
-    PiSSA, SoRA, SpIEL, VeRA)
+    PiSSA, SoRA, SpIEL, VeRA, CorDA, EVA)
 from .model import (  # noqa: E402
     AdaptedLayer,
     active_adapters,
@@ -42,7 +42,7 @@ from .serving import adapter_rows, set_serving  # noqa: E402
 __all__ = [
     "AdaLoRA", "AdaptedLayer", "Controller", "Delta", "FullDelta", "GatedSVDDelta", "IncreLoRA", "LTSFT", "LoRA",
     "LowRankDelta", "Method", "MiLoRA", "NOLA", "NOLADelta", "OFT", "OLoRA", "OrthogonalAdaptation",
-    "OrthogonalLowRankDelta", "PiSSA", "RotationDelta", "S2FT", "SORSA", "SlicedDelta", "SoRA", "SparseDelta", "SpIEL",
+    "OrthogonalLowRankDelta", "PiSSA", "CorDA", "EVA", "RotationDelta", "S2FT", "SORSA", "SlicedDelta", "SoRA", "SparseDelta", "SpIEL",
     "VeRA", "VeRADelta", "active_adapters", "adapter_rows", "adapters", "after_backward", "attach", "calibrate", "combine", "compress", "interference", "begin", "controller_metrics", "deltas", "delete", "disabled", "extract", "load", "load_compressed", "merge", "save", "set_active", "set_serving",
     "step", "trainable_parameters", "unload", "unmerge",
 ]
