@@ -27,6 +27,27 @@ def test_full_rank_factors_reproduce_the_weight_in_every_metric():
     assert (W - up_s @ down_s).norm() < (W - up_a @ down_a).norm()
 
 
+def test_full_rank_factor_layers_reproduce_the_model(minilm_dir, sst2_rows):
+    from deltatune.compress import _replace
+
+    model = make_minilm(minilm_dir)
+    batches = _batches(minilm_dir, sst2_rows, n=1)
+    want = _logits(model, batches)
+    cov = dt.calibrate(model, batches, targets=["intermediate.dense"], verbose=False)
+    for name in [n for n in cov if n.endswith("intermediate.dense")]:
+        layer = model.get_submodule(name)
+        W = layer.weight.detach()
+        L = damped_cholesky(cov[name].cov_matrix())
+        up, down = factors_from(*weighted_svd(W, None, L), min(W.shape), None, L)
+        new = LowRankLinear(W.shape[1], W.shape[0], min(W.shape), True)
+        with torch.no_grad():
+            new.up.weight.copy_(up)
+            new.down.weight.copy_(down)
+            new.up.bias.copy_(layer.bias)
+        _replace(model, name, new)
+    torch.testing.assert_close(_logits(model, batches), want, atol=1e-4, rtol=1e-4)
+
+
 def test_allocation_meets_the_budget_and_favours_flat_spectra():
     shapes = {"steep": (100, 100), "flat": (100, 100)}
     spectra = {"steep": 0.5 ** torch.arange(100.0), "flat": torch.ones(100)}
@@ -81,3 +102,26 @@ def test_compression_meets_the_ratio_and_activation_aware_is_closer(minilm_dir, 
         compress(make_minilm(minilm_dir), ratio=0.1, method="activation")
     with pytest.raises(ValueError, match="more than the"):
         compress(make_minilm(minilm_dir), ratio=0.9, method="svd", targets=["query"])
+
+
+def test_compress_cli_writes_a_model_that_loads_back(smollm_dir, tmp_path, capsys):
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    from deltatune.cli import main
+
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({
+        "model": {"path": str(smollm_dir)}, "ratio": 0.05, "method": "svd", "targets": ["down_proj"],
+        "output_dir": "small"}))
+    assert main(["compress", str(tmp_path / "run.yaml")]) == 0, capsys.readouterr().err
+    assert "layers factored" in capsys.readouterr().out
+    model = load_compressed(tmp_path / "small")
+    before = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(smollm_dir).parameters())
+    after = sum(p.numel() for p in model.parameters())
+    assert 0.945 * before <= after <= 0.95 * before
+    ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"model": {"path": "smollm2"}, "ratio": 0.1,
+                                                       "method": "fisher", "output_dir": "x"}))
+    assert main(["compress", str(tmp_path / "bad.yaml")]) == 2 and "needs calibration" in capsys.readouterr().err

@@ -47,8 +47,9 @@ class LayerStats:
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def add(self, x: torch.Tensor, keep: torch.Tensor | None, stats: tuple[str, ...]) -> None:
-        """Accumulate one batch of inputs ``x`` (batch, tokens, in) with ``keep`` (batch, tokens) marking real tokens."""
-        x = x.detach().to(torch.float64)
+        """Accumulate one batch of inputs ``x`` (batch, tokens, in) with ``keep`` (batch, tokens) marking real tokens:
+        the batch's products are computed in float32 and added to float64 sums."""
+        x = x.detach().float()  # one batch's products in float32 (fast), accumulated in float64
         x = x.reshape(-1, 1, x.shape[-1]) if x.dim() == 2 else x.reshape(x.shape[0], -1, x.shape[-1])
         if keep is not None:
             x = x * keep.reshape(x.shape[0], x.shape[1], 1).to(x.dtype)
@@ -63,6 +64,7 @@ class LayerStats:
                 scale = x.reshape(x.shape[0], -1).max(dim=1).values.abs().clamp_min(1e-12)
                 xs = x / scale.view(-1, 1, 1)
                 update = torch.einsum("bti,btj->ij", xs, xs)
+            update = update.double()
             self.sums[stat] = self.sums[stat] + update if stat in self.sums else update
         self.tokens += n_tokens
         self.samples += x.shape[0]

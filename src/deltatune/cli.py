@@ -1,4 +1,4 @@
-"""``deltatune`` command line: demo, train, inspect, export, merge, extract."""
+"""``deltatune`` command line: demo, train, inspect, export, merge, extract, compress."""
 from __future__ import annotations
 
 import argparse
@@ -234,6 +234,64 @@ def _cmd_extract(args) -> int:
     return 0
 
 
+COMPRESS_KEYS = {"model", "ratio", "method", "calibration", "targets", "exclude", "output_dir"}
+COMPRESS_EXAMPLE = """example RUN.yaml (paths relative to the file):
+
+  model: {path: smollm2}          # minilm / smollm2 (packaged) or a model folder
+  ratio: 0.2                      # fraction of the model's parameters to remove
+  method: activation              # svd | activation | fisher
+  calibration: {data: ../../shared/data/alpaca/alpaca_5000.json, text: output, samples: 32, max_length: 256}
+  targets: all-linear
+  output_dir: smollm2-compressed  # save_pretrained folder; load it with dt.load_compressed(folder)
+"""
+
+
+def _cmd_compress(args) -> int:
+    import yaml
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .compress import compress
+    from .train.config import _resolve, model_path
+    from .train.data import check_columns, read_rows
+
+    path = Path(args.config)
+    cfg = yaml.safe_load(path.read_text()) or {}
+    unknown = set(cfg) - COMPRESS_KEYS
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(COMPRESS_KEYS)}")
+    for key in ("model", "ratio", "output_dir"):
+        if key not in cfg:
+            raise ValueError(f"{path}: missing {key!r} (see deltatune compress --help for an example)")
+    folder = model_path((cfg["model"] or {}).get("path", ""), path.parent)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    method = cfg.get("method", "activation")
+    data = None
+    if method != "svd":
+        cal = cfg.get("calibration") or {}
+        if "data" not in cal:
+            raise ValueError(f"{path}: method {method!r} needs calibration: {{data: FILE, text: COLUMN}}")
+        tok = AutoTokenizer.from_pretrained(folder)
+        rows = read_rows(_resolve(cal["data"], path.parent), cal.get("samples", 32))
+        column = cal.get("text", "text")
+        check_columns(rows, [column], "calibration data")
+        data = []
+        for row in rows:
+            b = dict(tok(str(row[column]), return_tensors="pt", truncation=True, max_length=cal.get("max_length", 256)))
+            b["labels"] = b["input_ids"].clone()
+            data.append(b)
+    before = sum(p.numel() for p in model.parameters())
+    ranks = compress(model, ratio=float(cfg["ratio"]), method=method, data=data, targets=cfg.get("targets", "all-linear"),
+                     exclude=cfg.get("exclude"))
+    out = Path(_resolve(cfg["output_dir"], path.parent))
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(folder).save_pretrained(out)
+    after = sum(p.numel() for p in model.parameters())
+    factored = [k for k in ranks.values() if k >= 0]
+    print(f"wrote {out}: {after:,} parameters ({after / before:.1%} of {before:,}); {len(factored)} of {len(ranks)} "
+          f"layers factored, ranks {min(factored, default=0)}..{max(factored, default=0)}")
+    return 0
+
+
 MERGE_EXAMPLE = """example MERGE.yaml (paths relative to the file):
 
   method: ties            # sum (task arithmetic) | ties | dare | dare_ties | magnitude
@@ -305,6 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--to", default="peft", choices=["peft", "deltatune"], help="output format (default peft)")
     x.add_argument("--name", default="extracted", help="adapter name")
     x.set_defaults(func=_cmd_extract)
+
+    c = sub.add_parser("compress", help="compress a causal LM by low-rank factorization (plain, activation-aware or "
+                       "Fisher-weighted SVD) from a YAML", epilog=COMPRESS_EXAMPLE,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("config", help="RUN.yaml")
+    c.set_defaults(func=_cmd_compress)
     return p
 
 
