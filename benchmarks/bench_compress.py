@@ -109,7 +109,7 @@ def bench_ppl() -> str:
             f"{cal_time:.0f} s (cached afterwards); Fisher: squared gradients of the causal-LM loss on the same samples\n"
             "- every linear layer of the decoder is a candidate; ranks allocated globally to meet the ratio\n"
             "- activation-aware increase / plain increase: " +
-            ", ".join(f"{r:.0%}: **{g:.2f}**" for r, g in gap.items()) + " (target at 20%: <= 0.5)\n\n" +
+            ", ".join(f"{r:.0%}: **{g:.2g}**" for r, g in gap.items()) + " (target at 20%: <= 0.5)\n\n" +
             md_table(["parameters removed", "method", "parameters left", "perplexity", "increase", "compress time"],
                      rows))
 

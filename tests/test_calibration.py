@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_minilm
+from conftest import make_minilm, randomize
 
 import deltatune as dt
 from deltatune.calibration import calibrate, load_calibration
@@ -51,6 +51,7 @@ def test_covariance_from_hooks_equals_a_direct_computation(minilm_dir, sst2_rows
     assert load_calibration(tmp_path / "cal.safetensors")["bert.encoder.layer.3.attention.self.key"].tokens == q.tokens
     # adapters on the model change nothing about the inputs the base layers see
     dt.attach(model, dt.LoRA(r=2, targets=["query", "value"]))
+    randomize(model, "default", std=0.1)  # the adapter changes the hidden states; the hooks see the real inputs
     with_adapter = calibrate(model, batches, targets=["query"], verbose=False)
     torch.testing.assert_close(with_adapter["bert.encoder.layer.0.attention.self.query"].cov_matrix(),
                                _direct(model, batches, 0)[0], rtol=1e-5, atol=1e-6)

@@ -66,11 +66,19 @@ def test_mixed_batches_say_what_is_wrong(minilm_many, minilm_batch):
     n = minilm_batch["input_ids"].shape[0]
     with pytest.raises(ValueError, match=r"unknown adapters \['nope'\]"):
         model(**minilm_batch, adapter_names=["nope"] * n)
-    with pytest.raises(ValueError, match="one adapter name per row"):
+    with pytest.raises(ValueError, match=f"{2 * n} entries for a batch of {n} rows"):
         with torch.no_grad():
             model(**minilm_batch, adapter_names=["lora4", "lora8"] * n)
+    with pytest.raises(ValueError, match="one adapter name per row"):  # inside a routing, layers check too
+        with torch.no_grad(), dt.adapter_rows(model, ["lora4", "lora8"] * n):
+            model(**minilm_batch)
     with pytest.raises(ValueError, match="a list with one adapter name"):
         model(**minilm_batch, adapter_names="lora4")
+    with pytest.raises(ValueError, match=f"2 entries for a batch of {n} rows"):
+        model(**minilm_batch, adapter_names=["lora4", "lora8"])
+    with pytest.raises(ValueError, match="adapter_names is empty"):
+        with dt.adapter_rows(model, []):
+            pass
     model.train()
     try:
         with pytest.raises(ValueError, match="model.eval"):
@@ -111,6 +119,13 @@ def test_merged_single_adapter_path_is_exact_and_undone_for_mixed_batches(minilm
         assert not layer.merged
         for i, name in enumerate(rows):
             torch.testing.assert_close(mixed[i], (want_a if name == "a" else want_b)[i], atol=2e-5, rtol=0)
+        # a served single adapter stays merged and becomes the active one: plain calls see the same model
+        model(**minilm_batch, adapter_names=["b"] * n)
+        assert dt.active_adapters(model) == ["b"]
+        torch.testing.assert_close(model(**minilm_batch).logits, want_b, atol=2e-5, rtol=0)
+        dt.set_active(model, "a")  # switching takes the served merge out
+        assert not layer.merged
+        torch.testing.assert_close(model(**minilm_batch).logits, want_a, atol=2e-5, rtol=0)
     dt.set_serving(model, merge_single=False)
     torch.testing.assert_close(weight.detach(), original, atol=1e-6, rtol=0)
 
@@ -135,6 +150,12 @@ def test_hot_loading_and_switching_need_no_reinjection(minilm_dir, minilm_batch,
                                    at_start(**minilm_batch, adapter_names=rows).logits)
     dt.set_active(serving, "c")
     torch.testing.assert_close(logits(serving, minilm_batch), _alone(at_start, "c", minilm_batch))
+    # an adapter replaced under the same name is served with its new factors (no stale stacks)
+    dt.delete(serving, "b")
+    dt.load(serving, tmp_path / "all" / "a", name="b", activate=False)
+    with torch.no_grad():
+        got = serving(**minilm_batch, adapter_names=["b"] + ["c"] * (n - 1)).logits
+    torch.testing.assert_close(got[0], _alone(serving, "a", minilm_batch)[0], atol=2e-5, rtol=0)
 
 
 def test_generation_with_mixed_adapters_matches_each_adapter_token_for_token(smollm_dir):

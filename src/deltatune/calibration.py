@@ -145,16 +145,16 @@ def calibrate(model: nn.Module, data: Iterable, targets="all-linear", stats: tup
         print(f"calibration: {len(names)} layers (inputs of width {', '.join(map(str, widths))}); statistics need at "
               f"most {need / 2**20:.0f} MB (less where layers share an input)", file=sys.stderr)
     out = Calibration()
-    last: list = [None, None]  # the previous hooked input (kept alive, so its storage cannot be reused) and its layer
+    last: list = [None, None, 0]  # the previous hooked input (kept alive, so its storage cannot be reused) and its layer
     keep: list[torch.Tensor | None] = [None]
 
     def hook(name):
         def pre(module, args):
             x, prev = args[0], last[0]
             same = prev is not None and x.data_ptr() == prev.data_ptr() and x.shape == prev.shape \
-                and x.stride() == prev.stride()
+                and x.stride() == prev.stride() and x._version == last[2]
             owner = last[1] if same else None  # q, k, v (gate, up) are called one after another on one input
-            last[0], last[1] = x, name
+            last[0], last[1], last[2] = x, name, x._version
             if name not in out:
                 out[name] = out[owner] if owner is not None else LayerStats([])
                 out[name].modules.append(name)

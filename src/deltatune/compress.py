@@ -40,14 +40,18 @@ CONFIG_KEY = "deltatune_compression"
 def damped_cholesky(C: torch.Tensor, damping: float = 1e-6) -> torch.Tensor:
     """``L`` with ``L L^T = C + d mean(diag C) I``, ``d`` from ``damping`` upwards (x10) until ``C`` factors."""
     C = C.double()
+    if not torch.isfinite(C).all():
+        raise ValueError("the input covariance has NaN or inf entries (half-precision overflow, or a layer that saw "
+                         "no tokens); calibrate in float32 with real data")
     eye = torch.eye(C.shape[0], dtype=C.dtype)
     scale = float(C.diagonal().mean()) or 1.0
     d = damping
-    while True:
+    for _ in range(20):
         L, info = torch.linalg.cholesky_ex(C + d * scale * eye)
         if int(info) == 0:
             return L
         d *= 10
+    raise ValueError("the input covariance could not be made positive definite")
 
 
 def weighted_svd(W: torch.Tensor, left: torch.Tensor | None = None, right: torch.Tensor | None = None):
@@ -75,16 +79,22 @@ def factors_from(U, S, Vh, k: int, left: torch.Tensor | None = None, right: torc
 
 def allocate(spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], budget: int) -> dict[str, int]:
     """``{layer: rank}`` (``-1``: stays dense) keeping at most ``budget`` parameters in these layers, by greedily
-    taking the triplets with the largest share of their layer's energy per parameter (module docstring)."""
+    taking the triplets with the largest share of their layer's energy per parameter (module docstring); every layer
+    keeps at least one triplet."""
     cands = []
     for name, S in spectra.items():
         out_f, in_f = shapes[name]
         share = (S.double() ** 2) / max(float((S.double() ** 2).sum()), 1e-300)
         cands += [(float(share[i]) / (in_f + out_f), name, i) for i in range(S.numel())]
     cands.sort(key=lambda c: -c[0])
-    ranks = {name: 0 for name in spectra}
-    used = 0
-    for _, name, _i in cands:
+    ranks = {name: 1 for name in spectra}  # every layer keeps at least its top triplet (rank 0 would delete it)
+    used = sum(in_f + out_f for out_f, in_f in (shapes[n] for n in spectra))
+    if used > budget:
+        raise ValueError(f"even rank 1 everywhere needs {used:,} parameters, more than the budget {budget:,}; lower "
+                         "the ratio or target more layers")
+    for _, name, i in cands:
+        if i == 0:
+            continue
         out_f, in_f = shapes[name]
         if ranks[name] < 0:
             continue
@@ -129,11 +139,11 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 def fisher_rows(model: nn.Module, data: Iterable, names: list[str], max_batches: int | None = None):
     """``{layer: I}`` with ``I_r = sum over batches of sum_j (dL/dW_rj)^2`` (each batch a dict with ``labels``)."""
     modules = dict(model.named_modules())
-    weights = {n: M.linear_weight(modules[n]) for n in names}
+    weights = {n: modules[n].weight for n in names}  # the parameters themselves (a Conv1D's linear view is not one)
     flags = {n: w.requires_grad for n, w in weights.items()}
     for w in weights.values():
         w.requires_grad_(True)
-    rows = {n: torch.zeros(w.shape[0], dtype=torch.float64) for n, w in weights.items()}
+    rows = {n: torch.zeros(M.linear_weight(modules[n]).shape[0], dtype=torch.float64) for n in names}
     was_training = model.training
     model.eval()
     try:

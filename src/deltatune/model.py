@@ -103,6 +103,7 @@ class AdaptedLayer(nn.Module):
                              f"shape {tuple(w.shape)}")
         delta.bind(self)
         self.deltas[name] = delta
+        self.__dict__.pop("_plan_cache", None)  # mixed-batch factor stacks (deltatune.serving)
         self.refresh()
 
     def refresh(self) -> None:
@@ -392,6 +393,10 @@ def set_active(model: nn.Module, names: str | Iterable[str],
         extra = [n for n in trainable if n not in names]
         if extra:
             raise ValueError(f"trainable adapters {extra} are not among the active ones {names}")
+    if reg.serving_merged is not None:  # merged for a single-adapter batch (dt.set_serving): take it out
+        from .serving import _release_serving_merge
+
+        _release_serving_merge(model)
     for _, layer in adapted_layers(model):
         stale = [n for n in layer.merged if n not in names]
         if stale:
@@ -503,6 +508,7 @@ def delete(model: nn.Module, name: str) -> nn.Module:
             continue
         layer.unmerge(name)
         del layer.deltas[name]
+        layer.__dict__.pop("_plan_cache", None)
         if not len(layer.deltas):
             _set_submodule(model, mod_name, layer.base)
     del reg.adapters[name]

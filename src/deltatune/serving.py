@@ -67,10 +67,10 @@ def add_masked_lowrank(out: torch.Tensor, x: torch.Tensor, A_flat: torch.Tensor,
     n, T, _ = x.shape
     slots, r = Bt.shape[0], Bt.shape[1]
     u = torch.mm(x.reshape(n * T, -1), A_flat).view(n, T, slots, r).mul_(onehot.view(n, 1, slots, 1))
-    out2 = out.view(n * T, -1)
+    out2 = out.reshape(n * T, -1)
     flat_B = Bt.view(slots * r, -1)
     return (out2.addmm_(u.view(n * T, -1), flat_B) if inplace else torch.addmm(out2, u.view(n * T, -1), flat_B)) \
-        .view(out.shape)
+        .reshape(out.shape)
 
 
 #: when to use :func:`add_masked_lowrank` instead of :func:`add_gathered_lowrank` for ``n`` rows of ``T`` tokens and
@@ -172,7 +172,9 @@ def layer_plan(layer: "M.AdaptedLayer", names: list[str]):
     (:func:`stack_factors`, :func:`flat_A`) for the
     low-rank ones (``None`` when there are none) and ``grouped`` the names of the rest; cached on the layer until
     one of these adapters' parameters changes (their in-place version counters)."""
-    key = tuple((n, tuple(p._version for p in layer.deltas[n].parameters())) for n in names)
+    key = tuple((n, id(d), getattr(d, "scale", None), tuple((id(t), t._version, t.dtype, t.device)
+                                                             for t in (*d.parameters(), *d.buffers())))
+                for n, d in ((n, layer.deltas[n]) for n in names))
     cache = layer.__dict__.get("_plan_cache")
     if cache is None or cache[0] != key:
         factors = {n: layer.deltas[n].lowrank() for n in names if not layer.deltas[n].replaces_output}
@@ -190,6 +192,8 @@ def layer_plan(layer: "M.AdaptedLayer", names: list[str]):
 def check_names(model: nn.Module, names) -> list[str | None]:
     if isinstance(names, str) or not isinstance(names, Sequence):
         raise ValueError(f"adapter_names must be a list with one adapter name (or None / 'base') per row, got {names!r}")
+    if not names:
+        raise ValueError("adapter_names is empty; give one adapter name (or None / 'base') per row")
     known = M.adapters(model)
     rows = [None if n in (None, BASE) else n for n in names]
     unknown = sorted({n for n in rows if n is not None and n not in known})
@@ -216,7 +220,7 @@ def adapter_rows(model: nn.Module, names, merge_single: bool | None = None):
     keep = rows[0] if single and merge_single and rows[0] is not None else None
     if reg.serving_merged not in (None, keep):
         _release_serving_merge(model)
-    merged = sorted({n for layer in layers for n in layer.merged} - {keep})
+    merged = sorted({n for layer in layers for n in layer.merged} - ({keep} if reg.serving_merged == keep else set()))
     if merged:
         raise ValueError(f"adapters {merged} are merged into the weights, so no row could run without them; "
                          "dt.unmerge(model) before serving mixed batches")
@@ -225,24 +229,41 @@ def adapter_rows(model: nn.Module, names, merge_single: bool | None = None):
             yield model
         return
     routing = Rows(rows)
+    previous = [(layer, layer._rows) for layer in layers]
     for layer in layers:
         layer._rows = routing
     try:
         yield model
     finally:
-        for layer in layers:
-            layer._rows = None
+        for layer, before in previous:
+            layer._rows = before
 
 
 @contextlib.contextmanager
 def _only(model: nn.Module, layers: list, name: str | None, merge: bool):
     """Every row uses ``name`` (``None``: the base): the layers run as if only it were active (the fused
-    single-adapter path), or with it merged into the weights."""
+    single-adapter path); or, with ``merge``, it is merged into the weights and becomes the active adapter (so that
+    calls without ``adapter_names`` see the same model), until a batch needs something else or
+    :func:`set_serving` / ``dt.set_active`` takes it out."""
     if name is not None and merge:
-        M._merge_layers(model, [name])  # merges only the layers where it is not merged yet
-        M.registry(model).serving_merged = name
+        reg = M.registry(model)
+        if reg.serving_merged != name:
+            for layer in layers:  # only this adapter is live while it goes in (a live rotation would refuse it)
+                layer.active = (name,)
+                layer.refresh()
+            try:
+                M._merge_layers(model, [name])
+            except Exception:
+                M.unmerge(model, [name])
+                M._sync(model)
+                raise
+            reg.serving_merged = name
+        reg.active, reg.trainable = [name], None
+        M._sync(model)
+        yield
+        return
     saved = [(layer, layer.active) for layer in layers]
-    for layer in layers:  # merged, the adapter is not live on top of the weights either
+    for layer in layers:
         layer.active = () if name is None else (name,)
         layer.refresh()
     try:
@@ -273,10 +294,21 @@ def set_serving(model: nn.Module, merge_single: bool = False) -> nn.Module:
 
 
 # -- ``model(..., adapter_names=[...])`` -----------------------------------------------------------------------------
+def _batch_size(args, kwargs) -> int | None:
+    for key in ("input_ids", "inputs_embeds", "pixel_values"):
+        if isinstance(kwargs.get(key), torch.Tensor):
+            return kwargs[key].shape[0]
+    first = args[0] if args else None
+    return first.shape[0] if isinstance(first, torch.Tensor) else None
+
+
 def _enter(module: nn.Module, args, kwargs):
     names = kwargs.pop("adapter_names", None)
     if names is None:
         return None
+    n = _batch_size(args, kwargs)
+    if n is not None and not isinstance(names, str) and len(names) != n:
+        raise ValueError(f"adapter_names has {len(names)} entries for a batch of {n} rows; give one per row")
     ctx = adapter_rows(module, names)
     ctx.__enter__()
     module.__dict__.setdefault("_deltatune_rows", []).append(ctx)

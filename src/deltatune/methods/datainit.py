@@ -24,15 +24,18 @@ import torch
 def corda_damped(C: torch.Tensor, start: float = 0.01, tol: float = 0.05):
     """``(C_f, C_f^{-1})`` with the smallest damping ``d = start * 2^k`` that makes ``C_f`` safely invertible."""
     C = C.double()
+    if not torch.isfinite(C).all():
+        raise ValueError("the CorDA covariance has NaN or inf entries; calibrate in float32 with real data")
     eye = torch.eye(C.shape[0], dtype=C.dtype)
     scale = float(C.diagonal().mean()) or 1.0
     d = start
-    while True:
+    for _ in range(60):
         C_f = C + d * scale * eye
         inv = torch.linalg.inv(C_f)
         if float((C_f @ inv - eye).norm()) < tol:
             return C_f, inv
         d *= 2
+    raise ValueError("the CorDA covariance could not be damped into an invertible matrix")
 
 
 def corda_decompose(W: torch.Tensor, C: torch.Tensor):

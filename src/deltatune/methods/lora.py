@@ -168,6 +168,8 @@ class LoRA(Method):
                 if n not in cal or "corda" not in cal[n].sums:
                     raise ValueError(f"the calibration has no CorDA statistic for {n!r}")
                 r, alpha = self.rank_alpha(n)
+                if r > min(w.shape):
+                    raise ValueError(f"{n}: rank {r} exceeds min(out, in) = {min(w.shape)} for init={self.init!r}")
                 s = lora_scale(alpha, r, self.use_rslora)
                 out[n] = self._delta(w, r, s, corda_factors(w, cal[n].corda_matrix(), r, s, self.init[-3:]))
             return out
@@ -225,7 +227,7 @@ def eva_components(model: nn.Module, data, wanted: dict[str, int], budget: int, 
             needed = allocate_ranks({n: r for n, (_, r) in result.items()}, budget)
             for group, prev in previous.items():
                 k = max(needed[n] for n in group)
-                if k == 0 or prev is not None and converged(prev[:k], result[group[0]][0][:k], tau):
+                if prev is not None and (k == 0 or converged(prev[:k], result[group[0]][0][:k], tau)):
                     done.add(group)
         else:
             continue
