@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_lora as BL  # noqa: E402
-from common import REPO, header, md_table, update_section  # noqa: E402
+from common import REPO, header, md_table, publish  # noqa: E402
 from loras import ours_loras, peft_layers, peft_loras, random_factors  # noqa: E402
 
 import deltatune as dt  # noqa: E402
@@ -275,13 +275,9 @@ def main() -> None:
         print(json.dumps({"layers": args.make_pair}))
         return
     if args.what in ("merge", "all"):
-        body = merge_report(args.rounds)
-        print(body)
-        update_section("bench_combine:merge", body)
+        publish("bench_combine:merge", merge_report(args.rounds))
     if args.what in ("extract", "all"):
-        body = extract_report()
-        print(body)
-        update_section("bench_combine:extract", body)
+        publish("bench_combine:extract", extract_report())
 
 
 if __name__ == "__main__":

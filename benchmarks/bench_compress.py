@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_lora as BL  # noqa: E402
-from common import DATA, REPO, header, md_table, update_section  # noqa: E402
+from common import DATA, REPO, header, md_table, publish  # noqa: E402
 
 import deltatune as dt  # noqa: E402
 
@@ -152,13 +152,9 @@ def main() -> None:
     if args.calibration_child:
         return calibration_child(args.calibration_child)
     if args.what in ("ppl", "all"):
-        body = bench_ppl()
-        print(body)
-        update_section("bench_compress:ppl", body)
+        publish("bench_compress:ppl", bench_ppl())
     if args.what in ("calibration", "all"):
-        body = bench_calibration()
-        print(body)
-        update_section("bench_compress:calibration", body)
+        publish("bench_compress:calibration", bench_calibration())
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA, header, md_table, update_section  # noqa: E402
+from common import DATA, header, md_table, publish  # noqa: E402
 
 import deltatune as dt  # noqa: E402
 
@@ -63,8 +63,7 @@ def main() -> None:
             "from W's own components), not tuned further, batch 16, 2,000 "
             "sentences, 125 steps, seed 0; CorDA / EVA calibrate on 64 other training sentences\n\n" +
             md_table(["init", "lr", "dev accuracy", "train loss, steps 1-25", "steps 26-50", "init time", "ranks"], table))
-    print(body)
-    update_section("bench_datainit:sst2", body)
+    publish("bench_datainit:sst2", body)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_lora as BL  # noqa: E402
-from common import header, md_table, sst2_rows, update_section  # noqa: E402
+from common import header, md_table, sst2_rows, publish  # noqa: E402
 from loras import ours_loras, peft_loras  # noqa: E402
 
 import deltatune as dt  # noqa: E402
@@ -241,12 +241,9 @@ def main() -> None:
             body = (header(f"Mixed-adapter batches: {WORKLOADS[name]['label']}") +
                     f"- {args.rounds} interleaved rounds in one process, median time of one batch; LoRA adapters "
                     "with ranks 8 and 16 alternating, the same factors in both libraries\n\n" + mixed_table(name, res))
-            print(body)
-            update_section(f"bench_serving:{name}", body)
+            publish(f"bench_serving:{name}", body)
     if args.what in ("switch", "all"):
-        body = bench_switch(args.repeats)
-        print(body)
-        update_section("bench_serving:switch", body)
+        publish("bench_serving:switch", bench_switch(args.repeats))
 
 
 if __name__ == "__main__":

@@ -93,6 +93,12 @@ def update_section(key: str, body: str, path: Path = BENCHMARKS_MD) -> None:
     path.write_text(text if text.endswith("\n") else text + "\n")
 
 
+def publish(key: str, body: str) -> None:
+    """Print a result section and put it into BENCHMARKS.md under ``key``."""
+    print(body)
+    update_section(key, body)
+
+
 def md_table(header_row: list[str], rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(header_row) + " |", "|" + "|".join("---" for _ in header_row) + "|"]
     out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
