@@ -155,6 +155,8 @@ def read_merge_config(path: str | Path) -> dict:
     """A ``MERGE.yaml`` (see ``deltatune merge --help``) as a checked dict; paths are relative to the file."""
     import yaml
 
+    from .train.config import _resolve
+
     path = Path(path)
     with open(path) as f:
         cfg = yaml.safe_load(f) or {}
@@ -174,14 +176,14 @@ def read_merge_config(path: str | Path) -> dict:
         if not isinstance(entry.get("path"), str) or set(entry) - {"path", "weight"}:
             raise ValueError(f"{path}: each adapter is a folder, or a mapping with 'path' and optional 'weight'; "
                              f"got {a!r}")
-        entry["path"] = _relative(path, entry["path"])
+        entry["path"] = Path(_resolve(entry["path"], path.parent))
         adapters.append(entry)
     cfg["adapters"] = adapters
     for key in ("output", "base"):
         if cfg.get(key) is not None:
             if not isinstance(cfg[key], str):
                 raise ValueError(f"{path}: {key!r} must be a path, got {cfg[key]!r}")
-            cfg[key] = _relative(path, cfg[key])
+            cfg[key] = Path(_resolve(cfg[key], path.parent))
     if cfg.get("format", "deltatune") not in ("deltatune", "peft"):
         raise ValueError(f"{path}: format must be 'deltatune' or 'peft', got {cfg['format']!r}")
     if cfg.get("format") == "peft" and cfg.get("method", "sum") != "sum" and cfg.get("rank") is None \
@@ -190,10 +192,6 @@ def read_merge_config(path: str | Path) -> dict:
                          "'energy:' to write it as a LoRA")
     return cfg
 
-
-def _relative(config: Path, p: str) -> Path:
-    """``p`` (``~`` expanded) relative to the folder of the config file that names it."""
-    return config.parent / Path(p).expanduser()
 
 
 def _cmd_merge(args) -> int:

@@ -130,11 +130,6 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 # -- statistics the methods need ---------------------------------------------------------------------------------------
 def fisher_rows(model: nn.Module, data: Iterable, names: list[str], max_batches: int | None = None):
     """``{layer: I}`` with ``I_r = sum over batches of sum_j (dL/dW_rj)^2`` (each batch a dict with ``labels``)."""
@@ -235,7 +230,7 @@ def compress(model: nn.Module, ratio: float, method: str = "activation", data: I
                 new.up.bias.copy_(base.bias)
         for p in new.parameters():
             p.requires_grad_(W.requires_grad)
-        _replace(model, n, new)
+        M._set_submodule(model, n, new)
     record = {n: k for n, k in ranks.items() if k >= 0}
     config = getattr(model, "config", None)
     if config is not None:
@@ -253,7 +248,7 @@ def apply_ranks(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
     for n, k in ranks.items():
         base = modules[n]
         W = M.linear_weight(base)
-        _replace(model, n, LowRankLinear(W.shape[1], W.shape[0], k, base.bias is not None, W.dtype, W.device))
+        M._set_submodule(model, n, LowRankLinear(W.shape[1], W.shape[0], k, base.bias is not None, W.dtype, W.device))
     return model
 
 
