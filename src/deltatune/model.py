@@ -10,6 +10,8 @@ Everything here is generic: it only uses the :class:`~deltatune.deltas.Delta` an
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import re
 import warnings
 from collections.abc import Iterable, Iterator
@@ -19,12 +21,13 @@ import torch
 from torch import nn
 from torch.nn.modules import module as nn_module
 
+from .checks import finite_number
 from .deltas import Delta
-from .methods.base import Controller, Method, full_replacement
+from .methods.base import Controller, Method, check_fields, full_replacement
 from .targets import linear_types, resolve_targets
 
 REGISTRY_ATTR = "_deltatune"
-_NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+_NAME_RE = re.compile(r"[A-Za-z0-9_\-]+")  # fullmatch: "$" would let a trailing newline through
 
 
 # -- layer kinds: how each wrapped layer maps to the linear layout ---------------------------------------------
@@ -149,6 +152,9 @@ class AdaptedLayer(nn.Module):
 
     def merge(self, name: str, weight: float = 1.0) -> None:
         """``W <- W + weight * dW_name`` (a multiplicative delta: ``W <- W R(weight q)^T``), exactly."""
+        if name in self.merged and self.merged[name] != float(weight):
+            raise ValueError(f"adapter {name!r} is already merged with weight {self.merged[name]}; "
+                             f"dt.unmerge(model, {name!r}) first to merge it with weight {weight}")
         if name in self.merged or name not in self.deltas:
             return
         delta = self.deltas[name]
@@ -159,7 +165,7 @@ class AdaptedLayer(nn.Module):
                              "the layer's current weight, so it would then act on the merged update too and the "
                              f"output would change. Merge {rotating[0]!r} first (dt.merge merges in the order given) "
                              "or deactivate it")
-        delta.merge_into(self.linear_weight(), self.base_bias(), float(weight))
+        checked_merge(delta, self.linear_weight(), self.base_bias(), finite_number(weight, "merge weight"), name)
         self.merged[name] = float(weight)
         self.refresh()
 
@@ -179,6 +185,28 @@ class AdaptedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"active={list(self.active)}, merged={list(self.merged)}"
+
+
+@torch.no_grad()
+def checked_merge(delta: Delta, weight: torch.Tensor, bias: torch.Tensor | None, scale: float, name: str) -> None:
+    """``delta.merge_into(weight, bias, scale)``, refused (the tensors restored bit for bit) when the merged weight
+    holds NaN/inf or ``max|W'| > max|W| / eps(dtype)``: past that, unmerging leaves rounding errors as large as the
+    base weights themselves, so the base would be lost for good."""
+    tensors = [t for t in (weight, bias) if t is not None]
+    saved = [t.detach().clone() for t in tensors]
+    before = float(weight.detach().abs().amax()) if weight.numel() else 0.0
+    delta.merge_into(weight, bias, scale)
+    finite = all(bool(torch.isfinite(t).all()) for t in tensors)
+    after = float(weight.detach().abs().amax()) if finite and weight.numel() else 0.0
+    limit = before / torch.finfo(weight.dtype).eps if weight.is_floating_point() else math.inf
+    if finite and (before == 0.0 or after <= limit):
+        return
+    for t, old in zip(tensors, saved):
+        t.copy_(old)
+    what = "NaN/inf weights" if not finite else f"weights {after / before:.3g}x larger than the base"
+    raise ValueError(f"merging adapter {name!r} with weight {scale} would give {what} in a {tuple(weight.shape)} "
+                     f"{weight.dtype} layer, and unmerging could not restore the base; nothing was merged. Use a "
+                     "smaller merge weight (or check the adapter's values)")
 
 
 @dataclass
@@ -202,9 +230,9 @@ class Registry:
     hooks: list = field(default_factory=list)  # model(..., adapter_names=[...])
 
     def close(self, model: nn.Module) -> None:
-        from .serving import remove_hooks
+        from .serving import close_hooks
 
-        remove_hooks(model, self.hooks)
+        close_hooks(model, self.hooks)
         self.hooks = []
 
     def training(self) -> list[str]:
@@ -229,8 +257,9 @@ def registry(model: nn.Module, create: bool = False) -> Registry:
     if reg is None:
         if not create:
             raise ValueError("this model has no deltatune adapters; attach one first with dt.attach(model, dt.LoRA())")
-        from .serving import install_hooks
+        from .serving import install_hooks, reopen_hooks
 
+        reopen_hooks(model)
         reg = Registry()
         reg.hooks = install_hooks(model)
         model.__dict__[REGISTRY_ATTR] = reg
@@ -291,7 +320,7 @@ def _sync(model: nn.Module) -> None:
 
 
 def check_new_name(model: nn.Module, name: str) -> None:
-    if not isinstance(name, str) or not _NAME_RE.match(name) or name == "base":
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name == "base":
         raise ValueError(f"adapter name {name!r} must be letters, digits, '_' or '-' (and not 'base')")
     reg = unwrap(model).__dict__.get(REGISTRY_ATTR)
     if reg is not None and name in reg.adapters:
@@ -312,6 +341,7 @@ def attach(model: nn.Module, method: Method, name: str = "default", activate: bo
     if not isinstance(method, Method):
         raise TypeError(f"expected a method config such as dt.LoRA(r=8), got {type(method).__name__}")
     check_new_name(model, name)
+    check_fields(method)
     method.validate()
     model = unwrap(model)
 
@@ -345,6 +375,10 @@ def install(model: nn.Module, name: str, method: Method, built: dict[str, Delta]
     """
     check_new_name(model, name)
     model = unwrap(model)
+    merged = sorted({n for _, layer in adapted_layers(model) for n in layer.merged})
+    if activate and merged:
+        raise ValueError(f"adapters {merged} are merged into the weights; making {name!r} the only active adapter "
+                         f"would leave them applied but inactive. dt.unmerge(model) first, or pass activate=False")
     reg = registry(model, create=True)
     if not reg.adapters:
         for p in model.parameters():
@@ -441,13 +475,22 @@ def _untie(model: nn.Module, layers: list[AdaptedLayer]) -> None:
 
 
 def _merge_layers(model: nn.Module, names: list[str], weights: dict[str, float] | None = None) -> None:
+    """Merge the not yet merged ``names`` on every layer; all or nothing (a refused layer takes the others out)."""
     todo = [layer for _, layer in adapted_layers(model) if any(n in layer.deltas and n not in layer.merged
                                                               for n in names)]
     _untie(model, todo)
-    for layer in todo:
-        # multiplicative deltas first: W R^T + dW is what the layer computes while both are live
-        for n in sorted(names, key=lambda n: not (n in layer.deltas and layer.deltas[n].multiplicative)):
-            layer.merge(n, (weights or {}).get(n, 1.0))
+    done: list[tuple[AdaptedLayer, str]] = []
+    try:
+        for layer in todo:
+            # multiplicative deltas first: W R^T + dW is what the layer computes while both are live
+            for n in sorted(names, key=lambda n: not (n in layer.deltas and layer.deltas[n].multiplicative)):
+                if n in layer.deltas and n not in layer.merged:
+                    layer.merge(n, (weights or {}).get(n, 1.0))
+                    done.append((layer, n))
+    except BaseException:
+        for layer, n in reversed(done):
+            layer.unmerge(n)
+        raise
 
 
 def merge(model: nn.Module, names: str | Iterable[str] | None = None,
@@ -460,17 +503,22 @@ def merge(model: nn.Module, names: str | Iterable[str] | None = None,
     :func:`unmerge` subtracts exactly what was merged."""
     names = _check_names(model, registry(model).active if names is None else names)
     if weights is None or isinstance(weights, dict):
-        table = dict(weights or {})
-    elif isinstance(weights, (int, float)):
-        table = {n: float(weights) for n in names}
+        table = {n: finite_number(w, f"merge weight of {n!r}") for n, w in (weights or {}).items()}
+    elif isinstance(weights, (numbers.Real, torch.Tensor)):
+        table = {n: finite_number(weights, "merge weight") for n in names}
     else:
-        weights = [float(w) for w in weights]
+        weights = [finite_number(w, f"merge weight {i}") for i, w in enumerate(weights)]
         if len(weights) != len(names):
             raise ValueError(f"got {len(weights)} merge weights for {len(names)} adapters {names}")
         table = dict(zip(names, weights))
     stray = sorted(set(table) - set(names))
     if stray:
         raise ValueError(f"merge weights given for adapters {stray} that are not being merged ({names})")
+    for _, layer in adapted_layers(model):  # merging again with another weight is refused, not ignored
+        for n in names:
+            if n in layer.merged and layer.merged[n] != table.get(n, 1.0):
+                raise ValueError(f"adapter {n!r} is already merged with weight {layer.merged[n]}; "
+                                 f"dt.unmerge(model, {n!r}) first to merge it with weight {table.get(n, 1.0)}")
     _merge_layers(model, names, table)
     return model
 
@@ -486,7 +534,8 @@ def unmerge(model: nn.Module, names: str | Iterable[str] | None = None) -> nn.Mo
 def unload(model: nn.Module, merge: bool = False) -> nn.Module:
     """Remove every adapter and return the plain model; with ``merge=True`` the active adapters stay merged in."""
     model = unwrap(model)
-    keep = registry(model).active if merge else []
+    reg = registry(model)  # a model without adapters is refused with a clear ValueError
+    keep = reg.active if merge else []
     for _, layer in adapted_layers(model):
         for n in list(reversed(layer.merged)):
             if n not in keep:

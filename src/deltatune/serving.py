@@ -344,3 +344,27 @@ def remove_hooks(model: nn.Module, hooks: list) -> None:
         h.remove()
     if getattr(model.__dict__.get("generate"), "__func__", None) is generate:
         del model.__dict__["generate"]
+
+
+CLOSED_ATTR = "_deltatune_closed"  # the hook that refuses adapter_names once the last adapter is gone
+
+
+def _refuse_names(module: nn.Module, args, kwargs):
+    if kwargs.get("adapter_names") is not None:
+        raise ValueError("adapter_names given, but this model has no deltatune adapters any more (dt.unload or "
+                         "dt.delete removed them), so it would be ignored; attach or dt.load adapters first, or "
+                         "drop adapter_names")
+
+
+def close_hooks(model: nn.Module, hooks: list) -> None:
+    """Remove the routing hooks; from then on ``adapter_names=`` is refused instead of silently ignored (the
+    model's own forward may swallow unknown keyword arguments), until adapters are attached again."""
+    remove_hooks(model, hooks)
+    if CLOSED_ATTR not in model.__dict__:
+        model.__dict__[CLOSED_ATTR] = model.register_forward_pre_hook(_refuse_names, with_kwargs=True)
+
+
+def reopen_hooks(model: nn.Module) -> None:
+    handle = model.__dict__.pop(CLOSED_ATTR, None)
+    if handle is not None:
+        handle.remove()

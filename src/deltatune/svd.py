@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from .checks import export_rank_energy
+
 
 def energy_rank(S: torch.Tensor, energy: float) -> int:
     """The fewest leading components of ``S`` that hold ``energy`` of the squared norm (0 when ``S`` is all zero)."""
@@ -27,7 +29,9 @@ def tail_error(S: torch.Tensor, k: int) -> float:
 
 def keep_count(S: torch.Tensor, rank: int | None, energy: float | None) -> int:
     """``rank``, or the :func:`energy_rank` for ``energy``, or (both given) the smaller of the two; capped at
-    ``len(S)``, at least 1."""
+    ``len(S)``, at least 1. A ``rank`` that is not a positive integer or an ``energy`` outside ``(0, 1]`` is refused
+    (never silently turned into rank 1)."""
+    export_rank_energy(rank, energy)
     k = min(rank if rank is not None else S.numel(), energy_rank(S, energy) if energy is not None else S.numel())
     return max(1, min(k, S.numel()))
 

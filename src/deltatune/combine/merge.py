@@ -25,6 +25,7 @@ import torch
 from ..deltas import DenseDelta, Delta, LowRankDelta
 from ..methods import Method
 from ..calibration import progress as progress_bar
+from ..checks import export_rank_energy
 from ..svd import factored_svd, keep_count, svd_factors, tail_error
 from . import ops
 
@@ -134,8 +135,7 @@ def check_options(method: str, n: int, weights, density, rank, energy):
     if n == 0:
         raise ValueError("give at least one adapter to combine")
     weights = ops._weights(n, weights)
-    if rank is not None and rank <= 0 or energy is not None and not 0 < energy <= 1:
-        raise ValueError(f"rank must be positive and energy in (0, 1], got rank={rank}, energy={energy}")
+    export_rank_energy(rank, energy)
     if method != "sum":
         density = density if density is not None else (0.2 if method in ("ties", "magnitude") else 0.5)
         ops._check_density(density)

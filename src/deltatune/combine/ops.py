@@ -19,6 +19,8 @@ import math
 
 import torch
 
+from ..checks import finite_number
+
 
 def _check_density(density: float) -> None:
     if not 0.0 < density <= 1.0:
@@ -26,7 +28,7 @@ def _check_density(density: float) -> None:
 
 
 def _weights(n: int, weights) -> list[float]:
-    w = [1.0] * n if weights is None else [float(x) for x in weights]
+    w = [1.0] * n if weights is None else [finite_number(x, f"weight {i}") for i, x in enumerate(weights)]
     if len(w) != n:
         raise ValueError(f"got {len(w)} weights for {n} task vectors")
     return w

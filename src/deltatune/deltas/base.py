@@ -13,11 +13,14 @@ Generic code (injection, merging, saving, export) only ever talks to this interf
 """
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..checks import finite_number, finite_tensor, is_number, positive_int
 
 _STRUCTURES: dict[str, type["Delta"]] = {}
 
@@ -161,9 +164,79 @@ def structure_class(structure: str) -> type[Delta]:
     return _STRUCTURES[structure]
 
 
+#: spec keys that hold sizes or counts (non-negative integers; ``out_features`` / ``in_features`` positive)
+SIZE_KEYS = ("out_features", "in_features", "r", "k", "block_size", "terms", "axis")
+
+
+def check_spec(spec) -> type[Delta]:
+    """The structure class of ``spec``, after checking its scalars: a known ``structure``, positive integer
+    ``out_features`` / ``in_features``, the other :data:`SIZE_KEYS` non-negative integers, every number finite
+    (a ``scale`` of NaN would give finite, wrong outputs). ``ValueError`` naming the key."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"a module's spec must be a JSON object, got {type(spec).__name__}")
+    for key in ("structure", "out_features", "in_features"):
+        if key not in spec:
+            raise ValueError(f"the spec lacks key {key!r} (it has {sorted(spec)})")
+    cls = structure_class(spec["structure"])
+    try:
+        for key, value in spec.items():
+            if key in SIZE_KEYS:
+                positive_int(value, f"spec key {key!r}", allow_zero=key not in ("out_features", "in_features"))
+            elif is_number(value):
+                finite_number(value, f"spec key {key!r}")
+    except TypeError as e:
+        raise ValueError(str(e)) from None
+    return cls
+
+
+def _check_rebuilt(d: Delta, spec: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """The rebuilt delta must be the one the spec and tensors describe: the same tensor names and shapes
+    (:meth:`Delta.tensors`), the same values for the spec keys it reports (:meth:`Delta.spec`), and a bias update,
+    if any, of shape ``(out_features,)``."""
+    got = d.tensors()
+    extra, missing = sorted(set(tensors) - set(got)), sorted(set(got) - set(tensors))
+    if extra or missing:
+        raise ValueError(f"a {d.structure!r} delta has tensors {sorted(got)}, the checkpoint has "
+                         f"{sorted(tensors)}" + (f" (unexpected: {extra})" if extra else "")
+                         + (f" (missing: {missing})" if missing else ""))
+    for k, t in got.items():
+        if tuple(t.shape) != tuple(tensors[k].shape):
+            raise ValueError(f"tensor {k!r} has shape {tuple(tensors[k].shape)}, but the spec "
+                             f"({_brief(spec)}) needs {tuple(t.shape)}")
+    for k, v in d.spec().items():
+        if k in spec and spec[k] != v and not (is_number(v) and is_number(spec[k])
+                                               and math.isclose(v, spec[k], rel_tol=1e-6)):
+            raise ValueError(f"spec key {k!r} is {spec[k]!r}, but the tensors make it {v!r}")
+    db = d.dense_bias()
+    if db is not None and tuple(db.shape) != (d.out_features,):
+        raise ValueError(f"the bias has shape {tuple(db.shape)}, but the layer has {d.out_features} outputs: "
+                         f"it needs ({d.out_features},)")
+
+
+def _brief(spec: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in spec.items() if k in SIZE_KEYS)
+
+
 def delta_from_spec(spec: dict, tensors: dict[str, torch.Tensor]) -> Delta:
-    """Rebuild a delta of any registered structure from its :meth:`Delta.spec` and :meth:`Delta.tensors`."""
-    return structure_class(spec.get("structure")).from_spec(spec, tensors)
+    """Rebuild a delta of any registered structure from its :meth:`Delta.spec` and :meth:`Delta.tensors`.
+
+    Checked for every structure alike (``ValueError`` naming the key or tensor): the spec's scalars
+    (:func:`check_spec`), every floating tensor finite, and the rebuilt delta against what was given
+    (:func:`_check_rebuilt`: names, shapes, spec values, bias shape)."""
+    cls = check_spec(spec)
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise ValueError("a delta's tensors must be a {name: tensor} dict")
+    for k, t in tensors.items():
+        finite_tensor(t, f"tensor {k!r}")
+    try:
+        d = cls.from_spec(spec, tensors)
+    except KeyError as e:
+        raise ValueError(f"a {spec['structure']!r} delta needs {e.args[0]!r}, which is neither in its spec "
+                         f"(keys {sorted(spec)}) nor among its tensors ({sorted(tensors)})") from None
+    except (TypeError, RuntimeError) as e:  # e.g. a tensor of the wrong rank or dtype reaching a constructor
+        raise ValueError(f"cannot rebuild a {spec['structure']!r} delta from its spec and tensors: {e}") from None
+    _check_rebuilt(d, spec, tensors)
+    return d
 
 
 def structures() -> list[str]:

@@ -19,10 +19,11 @@ from torch import nn
 
 from .. import __version__
 from .. import model as M
+from ..checks import export_rank_energy
 from ..methods import Method
 from .files import CONFIG_NAME, WEIGHTS_NAME, adapter_folders, read_adapter, write_adapter
 from .peft_format import NeedsBase, NotLowRank, from_peft, to_peft
-from .record import FORMAT_VERSION, AdapterRecord, build_deltas, check_fits, record_from_model
+from .record import FORMAT_VERSION, AdapterRecord, build_deltas, check_fits, check_record, record_from_model
 
 FORMATS = ("deltatune", "peft")
 
@@ -52,8 +53,29 @@ def from_own(config: dict, tensors: dict[str, torch.Tensor], name: str | None = 
 
 
 def read_record(folder: str | Path, name: str | None = None, model: nn.Module | None = None) -> AdapterRecord:
-    """Read one adapter folder of either format. PEFT checkpoints need the ``model`` to know layer kinds."""
+    """Read one adapter folder of either format. PEFT checkpoints need the ``model`` to know layer kinds.
+
+    A malformed config (a missing key, a value of the wrong JSON type, a bad method field or module spec:
+    :func:`check_record`) raises ``ValueError`` naming the file and what is wrong, never a bare ``KeyError``."""
     config, tensors = read_adapter(folder)
+    where = Path(folder) / CONFIG_NAME
+    if not isinstance(config, dict):
+        raise ValueError(f"{where} must hold a JSON object, not a JSON {type(config).__name__}")
+    try:
+        record = _parse(folder, config, tensors, name, model)
+        check_record(record)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        if isinstance(e, KeyError):
+            why = f"missing key {e.args[0]!r} (the file is incomplete or not written by deltatune / PEFT)"
+        elif isinstance(e, AttributeError):
+            why = f"a value has the wrong JSON type ({e})"
+        else:
+            why = str(e)
+        raise ValueError(why if why.startswith(str(folder)) else f"{where}: {why}") from None
+    return record
+
+
+def _parse(folder, config: dict, tensors: dict, name: str | None, model: nn.Module | None) -> AdapterRecord:
     if config.get("format") == "deltatune":
         return from_own(config, tensors, name)
     if "peft_type" in config:
@@ -72,6 +94,7 @@ def _convert(record: AdapterRecord, format: str, rank: int | None, errors: dict 
              base=None):
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; choose one of {FORMATS}")
+    export_rank_energy(rank, energy)
     return to_peft(record, rank, errors, energy, base) if format == "peft" else to_own(record)
 
 
@@ -146,9 +169,12 @@ def load(model: nn.Module, path: str | Path, name: str | None = None, activate: 
         raise ValueError(f"{path} holds {len(folders)} adapters ({', '.join(folders)}); name= renames one only")
     records = [read_record(f, name or sub or None, model) for sub, f in folders.items()]
     built = []
-    for rec in records:
-        M.check_new_name(model, rec.name)
-        built.append(build_deltas(model, rec))
+    for rec, folder in zip(records, folders.values()):
+        try:
+            M.check_new_name(model, rec.name)
+            built.append(build_deltas(model, rec))
+        except ValueError as e:
+            raise ValueError(f"{folder}: {e}") from None
     for rec, deltas in zip(records, built):
         M.install(model, rec.name, Method.from_dict(rec.method), deltas, activate=activate)
     return model

@@ -42,12 +42,23 @@ def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: 
 
 
 def read_json(path: str | Path) -> dict:
-    with open(path) as f:
-        return json.load(f)
+    """The JSON in ``path``; a file that is not JSON raises ``ValueError`` naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); the file is damaged or not an adapter config") from None
 
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
+    """The tensors in safetensors file ``path``; a damaged or truncated file raises ``ValueError`` naming it."""
+    try:
+        return load_file(str(path))
+    except OSError:
+        raise
+    except Exception as e:  # safetensors raises its own SafetensorsError (not an OSError) for bad headers
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); it is truncated or damaged: save the "
+                         "adapter again") from None
 
 
 def write_adapter(folder: str | Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:

@@ -14,6 +14,7 @@ from torch import nn
 
 from .. import model as M
 from ..deltas import Delta, delta_from_spec
+from ..deltas.base import check_spec
 
 FORMAT_VERSION = 1
 
@@ -92,5 +93,31 @@ def build_deltas(model: nn.Module, record: AdapterRecord) -> dict[str, Delta]:
     built = {}
     for mod_name, spec in record.modules.items():
         w = M.linear_weight(bases[mod_name])
-        built[mod_name] = delta_from_spec(spec, record.tensors[mod_name]).to(w.device)
+        try:
+            built[mod_name] = delta_from_spec(spec, record.tensors.get(mod_name, {})).to(w.device)
+        except ValueError as e:
+            raise ValueError(f"adapter {record.name!r}, module {mod_name!r}: {e}") from None
     return built
+
+
+def check_record(record: AdapterRecord) -> None:
+    """What can be checked without a model, before anything is built: the method config (types, values:
+    :func:`deltatune.methods.base.check_fields` and ``validate``) and every module's spec
+    (:func:`deltatune.deltas.base.check_spec`). ``ValueError`` naming the module or method field."""
+    from ..methods.base import Method, check_fields
+
+    if not isinstance(record.method, dict):
+        raise ValueError(f"'method' must be a JSON object, got {type(record.method).__name__}")
+    if not isinstance(record.modules, dict) or not record.modules:
+        raise ValueError("'modules' must be a non-empty JSON object {module name: spec}")
+    try:
+        method = Method.from_dict(record.method)
+        check_fields(method)
+    except TypeError as e:
+        raise ValueError(f"method config: {e}") from None
+    method.validate()
+    for mod, spec in record.modules.items():
+        try:
+            check_spec(spec)
+        except ValueError as e:
+            raise ValueError(f"module {mod!r}: {e}") from None

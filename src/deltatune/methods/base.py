@@ -18,12 +18,16 @@ gradient hooks, so they apply whatever the model returns.
 from __future__ import annotations
 
 import dataclasses
+import numbers
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from ..checks import finite_number, is_number, positive_int
 from ..deltas import Delta, FullDelta
 
 _METHODS: dict[str, type["Method"]] = {}
@@ -108,6 +112,65 @@ class Method:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+#: fields that, when set, must be a positive integer / a non-zero number (one table for every method)
+POSITIVE_FIELDS = ("r", "init_r", "target_r", "block_size", "terms", "add_r", "top_h", "delta_t")
+NONZERO_FIELDS = ("alpha", "alpha_pattern")
+
+
+def _accepts(hint, value) -> bool | None:
+    """Whether ``value`` fits the annotation ``hint`` (``None``: the annotation is not one this check reads)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        verdicts = [_accepts(a, value) for a in args]
+        return True if any(verdicts) else (None if None in verdicts else False)
+    base = typing.get_origin(hint) or hint
+    if base is type(None):
+        return value is None
+    if base is bool:
+        return isinstance(value, bool)
+    if base is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if base is float:
+        return is_number(value)
+    if base in (str, dict, list, tuple):
+        return isinstance(value, base)
+    return None
+
+
+def _numbers(value):
+    """Every number inside ``value`` (through dicts, lists, tuples)."""
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _numbers(v)
+    elif is_number(value):
+        yield value
+
+
+def check_fields(method: "Method") -> None:
+    """Type and value checks of a method config driven by its dataclass annotations, for every method at once:
+    each field must have its annotated type (``bool`` is not an ``int``; an ``int`` is a ``float``), every number
+    in it (also inside dicts and lists) must be finite, the :data:`POSITIVE_FIELDS` positive and the
+    :data:`NONZERO_FIELDS` non-zero. ``TypeError`` / ``ValueError`` naming ``Method.field`` and the value given."""
+    cls = type(method)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(method):
+        value, what = getattr(method, f.name), f"{cls.__name__}.{f.name}"
+        if _accepts(hints.get(f.name, Any), value) is False:
+            raise TypeError(f"{what} must be {_describe(hints[f.name])}, got {value!r} ({type(value).__name__})")
+        for x in _numbers(value):
+            finite_number(x, what, nonzero=f.name in NONZERO_FIELDS)
+        if f.name in POSITIVE_FIELDS and value is not None:
+            positive_int(value, what)
+
+
+def _describe(hint) -> str:
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    names = " or ".join(getattr(typing.get_origin(a) or a, "__name__", str(a)) for a in args)
+    return names + (" or None" if type(None) in typing.get_args(hint) else "")
+
+
 def full_replacement(weight: torch.Tensor, bias: torch.Tensor | None) -> Delta:
     """The delta for a ``modules_to_save`` entry."""
     return FullDelta(weight, bias)
@@ -127,4 +190,4 @@ def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
 
 
-__all__ = ["Controller", "Method", "adapter_dtype", "check_dropout", "field", "full_replacement", "methods"]
+__all__ = ["Controller", "Method", "adapter_dtype", "check_dropout", "check_fields", "field", "full_replacement", "methods"]

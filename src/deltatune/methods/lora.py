@@ -105,8 +105,8 @@ class LoRA(Method):
     def validate(self) -> None:
         ranks = [self.r, *(self.rank_pattern or {}).values()]
         if any(not isinstance(r, int) or r <= 0 for r in ranks):
-            raise ValueError(f"LoRA rank must be a positive integer, got r={self.r} "
-                             f"rank_pattern={self.rank_pattern}")
+            raise ValueError(f"LoRA rank must be a positive integer, got r={self.r!r} "
+                             f"rank_pattern={self.rank_pattern!r}")
         if self.init not in INITS:
             raise ValueError(f"unknown init {self.init!r}; choose one of {INITS}")
         check_dropout(self.dropout)

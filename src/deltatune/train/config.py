@@ -40,7 +40,7 @@ import yaml
 from torch import nn
 
 from .. import model as M
-from ..methods.base import Method
+from ..methods.base import Method, check_fields
 from ..targets import name_matches
 from .data import TASKS, Collator, encode_classification, encode_instructions, pad_id_of, read_rows
 from .fields import typed_fields
@@ -112,6 +112,10 @@ def parse_method(d: dict | None) -> Method:
     unknown = sorted(set(d) - set(allowed))
     if unknown:
         raise ValueError(f"unknown key(s) {unknown} for method {name!r}; allowed: {allowed}")
+    try:
+        check_fields(method)
+    except TypeError as e:
+        raise ValueError(f"config section 'method': {e}") from None
     method.validate()
     return method
 
