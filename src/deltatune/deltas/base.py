@@ -166,11 +166,13 @@ def structure_class(structure: str) -> type[Delta]:
 
 #: spec keys that hold sizes or counts (non-negative integers; ``out_features`` / ``in_features`` positive)
 SIZE_KEYS = ("out_features", "in_features", "r", "k", "block_size", "terms", "axis")
+NUMBER_KEYS = ("scale", "dropout")  # spec keys that must be (finite) numbers
 
 
 def check_spec(spec) -> type[Delta]:
     """The structure class of ``spec``, after checking its scalars: a known ``structure``, positive integer
-    ``out_features`` / ``in_features``, the other :data:`SIZE_KEYS` non-negative integers, every number finite
+    ``out_features`` / ``in_features``, the other :data:`SIZE_KEYS` non-negative integers, the :data:`NUMBER_KEYS`
+    numbers, every number finite
     (a ``scale`` of NaN would give finite, wrong outputs). ``ValueError`` naming the key."""
     if not isinstance(spec, dict):
         raise ValueError(f"a module's spec must be a JSON object, got {type(spec).__name__}")
@@ -182,7 +184,7 @@ def check_spec(spec) -> type[Delta]:
         for key, value in spec.items():
             if key in SIZE_KEYS:
                 positive_int(value, f"spec key {key!r}", allow_zero=key not in ("out_features", "in_features"))
-            elif is_number(value):
+            elif is_number(value) or key in NUMBER_KEYS:
                 finite_number(value, f"spec key {key!r}")
     except TypeError as e:
         raise ValueError(str(e)) from None

@@ -19,13 +19,15 @@ from torch import nn
 
 from .. import __version__
 from .. import model as M
-from ..checks import export_rank_energy
+from ..checks import export_rank_energy, finite_number, positive_int
 from ..methods import Method
 from .files import CONFIG_NAME, WEIGHTS_NAME, adapter_folders, read_adapter, write_adapter
 from .peft_format import NeedsBase, NotLowRank, from_peft, to_peft
 from .record import FORMAT_VERSION, AdapterRecord, build_deltas, check_fits, check_record, record_from_model
 
 FORMATS = ("deltatune", "peft")
+PEFT_NUMBERS = ("r", "lora_alpha", "lora_dropout", "init_r", "target_r")  # numbers in a PEFT config
+PEFT_SIZES = ("r", "init_r", "target_r")  # of which positive integers
 
 
 def to_own(record: AdapterRecord) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -79,6 +81,9 @@ def _parse(folder, config: dict, tensors: dict, name: str | None, model: nn.Modu
     if config.get("format") == "deltatune":
         return from_own(config, tensors, name)
     if "peft_type" in config:
+        for key in PEFT_NUMBERS:  # PEFT's scalars, checked before any arithmetic uses them
+            if config.get(key) is not None:
+                (positive_int if key in PEFT_SIZES else finite_number)(config[key], key)
         kinds = {}
         if model is not None:
             for mod, base in M.base_modules(model):
