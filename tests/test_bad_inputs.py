@@ -310,3 +310,22 @@ def test_combine_weights_must_be_finite(adapted):
         dt.combine(adapted, ["a", "b"], weights=[1.0, NAN])
     assert_unchanged(adapted, before)
     assert dt.adapters(adapted) == ["a", "b"]
+
+
+def test_attach_refuses_deltas_built_from_a_nan_base(minilm_dir):
+    model = make_minilm(minilm_dir)
+    with torch.no_grad():
+        model.bert.encoder.layer[0].attention.self.query.weight[0, 0] = NAN
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=rf"OLoRA built {Q0}\.A, which holds .* NaN/inf.*base weight finite"):
+        dt.attach(model, dt.OLoRA(r=2, targets=["query"]))
+    assert dt.adapters(model) == []
+    for k, v in model.state_dict().items():  # NaN != NaN: compare with equal_nan
+        assert torch.allclose(v, before[k], equal_nan=True, rtol=0, atol=0)
+
+
+def test_config_section_method_types_are_checked_in_run_yaml():
+    from deltatune.train.config import parse_method
+
+    with pytest.raises(ValueError, match="config section 'method': LoRA.alpha must be float or None, got 'sixteen'"):
+        parse_method({"name": "lora", "alpha": "sixteen"})

@@ -40,12 +40,14 @@ def positive_int(value, what: str, allow_zero: bool = False) -> int:
     return int(value)
 
 
-def finite_tensor(t: torch.Tensor, what: str) -> None:
+CORRUPT = "the checkpoint is corrupt or was saved from a diverged run; retrain or load another checkpoint"
+
+
+def finite_tensor(t: torch.Tensor, what: str, hint: str = CORRUPT) -> None:
     """Refuse a floating tensor holding NaN or +-inf (one reduction; integer tensors always pass)."""
     if (t.is_floating_point() or t.is_complex()) and t.numel() and not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
-        raise ValueError(f"{what} holds {bad} NaN/inf value(s) of {t.numel()}: the checkpoint is corrupt or was "
-                         "saved from a diverged run; retrain or load another checkpoint")
+        raise ValueError(f"{what} holds {bad} NaN/inf value(s) of {t.numel()}: {hint}")
 
 
 def export_rank_energy(rank, energy) -> None:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as nn_module
 
-from .checks import finite_number
+from .checks import finite_number, finite_tensor
 from .deltas import Delta
 from .methods.base import Controller, Method, check_fields, full_replacement
 from .targets import linear_types, resolve_targets
@@ -152,7 +152,8 @@ class AdaptedLayer(nn.Module):
 
     def merge(self, name: str, weight: float = 1.0) -> None:
         """``W <- W + weight * dW_name`` (a multiplicative delta: ``W <- W R(weight q)^T``), exactly."""
-        if name in self.merged and self.merged[name] != float(weight):
+        weight = finite_number(weight, "merge weight")
+        if name in self.merged and self.merged[name] != weight:
             raise ValueError(f"adapter {name!r} is already merged with weight {self.merged[name]}; "
                              f"dt.unmerge(model, {name!r}) first to merge it with weight {weight}")
         if name in self.merged or name not in self.deltas:
@@ -165,8 +166,8 @@ class AdaptedLayer(nn.Module):
                              "the layer's current weight, so it would then act on the merged update too and the "
                              f"output would change. Merge {rotating[0]!r} first (dt.merge merges in the order given) "
                              "or deactivate it")
-        checked_merge(delta, self.linear_weight(), self.base_bias(), finite_number(weight, "merge weight"), name)
-        self.merged[name] = float(weight)
+        checked_merge(delta, self.linear_weight(), self.base_bias(), weight, name)
+        self.merged[name] = weight
         self.refresh()
 
     def unmerge(self, name: str) -> None:
@@ -327,6 +328,15 @@ def check_new_name(model: nn.Module, name: str) -> None:
         raise ValueError(f"an adapter named {name!r} is already attached; pick another name or dt.delete() it first")
 
 
+def check_can_activate(model: nn.Module, name: str, activate: bool) -> None:
+    """A new adapter may become the only active one only while no other adapter is merged into the weights (they
+    would stay applied but inactive, and nothing could take them out consistently): refuse, saying what to do."""
+    merged = sorted({n for _, layer in adapted_layers(model) for n in layer.merged})
+    if activate and merged:
+        raise ValueError(f"adapters {merged} are merged into the weights; making {name!r} the only active adapter "
+                         f"would leave them applied but inactive. dt.unmerge(model) first, or pass activate=False")
+
+
 # -- public verbs --------------------------------------------------------------------------------------------------
 def attach(model: nn.Module, method: Method, name: str = "default", activate: bool = True,
            data: Iterable | None = None) -> nn.Module:
@@ -343,6 +353,7 @@ def attach(model: nn.Module, method: Method, name: str = "default", activate: bo
     check_new_name(model, name)
     check_fields(method)
     method.validate()
+    check_can_activate(model, name, activate)
     model = unwrap(model)
 
     view = _BaseView(model)
@@ -364,6 +375,10 @@ def attach(model: nn.Module, method: Method, name: str = "default", activate: bo
         raise ValueError(f"{type(method).__name__} selected no module to adapt among {len(targets)} targets; raise "
                          "its ratio or density")
     built.update({n: full_replacement(*weights(n)) for n in saved})
+    for mod_name, delta in built.items():  # e.g. an SVD init of a base weight that holds NaN
+        for k, t in delta.tensors().items():
+            finite_tensor(t, f"{type(method).__name__} built {mod_name}.{k}, which",
+                          hint="is the base weight finite? (the model was not changed)")
     install(model, name, method, built, activate)
     return model
 
@@ -375,10 +390,7 @@ def install(model: nn.Module, name: str, method: Method, built: dict[str, Delta]
     """
     check_new_name(model, name)
     model = unwrap(model)
-    merged = sorted({n for _, layer in adapted_layers(model) for n in layer.merged})
-    if activate and merged:
-        raise ValueError(f"adapters {merged} are merged into the weights; making {name!r} the only active adapter "
-                         f"would leave them applied but inactive. dt.unmerge(model) first, or pass activate=False")
+    check_can_activate(model, name, activate)
     reg = registry(model, create=True)
     if not reg.adapters:
         for p in model.parameters():
@@ -504,7 +516,7 @@ def merge(model: nn.Module, names: str | Iterable[str] | None = None,
     names = _check_names(model, registry(model).active if names is None else names)
     if weights is None or isinstance(weights, dict):
         table = {n: finite_number(w, f"merge weight of {n!r}") for n, w in (weights or {}).items()}
-    elif isinstance(weights, (numbers.Real, torch.Tensor)):
+    elif isinstance(weights, (numbers.Real, torch.Tensor, str)):  # one number (a str is refused by name)
         table = {n: finite_number(weights, "merge weight") for n in names}
     else:
         weights = [finite_number(w, f"merge weight {i}") for i, w in enumerate(weights)]

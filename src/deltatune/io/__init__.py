@@ -177,6 +177,7 @@ def load(model: nn.Module, path: str | Path, name: str | None = None, activate: 
     for rec, folder in zip(records, folders.values()):
         try:
             M.check_new_name(model, rec.name)
+            M.check_can_activate(model, rec.name, activate)
             built.append(build_deltas(model, rec))
         except ValueError as e:
             raise ValueError(f"{folder}: {e}") from None
