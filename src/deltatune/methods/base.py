@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -132,8 +133,12 @@ def _accepts(hint, value) -> bool | None:
         return isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if base is float:
         return is_number(value)
-    if base in (str, dict, list, tuple):
-        return isinstance(value, base)
+    if base is str:
+        return isinstance(value, (str, os.PathLike))  # file names may come as paths
+    if base in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if base is dict:
+        return isinstance(value, dict)
     return None
 
 
