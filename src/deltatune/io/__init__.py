@@ -64,7 +64,7 @@ def read_record(folder: str | Path, name: str | None = None, model: nn.Module | 
                     kinds[mod] = M._kind(base)
                 except TypeError:
                     pass
-        return from_peft(config, tensors, name or "default", kinds)
+        return from_peft(config, tensors, name or "default", kinds, source=str(Path(folder) / CONFIG_NAME))
     raise ValueError(f"{Path(folder) / CONFIG_NAME} is neither a deltatune nor a PEFT adapter config")
 
 
@@ -135,11 +135,16 @@ def svd_error_summary(errors: dict[str, float]) -> str:
             f"{errors[worst]:.3f} ({worst})")
 
 
-def load(model: nn.Module, path: str | Path, name: str | None = None, activate: bool = True) -> nn.Module:
+def load(model: nn.Module, path: str | Path, name: str | None = None, activate: bool = True,
+         is_trainable: bool = True) -> nn.Module:
     """Load adapter(s) saved by :func:`save` (either format) or by PEFT onto ``model``.
 
     ``name`` renames a single adapter. Every module is checked to fit (name, kind, shape) before the model
-    is touched; the first mismatch raises ``ValueError``.
+    is touched; the first mismatch raises ``ValueError``. The base model's parameters are frozen. With
+    ``activate=True`` the loaded adapter becomes the active one and, by default (``is_trainable=True``), trains
+    like a freshly attached one (resume training). ``is_trainable=False`` loads it frozen, as PEFT's
+    ``PeftModel.from_pretrained`` does by default: no ``requires_grad``, no controller steps, until a later
+    ``dt.set_active`` says otherwise.
     """
     folders = adapter_folders(path)
     if name is not None and len(folders) > 1:
@@ -151,6 +156,10 @@ def load(model: nn.Module, path: str | Path, name: str | None = None, activate: 
         built.append(build_deltas(model, rec))
     for rec, deltas in zip(records, built):
         M.install(model, rec.name, Method.from_dict(rec.method), deltas, activate=activate)
+    if not is_trainable:
+        reg = M.registry(model)
+        reg.trainable = [n for n in reg.training() if n not in {rec.name for rec in records}]
+        M._sync(model)
     return model
 
 
