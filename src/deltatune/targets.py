@@ -85,7 +85,8 @@ class BoundedRegex:
     def __init__(self, pattern: str, what: str = "pattern", budget: float | None = None, shown: str | None = None):
         self.pattern, self.what, self.shown = pattern, what, shown or pattern
         self.compiled = _compile(pattern, what)
-        self.deadline = time.monotonic() + (REGEX_BUDGET if budget is None else budget)
+        self.budget = REGEX_BUDGET if budget is None else budget
+        self.deadline = time.monotonic() + self.budget
 
     def __call__(self, name: str) -> bool:
         left = max(self.deadline - time.monotonic(), 1e-4)
@@ -93,7 +94,7 @@ class BoundedRegex:
             return self.compiled.fullmatch(name, timeout=left) is not None
         except TimeoutError:
             raise ValueError(
-                f"{self.what} {self.shown!r} did not finish matching module names within {REGEX_BUDGET}s (catastrophic "
+                f"{self.what} {self.shown!r} did not finish matching module names within {self.budget}s (catastrophic "
                 "backtracking: nested or overlapping repetition such as '(a+)+' or '(.|\\w)+'); give module-name "
                 "suffixes (['query', 'value']) or a simpler regex") from None
 
