@@ -186,12 +186,24 @@ def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: 
 
 
 def read_json(path: str | Path) -> dict:
-    with open(path) as f:
-        return json.load(f)
+    """A JSON file; a syntax error names the file (``ValueError``)."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); the file is damaged or not a config: "
+                             "write it again") from e
 
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
+    """A safetensors file; a damaged or truncated file is a ``ValueError`` that names it."""
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); it is truncated or damaged: "
+                         "save it again") from e
 
 
 # -- one folder generation -------------------------------------------------------------------------------------------
