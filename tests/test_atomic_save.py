@@ -4,7 +4,6 @@ completes; then the folder must load as exactly the old or exactly the new check
 user's other files, and the next save must leave nothing else behind."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 from pathlib import Path

@@ -461,5 +461,5 @@ def train(
         return result
 
 
-__all__ = ["TrainArgs", "evaluate", "eval_loader", "loss_sum", "lr_factor", "param_groups", "read_metrics", "set_seed", "train",
-           "write_plot"]
+__all__ = ["TrainArgs", "evaluate", "eval_loader", "loss_sum", "lr_factor", "param_groups", "read_metrics", "set_seed",
+           "train", "write_plot"]
