@@ -42,7 +42,7 @@ def test_several_adapters_by_name(minilm_dir, minilm_batch, tmp_path):
         dt.set_active(model, n)
         ys[n] = logits(model, minilm_batch)
     dt.save(model, tmp_path / "both")
-    assert sorted(p.name for p in (tmp_path / "both").iterdir()) == ["a", "b"]
+    assert sorted(p.name for p in (tmp_path / "both").iterdir()) == [F.MANIFEST_NAME, "a", "b"]
     fresh = make_minilm(minilm_dir)
     dt.load(fresh, tmp_path / "both")
     assert dt.adapters(fresh) == ["a", "b"]
@@ -130,7 +130,8 @@ def test_atomic_write_keeps_the_old_checkpoint_on_failure(minilm_dir, minilm_bat
     with pytest.raises(OSError, match="disk full"):
         dt.save(model, tmp_path / "a")
     assert (tmp_path / "a" / F.WEIGHTS_NAME).read_bytes() == good
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [F.CONFIG_NAME, F.WEIGHTS_NAME]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [F.MANIFEST_NAME, F.CONFIG_NAME, F.WEIGHTS_NAME]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no staging folder left
 
 
 def test_missing_files_give_clear_errors(minilm_dir, tmp_path):

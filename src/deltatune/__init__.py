@@ -25,6 +25,7 @@ from .model import (  # noqa: E402
     delete,
     disabled,
     merge,
+    print_trainable_parameters,
     set_active,
     step,
     trainable_parameters,
@@ -43,6 +44,6 @@ __all__ = [
     "AdaLoRA", "AdaptedLayer", "Controller", "Delta", "FullDelta", "GatedSVDDelta", "IncreLoRA", "LTSFT", "LoRA",
     "LowRankDelta", "Method", "MiLoRA", "NOLA", "NOLADelta", "OFT", "OLoRA", "OrthogonalAdaptation",
     "OrthogonalLowRankDelta", "PiSSA", "CorDA", "EVA", "RotationDelta", "S2FT", "SORSA", "SlicedDelta", "SoRA", "SparseDelta", "SpIEL",
-    "VeRA", "VeRADelta", "active_adapters", "adapter_rows", "adapters", "after_backward", "attach", "calibrate", "combine", "compress", "interference", "begin", "controller_metrics", "deltas", "delete", "disabled", "extract", "load", "load_compressed", "merge", "save", "set_active", "set_serving",
+    "VeRA", "VeRADelta", "active_adapters", "adapter_rows", "adapters", "after_backward", "attach", "calibrate", "combine", "compress", "interference", "begin", "controller_metrics", "deltas", "delete", "disabled", "extract", "load", "load_compressed", "merge", "print_trainable_parameters", "save", "set_active", "set_serving",
     "step", "trainable_parameters", "unload", "unmerge",
 ]

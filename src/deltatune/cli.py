@@ -132,10 +132,12 @@ def _report(errors: dict[str, float]) -> None:
 
 
 def _cmd_export(args) -> int:
-    from .io import read_record, write_record
+    from .io import check_not_input, read_record, write_record
 
     if args.to != "peft":
-        raise SystemExit(f"unknown export target {args.to!r}; supported: peft")
+        raise ValueError(f"unknown export target {args.to!r}; supported: peft")
+    check_not_input(args.out, [args.adapter], "the adapter being exported")
+    check_not_input(args.out, [args.base], "the base model")
     rec = read_record(args.adapter)
     base, store = _base_weights(args.base)
     try:
@@ -196,9 +198,11 @@ def read_merge_config(path: str | Path) -> dict:
 
 def _cmd_merge(args) -> int:
     from .combine.merge import combine_records
-    from .io import NotLowRank, read_record, write_record
+    from .io import NotLowRank, check_not_input, read_record, write_record
 
     cfg = read_merge_config(args.config)
+    check_not_input(cfg["output"], [a["path"] for a in cfg["adapters"]], "an adapter being merged")
+    check_not_input(cfg["output"], [cfg.get("base")], "the base model")
     records = [read_record(a["path"]) for a in cfg["adapters"]]
     base, store = _base_weights(cfg.get("base"))
     try:
@@ -222,8 +226,9 @@ def _cmd_merge(args) -> int:
 
 def _cmd_extract(args) -> int:
     from .extract import extract
-    from .io import write_record
+    from .io import check_not_input, write_record
 
+    check_not_input(args.out, [args.base, args.tuned], "a model being read")
     record, report = extract(args.base, args.tuned, rank=args.rank, energy=args.energy, targets=args.targets,
                              exclude=args.exclude, name=args.name)
     write_record(args.out, record, format=args.to)
@@ -249,11 +254,16 @@ def _cmd_compress(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .compress import compress
+    from .io import check_not_input
+    from .io.files import write_generation
     from .train.config import _resolve, model_path
     from .train.data import check_columns, read_rows
 
     path = Path(args.config)
-    cfg = yaml.safe_load(path.read_text()) or {}
+    with open(path, encoding="utf-8") as f:
+        cfg = yaml.safe_load(f) or {}  # parse errors name the file
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a mapping with keys {sorted(COMPRESS_KEYS)}")
     unknown = set(cfg) - COMPRESS_KEYS
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(COMPRESS_KEYS)}")
@@ -261,6 +271,8 @@ def _cmd_compress(args) -> int:
         if key not in cfg:
             raise ValueError(f"{path}: missing {key!r} (see deltatune compress --help for an example)")
     folder = model_path((cfg["model"] or {}).get("path", ""), path.parent)
+    out = Path(_resolve(cfg["output_dir"], path.parent))
+    check_not_input(out, [folder], "the model being compressed")
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     method = cfg.get("method", "activation")
     data = None
@@ -280,9 +292,12 @@ def _cmd_compress(args) -> int:
     before = sum(p.numel() for p in model.parameters())
     ranks = compress(model, ratio=float(cfg["ratio"]), method=method, data=data, targets=cfg.get("targets", "all-linear"),
                      exclude=cfg.get("exclude"))
-    out = Path(_resolve(cfg["output_dir"], path.parent))
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(folder).save_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+
+    def fill(staging: Path) -> None:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    write_generation(out, fill)  # the whole folder at once: a kill leaves the old one or the new one
     after = sum(p.numel() for p in model.parameters())
     factored = [k for k in ranks.values() if k >= 0]
     print(f"wrote {out}: {after:,} parameters ({after / before:.1%} of {before:,}); {len(factored)} of {len(ranks)} "
@@ -308,7 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deltatune", description="Fine-tune pretrained models with structured weight "
                                 "deltas; save, inspect and export the adapters.")
     p.add_argument("--version", action="version", version=f"deltatune {__import__('deltatune').__version__}")
+    p.add_argument("--debug", action="store_true", help="show the traceback of errors too")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of errors too")
     sub = p.add_subparsers(dest="command", required=True)
+    _add = sub.add_parser
+    sub.add_parser = lambda *a, **k: _add(*a, parents=[common], **k)
 
     d = sub.add_parser("demo", help="fine-tune MiniLM with LoRA on an embedded dataset, save, reload, merge")
     d.add_argument("--out", default="deltatune-demo", help="output folder (default: ./deltatune-demo)")
@@ -370,13 +391,49 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean "the input is wrong", not "deltatune is wrong": bad values and config files
+    (``ValueError``, which covers JSON and Unicode decoding errors; config ``TypeError``s are turned into
+    ``ValueError``s where the config is read), files and folders (``OSError``: missing, a file where a folder is
+    wanted, permissions, a full disk), YAML syntax, unreadable safetensors, missing columns and missing optional
+    packages. The CLI reports them in one line and exits 2; anything else is a bug (traceback, exit 1)."""
+    import yaml
+    from safetensors import SafetensorError
+
+    return (ValueError, OSError, ColumnError, ModuleNotFoundError, yaml.YAMLError, SafetensorError)
+
+
+BUG_HINT = ("this is a bug in deltatune, not in your input: please report it with the command line and the "
+            "traceback above (deltatune --version: {version})")
+
+
+def _one_line(e: BaseException) -> str:
+    """The error's message on one line (a ``KeyError``'s without the quotes ``str`` adds)."""
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    return " ".join(text.split()) or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. User errors: one line ``deltatune <cmd>: error: ...`` on stderr, exit 2 (with ``--debug``
+    also the traceback); bugs: the traceback and a hint to report it, exit 1; Ctrl-C: exit 130."""
+    import traceback
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError, ColumnError) as e:
-        print(f"deltatune {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"deltatune {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except user_errors() as e:
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        print(f"deltatune {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Exception:
+        traceback.print_exc()
+        print(f"deltatune {args.command}: internal error: " +
+              BUG_HINT.format(version=__import__("deltatune").__version__), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

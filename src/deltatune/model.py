@@ -359,7 +359,7 @@ def attach(model: nn.Module, method: Method, name: str = "default", activate: bo
     view = _BaseView(model)
     saved = resolve_targets(view, method.modules_to_save, kinds=linear_types() + (nn.Embedding,)) \
         if method.modules_to_save else []
-    targets = resolve_targets(view, method.targets, method.exclude, skip=saved)
+    targets = resolve_targets(view, method.targets, method.exclude, skip=saved, layers=method.layers)
     modules = dict(base_modules(model))
 
     def weights(mod_name: str):
@@ -607,6 +607,15 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     seen: dict[int, nn.Parameter] = {id(p): p for p in unwrap(model).parameters()}
     trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
     return trainable, sum(p.numel() for p in seen.values())
+
+
+def print_trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """Print ``trainable params: X || all params: Y || trainable%: Z`` (PEFT's line; all params include the
+    adapters') and return ``(trainable, all)`` from :func:`trainable_parameters`."""
+    trainable, total = trainable_parameters(model)
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+          f"trainable%: {100 * trainable / max(total, 1):.4f}")
+    return trainable, total
 
 
 # -- controllers -----------------------------------------------------------------------------------------------

@@ -9,17 +9,27 @@ A *target spec* is one of
   (``["query", "value"]``, ``["layers.0.mlp.up_proj"]``).
 
 ``exclude`` takes the same forms. Structured methods also need the *units* of a transformer block (heads and
-FFN channels, and how they couple across q/k/v/o and gate/up/down): see :class:`UnitMap` and :func:`find_blocks`. Pattern dictionaries (per-module rank or alpha overrides) use the same rule
-per key: suffix match, or else a full regex match.
+FFN channels, and how they couple across q/k/v/o and gate/up/down): see :class:`UnitMap` and :func:`find_blocks`.
+
+Pattern dictionaries (per-module rank or alpha overrides, ours and those read from PEFT checkpoints) use PEFT's rule
+per key: a key made only of letters, digits, ``_``, ``-`` and ``.`` is a literal module name or dotted suffix; any
+other key is a regular expression ``R`` that matches when ``(.*\\.)?R`` matches the whole name.
+
+Regular expressions come from users and from checkpoints, so they never run unbounded: they run in the
+third-party :mod:`regex` engine with a time limit (:data:`REGEX_BUDGET` CPU seconds per module name), and a
+pattern that backtracks catastrophically (``(.|\\w)+\\d{2}``) raises ``ValueError`` naming it instead of hanging.
+``layers`` restricts targets to transformer layer indices (PEFT's ``layers_to_transform``): see :func:`layer_index`.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import regex
 import torch
 from torch import nn
 
@@ -42,22 +52,91 @@ def linear_types() -> tuple[type, ...]:
     return (nn.Linear,) if conv is None else (nn.Linear, conv)
 
 
-def name_matches(name: str, key: str) -> bool:
-    """Suffix match on dotted components, or else a full regular-expression match."""
-    if name == key or name.endswith("." + key):
-        return True
+#: CPU seconds one regular expression may take on one module name (a sane one takes microseconds; the first name
+#: that exceeds it raises)
+REGEX_BUDGET = 0.05
+_LITERAL = re.compile(r"[\w.\-]+")
+
+
+def is_literal(key: str) -> bool:
+    """True when ``key`` is a plain (dotted) module name, matched as a name or suffix and never run as a regex."""
+    return _LITERAL.fullmatch(key) is not None
+
+
+def _suffix(name: str, key: str) -> bool:
+    return name == key or name.endswith("." + key)
+
+
+@functools.lru_cache(maxsize=256)
+def _compile(pattern: str, what: str):
     try:
-        return re.fullmatch(key, name) is not None
-    except re.error:
-        return False
+        return regex.compile(pattern)
+    except (regex.error, re.error) as e:
+        raise ValueError(f"{what} {pattern!r} is not a valid regular expression: {e}") from e
+
+
+class BoundedRegex:
+    """``fullmatch`` of one regular expression, at most ``budget`` CPU seconds per name (:data:`REGEX_BUDGET`).
+
+    A pattern that takes longer (catastrophic backtracking, e.g. nested or overlapping quantifiers) raises
+    ``ValueError`` naming ``what`` and the pattern; Python's :mod:`re` cannot be interrupted, :mod:`regex` can."""
+
+    def __init__(self, pattern: str, what: str = "pattern", budget: float | None = None, shown: str | None = None):
+        self.pattern, self.what, self.shown = pattern, what, shown or pattern
+        self.compiled = _compile(pattern, what)
+        self.budget = REGEX_BUDGET if budget is None else budget
+
+    def __call__(self, name: str) -> bool:
+        try:
+            return self.compiled.fullmatch(name, timeout=self.budget) is not None
+        except TimeoutError:
+            raise ValueError(
+                f"{self.what} {self.shown!r} did not finish matching module name {name!r} within {self.budget}s "
+                "(catastrophic backtracking: nested or overlapping repetition such as '(a+)+' or '(.|\\w)+'); give "
+                "module-name suffixes (['query', 'value']) or a simpler regex") from None
+
+
+def pattern_matcher(key: str, what: str = "pattern key"):
+    """``match(name) -> bool`` for one pattern-dictionary key (PEFT's rule, see the module docstring)."""
+    if is_literal(key):
+        return lambda name: _suffix(name, key)
+    bounded = BoundedRegex(rf"(?:.*\.)?(?:{key})", what, shown=key)
+    return lambda name: _suffix(name, key) or bounded(name)
+
+
+def name_matches(name: str, key: str) -> bool:
+    """PEFT's pattern-key rule: a literal module name or dotted suffix, or else ``(.*\\.)?key`` as a (bounded)
+    regular expression matching the whole name; an invalid regex matches nothing."""
+    try:
+        return pattern_matcher(key)(name)
+    except ValueError as e:
+        if "not a valid regular expression" in str(e):
+            return False
+        raise
+
+
+def spec_matcher(spec: TargetSpec, what: str = "targets"):
+    """``match(name) -> bool`` for a target spec: a string is a (bounded) regex matching the whole name; a list
+    holds names or dotted suffixes; ``None`` matches nothing."""
+    if spec is None:
+        return lambda name: False
+    if isinstance(spec, str):
+        return BoundedRegex(spec, f"{what} pattern")
+    items = [s for s in spec]
+    return lambda name: any(_suffix(name, s) for s in items)
 
 
 def _matches(name: str, spec: TargetSpec) -> bool:
-    if spec is None:
-        return False
-    if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
-    return any(name == s or name.endswith("." + s) for s in spec)
+    return spec_matcher(spec)(name)
+
+
+def layer_index(name: str) -> int | None:
+    """The transformer layer a module belongs to: the last all-digit dotted component before the module's own
+    name (``bert.encoder.layer.3.attention.self.query`` -> 3, ``model.layers.11.mlp.up_proj`` -> 11), as PEFT's
+    ``layers_to_transform`` reads it; ``None`` outside numbered layers (embeddings, heads)."""
+    parts = name.split(".")[:-1]
+    digits = [int(p) for p in parts if p.isdigit()]
+    return digits[-1] if digits else None
 
 
 def head_names(model: nn.Module) -> set[str]:
@@ -76,8 +155,10 @@ def resolve_targets(
     exclude: TargetSpec = None,
     kinds: tuple[type, ...] | None = None,
     skip: Iterable[str] = (),
+    layers: Iterable[int] | int | None = None,
 ) -> list[str]:
-    """Module names selected by ``targets`` minus ``exclude``. Errors say what is close when nothing matches."""
+    """Module names selected by ``targets`` minus ``exclude``, restricted to the layer indices ``layers`` when given
+    (see :func:`layer_index`). Errors say what is close when nothing matches."""
     skip = set(skip)
     adaptable = kinds or (*linear_types(), nn.Embedding)
     named = [(n, m) for n, m in model.named_modules() if n and n not in skip]
@@ -85,14 +166,10 @@ def resolve_targets(
         heads = head_names(model)
         selected = [n for n, m in named if isinstance(m, linear_types()) and n not in heads]
     else:
-        if isinstance(targets, str):
-            try:
-                re.compile(targets)
-            except re.error as e:
-                raise ValueError(f"target pattern {targets!r} is not a valid regular expression: {e}") from e
-        elif not targets:
+        if not isinstance(targets, str) and not targets:
             raise ValueError("no targets given: pass 'all-linear', a regex, or a list of module-name suffixes")
-        selected = [n for n, m in named if _matches(n, targets)]
+        match = spec_matcher(targets, "target")
+        selected = [n for n, m in named if match(n)]
         wrong = [n for n in selected if not isinstance(dict(named)[n], adaptable)]
         if wrong:
             kinds_found = sorted({type(dict(named)[n]).__name__ for n in wrong})
@@ -104,7 +181,16 @@ def resolve_targets(
             missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in selected)]
             if missing:
                 raise ValueError(_unknown_message(missing[0], named, adaptable))
-    selected = [n for n in selected if not _matches(n, exclude)]
+    excluded = spec_matcher(exclude, "exclude")
+    selected = [n for n in selected if not excluded(n)]
+    if layers is not None:
+        wanted = {layers} if isinstance(layers, int) else set(layers)
+        kept = [n for n in selected if layer_index(n) in wanted]
+        if not kept:
+            found = sorted({i for i in map(layer_index, selected) if i is not None})
+            raise ValueError(f"layers={sorted(wanted)} keeps none of the {len(selected)} targeted modules; their layer "
+                             f"indices are {found}")
+        selected = kept
     if not selected:
         raise ValueError(_unknown_message(targets if isinstance(targets, str) else str(list(targets)), named,
                                           adaptable, excluded=exclude))
@@ -120,10 +206,11 @@ def _unknown_message(target: str, named, adaptable, excluded=None) -> str:
     return f"target {target!r} matches no adaptable module{extra}; {hint}"
 
 
-def pattern_value(name: str, patterns: dict | None, default):
-    """The value of the first key in ``patterns`` that matches ``name`` (see :func:`name_matches`), else default."""
+def pattern_value(name: str, patterns: dict | None, default, what: str = "pattern key"):
+    """The value of the first key in ``patterns`` that matches ``name`` (PEFT's rule, see :func:`pattern_matcher`),
+    else ``default``. Regex keys run bounded (a hostile key raises ``ValueError`` naming ``what``)."""
     for key, value in (patterns or {}).items():
-        if name_matches(name, key):
+        if pattern_matcher(str(key), what)(name):
             return value
     return default
 

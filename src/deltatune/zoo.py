@@ -48,12 +48,10 @@ def smollm2_path(cache: str | Path | None = None) -> Path:
         del config.quantization_config
     plain = LlamaForCausalLM(config)
     plain.load_state_dict(model.state_dict())
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    plain.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if out.exists():  # another process finished first
-        import shutil
-        shutil.rmtree(tmp)
-    else:
-        os.replace(tmp, out)
+    from .io.files import write_generation
+
+    def fill(staging):
+        plain.save_pretrained(staging)
+        tok.save_pretrained(staging)
+    write_generation(out, fill)  # a concurrent conversion writes the same files: the last one wins, whole
     return out

@@ -11,6 +11,7 @@ Several adapters saved together go to one subfolder each, named after the adapte
 """
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from .. import __version__
 from .. import model as M
 from ..checks import export_rank_energy, finite_number, positive_int
 from ..methods import Method
-from .files import CONFIG_NAME, WEIGHTS_NAME, adapter_folders, read_adapter, write_adapter
+from .files import (CONFIG_NAME, WEIGHTS_NAME, adapter_folders, check_output_folder, read_adapter, write_adapter,
+                    write_adapter_files, write_generation)
 from .peft_format import NeedsBase, NotLowRank, from_peft, to_peft
 from .record import FORMAT_VERSION, AdapterRecord, build_deltas, check_fits, check_record, record_from_model
 
@@ -91,7 +93,7 @@ def _parse(folder, config: dict, tensors: dict, name: str | None, model: nn.Modu
                     kinds[mod] = M._kind(base)
                 except TypeError:
                     pass
-        return from_peft(config, tensors, name or "default", kinds)
+        return from_peft(config, tensors, name or "default", kinds, source=str(Path(folder) / CONFIG_NAME))
     raise ValueError(f"{Path(folder) / CONFIG_NAME} is neither a deltatune nor a PEFT adapter config")
 
 
@@ -133,26 +135,62 @@ def save(model: nn.Module, path: str | Path, names: str | list[str] | None = Non
     ``format="peft"`` writes PEFT's LoRA checkpoint (loads with ``PeftModel.from_pretrained``, servable by vLLM);
     structures that are not a LoRA (sparse, sliced, rotations, dense combinations) need ``rank`` (or ``energy``, the
     share of ``||dW||_F^2`` to keep per module): they are factored by truncated SVD and the relative error of each
-    module is reported as a warning. Files are written atomically.
+    module is reported as a warning.
+
+    The save is atomic as a whole: all adapters are written into a hidden staging folder next to ``path`` and
+    swapped in at once (see :mod:`deltatune.io.files`), so a crash at any point leaves either the previous content
+    of ``path`` or the new one, and other files already in ``path`` are kept.
     """
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; choose one of {FORMATS}")
+    path = check_output_folder(path, "save folder")
+    check_not_input(path, [_model_folder(model)], "the base model's folder", inside_ok=True)
     names = M._check_names(model, M.adapters(model) if names is None else names)
     if not names:
         raise ValueError("the model has no adapters to save")
+    if len(set(names)) != len(names):
+        raise ValueError(f"names {names} list an adapter twice")
+    if len(names) > 1:
+        for n in names:  # each becomes a folder name
+            if len(n.encode()) > 255:
+                raise ValueError(f"adapter name {n[:40]!r}... is {len(n.encode())} bytes long; a multi-adapter save "
+                                 "writes one folder per adapter and folder names are limited to 255 bytes: rename it")
     records = [record_from_model(model, n) for n in names]
-    path = Path(path)
     base = model_base(model)
     # convert all before writing any (a non-LoRA delta fails here, not half-way)
     converted = []
     for rec in records:
         errors: dict[str, float] = {}
         converted.append((rec, errors, _convert(rec, format, rank, errors, energy, base)))
-    for rec, errors, (config, tensors) in converted:
-        write_adapter(path if len(records) == 1 else path / rec.name, config, tensors)
+
+    def fill(staging: Path) -> None:
+        for rec, _, (config, tensors) in converted:
+            write_adapter_files(staging if len(records) == 1 else staging / rec.name, config, tensors)
+
+    write_generation(path, fill)
+    for rec, errors, _ in converted:
         if errors:
             warnings.warn(f"adapter {rec.name!r}: {svd_error_summary(errors)}", stacklevel=2)
     return path
+
+
+def _model_folder(model: nn.Module) -> str | None:
+    name = getattr(getattr(M.unwrap(model), "config", None), "_name_or_path", None)
+    return name if name and Path(name).is_dir() else None
+
+
+def check_not_input(output: str | Path, inputs, what: str = "an input", inside_ok: bool = False) -> None:
+    """Refuse an ``output`` folder that is one of the ``inputs`` (files or folders; ``None`` skipped), contains
+    one, or (unless ``inside_ok``) lies inside one: writing it would replace or move what is being read."""
+    out = Path(os.path.realpath(output))
+    for inp in inputs:
+        if inp is None or not os.path.exists(inp):
+            continue
+        src = Path(os.path.realpath(inp))
+        if out == src or out in src.parents or (src in out.parents and not inside_ok):
+            relation = "is" if out == src else "is inside" if src in out.parents else "contains"
+            raise ValueError(f"output {output} {relation} {what} {inp}; writing it would overwrite its own input: "
+                             "choose another output folder")
 
 
 def svd_error_summary(errors: dict[str, float]) -> str:
@@ -163,11 +201,16 @@ def svd_error_summary(errors: dict[str, float]) -> str:
             f"{errors[worst]:.3f} ({worst})")
 
 
-def load(model: nn.Module, path: str | Path, name: str | None = None, activate: bool = True) -> nn.Module:
+def load(model: nn.Module, path: str | Path, name: str | None = None, activate: bool = True,
+         is_trainable: bool = True) -> nn.Module:
     """Load adapter(s) saved by :func:`save` (either format) or by PEFT onto ``model``.
 
     ``name`` renames a single adapter. Every module is checked to fit (name, kind, shape) before the model
-    is touched; the first mismatch raises ``ValueError``.
+    is touched; the first mismatch raises ``ValueError``. The base model's parameters are frozen. With
+    ``activate=True`` the loaded adapter becomes the active one and, by default (``is_trainable=True``), trains
+    like a freshly attached one (resume training). ``is_trainable=False`` loads it frozen, as PEFT's
+    ``PeftModel.from_pretrained`` does by default: no ``requires_grad``, no controller steps, until a later
+    ``dt.set_active`` says otherwise.
     """
     folders = adapter_folders(path)
     if name is not None and len(folders) > 1:
@@ -183,8 +226,12 @@ def load(model: nn.Module, path: str | Path, name: str | None = None, activate: 
             raise ValueError(f"{folder}: {e}") from None
     for rec, deltas in zip(records, built):
         M.install(model, rec.name, Method.from_dict(rec.method), deltas, activate=activate)
+    if not is_trainable:
+        reg = M.registry(model)
+        reg.trainable = [n for n in reg.training() if n not in {rec.name for rec in records}]
+        M._sync(model)
     return model
 
 
-__all__ = ["AdapterRecord", "CONFIG_NAME", "NeedsBase", "NotLowRank", "WEIGHTS_NAME", "check_fits", "from_own", "from_peft",
+__all__ = ["AdapterRecord", "CONFIG_NAME", "check_not_input", "NeedsBase", "NotLowRank", "WEIGHTS_NAME", "check_fits", "from_own", "from_peft",
            "load", "model_base", "read_record", "record_from_model", "save", "svd_error_summary", "to_own", "to_peft", "write_record"]

@@ -27,24 +27,25 @@ from collections import Counter
 
 import torch
 
-from .. import __version__
 from ..calibration import progress
 from ..deltas import FrozenWeight, delta_from_spec
 from ..svd import svd_factors
+from ..targets import pattern_value
 from .record import AdapterRecord
 
 PREFIX = "base_model.model."
 
-# the fields PEFT writes for a plain LoRA (values for features deltatune does not use are PEFT's defaults)
-_PEFT_DEFAULTS = {
-    "alora_invocation_tokens": None, "arrow_config": None, "auto_mapping": None, "corda_config": None,
-    "ensure_weight_tying": False, "eva_config": None, "exclude_modules": None, "fan_in_fan_out": False,
-    "inference_mode": True, "init_lora_weights": True, "kasa_config": None, "layer_replication": None,
-    "layers_pattern": None, "layers_to_transform": None, "loftq_config": {}, "lora_bias": False,
-    "lora_ga_config": None, "megatron_config": None, "megatron_core": "megatron.core", "monteclora_config": None,
-    "qalora_group_size": 16, "revision": None, "target_parameters": None, "trainable_token_indices": None,
-    "use_bdlora": None, "use_dora": False, "use_qalora": False, "velora_config": None,
-}
+#: the oldest PEFT that loads our exports (checked by tests/test_peft_compat.py against a real install)
+PEFT_MIN = "0.13"
+
+#: the keys an export writes: the ones the adapter needs, all known to every PEFT since :data:`PEFT_MIN`. PEFT
+#: fills every other key with its own default (each one a feature deltatune does not use). Writing PEFT's full key
+#: set instead breaks older PEFTs: 0.13 refuses unknown keys, and 0.14 to 0.16 loading through transformers'
+#: ``load_adapter`` (at least 0.14) drops *every* LoRA key on meeting one unknown key (r, lora_alpha, rank_pattern, ... back to
+#: defaults: wrong scale, size mismatches).
+EXPORT_KEYS = ("peft_type", "task_type", "base_model_name_or_path", "inference_mode", "r", "lora_alpha",
+               "lora_dropout", "use_rslora", "bias", "fan_in_fan_out", "target_modules", "rank_pattern",
+               "alpha_pattern", "modules_to_save")
 
 
 #: PEFT task types whose model wrapper adds the task head to ``modules_to_save`` and then requires it in the
@@ -130,9 +131,7 @@ def to_peft(record: AdapterRecord, rank: int | None = None, errors: dict[str, fl
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     config = {
-        **_PEFT_DEFAULTS,
         "peft_type": "LORA",
-        "peft_version": f"deltatune-{__version__}",
         "task_type": record.task_type if saved or record.task_type not in HEAD_TASKS else None,
         "base_model_name_or_path": record.base_model,
         "r": r,
@@ -140,23 +139,19 @@ def to_peft(record: AdapterRecord, rank: int | None = None, errors: dict[str, fl
         "lora_dropout": float(record.method.get("dropout", 0.0)),
         "use_rslora": rslora,
         "bias": "none",
+        "fan_in_fan_out": any(s.get("layer") == "conv1d" for s in record.modules.values()),
+        "inference_mode": True,
         "target_modules": sorted(ranks),
         "rank_pattern": {m: v for m, v in ranks.items() if v != r},
         "alpha_pattern": {m: v for m, v in alphas.items() if v != alpha},
         "modules_to_save": sorted(saved) or None,
     }
+    assert set(config) == set(EXPORT_KEYS)
     return config, tensors
 
 
-def _pattern(name: str, patterns: dict, default):
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
-
-
 def _saved_modules(rest: dict[str, torch.Tensor], config: dict, kinds: dict[str, str], modules: dict,
-                   out: dict) -> None:
+                   out: dict, source: str = "PEFT checkpoint") -> None:
     """``modules_to_save`` entries (full copies of a module's parameters) among the non-adapter tensors."""
     base_copies = sorted(k for k in rest if ".base_layer." in k)
     if base_copies:  # PEFT's save_embedding_layers: copies of the base embeddings, the model has its own
@@ -169,7 +164,7 @@ def _saved_modules(rest: dict[str, torch.Tensor], config: dict, kinds: dict[str,
         mod = mod.replace(".modules_to_save", "")
         saved = any(mod == k or mod.endswith("." + k) for k in config.get("modules_to_save") or [])
         if pname not in ("weight", "bias") or not (mod in kinds or saved):
-            raise ValueError(f"PEFT checkpoint has a tensor deltatune does not understand: {key!r}")
+            raise ValueError(f"{source}: PEFT checkpoint has a tensor deltatune does not understand: {key!r}")
         kind = kinds.get(mod, "linear")  # without a model to look at, assume a Linear head
         if pname == "weight":
             t = _in_module_layout(t, kind)
@@ -191,16 +186,93 @@ def _split_keys(tensors: dict[str, torch.Tensor], pattern: str) -> tuple[dict, d
     return found, rest
 
 
-def from_peft(config: dict, tensors: dict[str, torch.Tensor], name: str, kinds: dict[str, str]) -> AdapterRecord:
-    """Read a PEFT LoRA or AdaLoRA checkpoint; ``kinds`` maps module names of the target model to layer kinds."""
+def _off(*values):
+    """A key that deltatune can read only while it has one of PEFT's "off" ``values``."""
+    def check(value):
+        return None if value in values else f"deltatune reads only {' or '.join(map(repr, values))}"
+    return check
+
+
+def _any(value):
+    return None
+
+
+_RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora-ga", "lora_ga")
+
+
+def _init(value):
+    """PiSSA / OLoRA / CorDA / LoftQ / LoRA-GA rewrite the base weights at init: the saved LoRA is relative to
+    those rewritten weights, not to the base model deltatune loads it on."""
+    if isinstance(value, str) and value.lower().startswith(_RESIDUAL_INITS):
+        return ("the adapter is relative to base weights that PEFT rewrote at init; save it from PEFT with "
+                "save_pretrained(..., path_initial_model_for_weight_conversion=...) to get a plain LoRA")
+    return None
+
+
+_INFO = ("peft_type", "peft_version", "task_type", "base_model_name_or_path", "revision", "inference_mode",
+         "auto_mapping", "runtime_config")
+#: every key of PEFT's LoraConfig -> how deltatune treats it on import: ``_any`` (read, or irrelevant to the saved
+#: tensors: PEFT's own matching, init-time settings, ``fan_in_fan_out`` which does not change the A/B layout), or a
+#: check that returns why a value cannot be read (``None``: fine). A key not listed is refused when set (not
+#: None / False / empty): a newer PEFT feature deltatune does not know.
+LORA_KEYS = {
+    **{k: _any for k in _INFO},
+    **{k: _any for k in ("r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules", "rank_pattern",
+                         "alpha_pattern", "modules_to_save", "exclude_modules", "layers_to_transform",
+                         "layers_pattern", "fan_in_fan_out", "eva_config", "corda_config", "loftq_config",
+                         "lora_ga_config", "ensure_weight_tying", "megatron_core", "qalora_group_size")},
+    "init_lora_weights": _init,
+    "bias": _off("none"),  # "all" / "lora_only" train biases that deltatune has no delta for
+    "use_dora": _off(False, None),
+    "lora_bias": _off(False, None),
+    "use_qalora": _off(False, None),
+    "alora_invocation_tokens": _off(None),  # activated LoRA: the delta applies only after the invocation tokens
+    "layer_replication": _off(None, []),  # the model's layers are duplicated before the adapter applies
+    "trainable_token_indices": _off(None, {}, []),
+    "target_parameters": _off(None, []),  # LoRA on nn.Parameters (MoE experts), not on modules
+    "megatron_config": _off(None),
+    **{k: _off(None) for k in ("arrow_config", "kasa_config", "monteclora_config", "velora_config", "use_bdlora")},
+}
+#: AdaLoRA's own keys on top of LoRA's (its rank_pattern holds the final masks; the tensors are already cut)
+ADALORA_KEYS = {**LORA_KEYS, **{k: _any for k in ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1",
+                                                  "beta2", "orth_reg_weight", "total_step")}}
+
+
+def check_config(config: dict, source: str, table: dict = LORA_KEYS) -> None:
+    """Refuse a PEFT config with a key whose value deltatune cannot load faithfully (see :data:`LORA_KEYS`),
+    naming ``source`` (the file) and the key."""
+    for key, value in config.items():
+        check = table.get(key)
+        if check is None:
+            why = None if value in (None, False, {}, [], "") else \
+                "a PEFT feature deltatune does not know (written by a newer PEFT?)"
+        else:
+            why = check(value)
+        if why:
+            raise ValueError(f"{source}: PEFT config key {key!r} = {value!r} is not supported: {why}. deltatune "
+                             "would load it as a plain LoRA and compute something else; load it with PEFT")
+
+
+def _rank_of(mod: str, config: dict, source: str) -> int:
+    """The rank PEFT gives module ``mod``: ``rank_pattern`` (PEFT's key rule, run bounded) or ``r``."""
+    return int(pattern_value(mod, config.get("rank_pattern"), config["r"], f"{source}: rank_pattern key"))
+
+
+def from_peft(config: dict, tensors: dict[str, torch.Tensor], name: str, kinds: dict[str, str],
+              source: str = "PEFT checkpoint") -> AdapterRecord:
+    """Read a PEFT LoRA or AdaLoRA checkpoint; ``kinds`` maps module names of the target model to layer kinds;
+    ``source`` (the config file) names the checkpoint in errors.
+
+    Every module's tensor rank must equal the rank its config gives it (``rank_pattern`` / ``r``), as PEFT itself
+    requires: weights and config from different saves are refused, not loaded with a wrong scale."""
     ptype = config.get("peft_type")
     if ptype == "ADALORA":
-        return _from_adalora(config, tensors, name, kinds)
+        check_config(config, source, ADALORA_KEYS)
+        return _from_adalora(config, tensors, name, kinds, source)
     if ptype != "LORA":
-        raise ValueError(f"PEFT checkpoint of type {ptype!r}: deltatune reads PEFT LoRA and AdaLoRA checkpoints")
-    for flag in ("use_dora", "lora_bias"):
-        if config.get(flag):
-            raise ValueError(f"PEFT LoRA with {flag}=True is not supported")
+        raise ValueError(f"{source}: PEFT checkpoint of type {ptype!r}: deltatune reads PEFT LoRA and AdaLoRA "
+                         "checkpoints")
+    check_config(config, source)
     rslora = bool(config.get("use_rslora", False))
     found, rest = _split_keys(tensors, r"lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B")
     modules, out = {}, {}
@@ -208,15 +280,19 @@ def from_peft(config: dict, tensors: dict[str, torch.Tensor], name: str, kinds: 
         embedding = any(k.startswith("lora_embedding") for k in t)
         t = {("A" if "A" in k else "B"): v for k, v in t.items()}
         if set(t) != {"A", "B"}:
-            raise ValueError(f"PEFT checkpoint has an incomplete LoRA for {mod!r} (found {sorted(t)})")
-        r = t["A"].shape[0]
-        alpha = _pattern(mod, config.get("alpha_pattern") or {}, config["lora_alpha"])
+            raise ValueError(f"{source}: PEFT checkpoint has an incomplete LoRA for {mod!r} (found {sorted(t)})")
+        r, expected = t["A"].shape[0], _rank_of(mod, config, source)
+        if t["A"].dim() != 2 or t["B"].dim() != 2 or t["B"].shape[1] != r or r != expected:
+            raise ValueError(f"{source}: module {mod!r} has LoRA tensors A {tuple(t['A'].shape)}, B "
+                             f"{tuple(t['B'].shape)} but its config gives rank {expected} (r / rank_pattern); the "
+                             "weights and the config are not from the same save (a torn or mixed checkpoint)")
+        alpha = pattern_value(mod, config.get("alpha_pattern"), config["lora_alpha"], f"{source}: alpha_pattern key")
         scale = alpha / math.sqrt(r) if rslora else alpha / r
         kind = kinds.get(mod) or ("embedding" if embedding else None)
         modules[mod] = {"structure": "lowrank", "layer": kind, "out_features": t["B"].shape[0],
                         "in_features": t["A"].shape[1], "r": r, "scale": scale}
         out[mod] = t
-    _saved_modules(rest, config, kinds, modules, out)
+    _saved_modules(rest, config, kinds, modules, out, source)
     method = {"method": "lora", "r": int(config["r"]), "alpha": config["lora_alpha"],
               "dropout": config.get("lora_dropout", 0.0), "use_rslora": rslora,
               "targets": sorted(m for m, s in modules.items() if s["structure"] == "lowrank"),
@@ -226,21 +302,22 @@ def from_peft(config: dict, tensors: dict[str, torch.Tensor], name: str, kinds: 
                          task_type=config.get("task_type"))
 
 
-def _from_adalora(config: dict, tensors: dict[str, torch.Tensor], name: str, kinds: dict[str, str]) -> AdapterRecord:
+def _from_adalora(config: dict, tensors: dict[str, torch.Tensor], name: str, kinds: dict[str, str],
+                  source: str = "PEFT checkpoint") -> AdapterRecord:
     found, rest = _split_keys(tensors, "lora_A|lora_B|lora_E")
     init_r, alpha = int(config["init_r"]), config["lora_alpha"]
     scale = (alpha if alpha > 0 else init_r) / init_r
     modules, out = {}, {}
     for mod, t in found.items():
         if set(t) != {"lora_A", "lora_B", "lora_E"}:
-            raise ValueError(f"PEFT AdaLoRA checkpoint has an incomplete triplet for {mod!r} (found {sorted(t)})")
+            raise ValueError(f"{source}: PEFT AdaLoRA checkpoint has an incomplete triplet for {mod!r} (found {sorted(t)})")
         if kinds.get(mod) not in (None, "linear"):
-            raise ValueError(f"PEFT AdaLoRA on {mod!r} (a {kinds[mod]}): deltatune imports AdaLoRA on Linear layers")
+            raise ValueError(f"{source}: PEFT AdaLoRA on {mod!r} (a {kinds[mod]}): deltatune imports AdaLoRA on Linear layers")
         Q, lam, P = t["lora_A"], t["lora_E"].reshape(-1), t["lora_B"]
         modules[mod] = {"structure": "gated_svd", "layer": kinds.get(mod), "out_features": P.shape[0],
                         "in_features": Q.shape[1], "r": int(lam.shape[0]), "scale": scale}
         out[mod] = {"P": P, "lam": lam, "Q": Q}
-    _saved_modules(rest, config, kinds, modules, out)
+    _saved_modules(rest, config, kinds, modules, out, source)
     method = {"method": "adalora", "init_r": init_r, "target_r": int(config.get("target_r", init_r)),
               "alpha": alpha if alpha > 0 else init_r, "dropout": config.get("lora_dropout", 0.0),
               "t_init": config.get("tinit", 0), "t_final": config.get("tfinal", 0), "delta_t": config.get("deltaT", 1),

@@ -18,6 +18,7 @@ gradient hooks, so they apply whatever the model returns.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import numbers
 import os
 import types
@@ -63,16 +64,66 @@ class Controller:
         pass
 
 
+#: PEFT's names for fields that mean the same here: ``dt.LoRA(lora_alpha=16, target_modules=["query"])`` works
+ALIASES = {
+    "lora_alpha": "alpha", "target_modules": "targets", "exclude_modules": "exclude", "lora_dropout": "dropout",
+    "layers_to_transform": "layers", "tinit": "t_init", "tfinal": "t_final", "deltaT": "delta_t",
+}
+#: PEFT arguments with no same-named field here, and what to use instead
+HINTS = {
+    "init_lora_weights": "use init= ('kaiming', 'gaussian', 'pissa', 'milora', 'olora', 'corda_ipa', 'eva'; "
+                         "niter=K for PEFT's 'pissa_niter_K')",
+    "task_type": "deltatune needs no task type: list a new head in modules_to_save",
+    "fan_in_fan_out": "deltatune detects GPT-2's Conv1D layout by itself",
+    "layers_pattern": "layers= counts the last numbered module-name component (deltatune.targets.layer_index)",
+    "bias": "deltatune does not train biases of adapted layers; put a module in modules_to_save to train it whole",
+    "use_dora": "DoRA is not implemented in deltatune",
+    "inference_mode": "freeze with dt.load(..., is_trainable=False)",
+}
+
+
+def _method_kwargs(cls: type, kwargs: dict) -> dict:
+    """``kwargs`` with PEFT's names (:data:`ALIASES`) renamed to this method's fields; an unknown name raises
+    ``TypeError`` with the closest field (``did you mean alpha=?``) or a :data:`HINTS` entry."""
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    out = {}
+    for key, value in kwargs.items():
+        field_name = ALIASES.get(key, key) if key not in fields else key
+        if field_name not in fields:
+            close = difflib.get_close_matches(key, sorted(fields), n=1, cutoff=0.6)
+            hint = HINTS.get(key) or (f"did you mean {close[0]}=?" if close else
+                                      f"its fields are: {', '.join(sorted(fields))}")
+            raise TypeError(f"{cls.__name__}() got an unexpected argument {key!r}; {hint}")
+        if field_name in out:
+            raise TypeError(f"{cls.__name__}() got {field_name!r} twice (as {field_name!r} and as PEFT's "
+                            f"{next(k for k, v in ALIASES.items() if v == field_name)!r}); give one")
+        out[field_name] = value
+    return out
+
+
+class _MethodType(type):
+    """Renames PEFT's argument names before the dataclass ``__init__`` runs (one mechanism for every method)."""
+
+    def __call__(cls, *args, **kwargs):
+        return super().__call__(*args, **_method_kwargs(cls, kwargs))
+
+
 @dataclass
-class Method:
+class Method(metaclass=_MethodType):
     """Base config. ``targets``/``exclude``: see :mod:`deltatune.targets`; ``modules_to_save``: modules (e.g. a
-    new classification head) that train in full and are saved with the adapter."""
+    new classification head) that train in full and are saved with the adapter; ``layers``: only targets in these
+    layer indices (PEFT's ``layers_to_transform``; see :func:`deltatune.targets.layer_index`).
+
+    Every method also takes PEFT's names where they mean the same (:data:`ALIASES`: ``lora_alpha``,
+    ``target_modules``, ``exclude_modules``, ``lora_dropout``, ``layers_to_transform``, AdaLoRA's ``tinit``, ...);
+    unknown names raise ``TypeError`` with the closest field."""
 
     name: ClassVar[str] = ""
 
     targets: Any = "all-linear"
     exclude: Any = None
     modules_to_save: list[str] | None = None
+    layers: list[int] | None = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -110,6 +161,7 @@ class Method:
             raise ValueError(f"unknown method {name!r}; known methods: {sorted(_METHODS)}")
         cls = _METHODS[name]
         known = {f.name for f in dataclasses.fields(cls)}
+        d = {ALIASES.get(k, k) if k not in known else k: v for k, v in d.items()}
         return cls(**{k: v for k, v in d.items() if k in known})
 
 

@@ -40,6 +40,7 @@ import yaml
 from torch import nn
 
 from .. import model as M
+from ..io.files import write_text
 from ..methods.base import Method, check_fields
 from ..targets import name_matches
 from .data import TASKS, Collator, encode_classification, encode_instructions, pad_id_of, read_rows
@@ -112,11 +113,12 @@ def parse_method(d: dict | None) -> Method:
     unknown = sorted(set(d) - set(allowed))
     if unknown:
         raise ValueError(f"unknown key(s) {unknown} for method {name!r}; allowed: {allowed}")
-    try:
+    try:  # numbers and flags of the wrong type are config errors (ValueError), not a TypeError deep inside
+        method = type(method)(**typed_fields(type(method), d, "key", " in 'method'"))
         check_fields(method)
+        method.validate()
     except TypeError as e:
-        raise ValueError(f"config section 'method': {e}") from None
-    method.validate()
+        raise ValueError(f"config section 'method': {e}") from e
     return method
 
 
@@ -149,7 +151,8 @@ def load_config(config: str | Path | dict) -> RunConfig:
         path = Path(config)
         if not path.is_file():
             raise FileNotFoundError(f"run config {str(path)!r} does not exist")
-        raw, base = yaml.safe_load(path.read_text()) or {}, path.resolve().parent
+        with open(path, encoding="utf-8") as f:
+            raw, base = yaml.safe_load(f) or {}, path.resolve().parent  # parse errors name the file
     if not isinstance(raw, dict):
         raise ValueError("a run config must be a mapping with sections model, data, method, train, output_dir")
     allowed = ["model", "data", "method", "train", "output_dir", "name"]
@@ -177,11 +180,21 @@ def load_config(config: str | Path | dict) -> RunConfig:
             raise ValueError("data.response (the response column) is required for task 'causal_lm'")
         if (data.prompt is None) == (data.template is None):
             raise ValueError("task 'causal_lm' needs exactly one of data.prompt (a column) or data.template")
+    for section, obj, keys in (("model", model, ("num_labels",)),
+                               ("data", data, ("max_length", "max_train_rows", "max_eval_rows"))):
+        for key in keys:
+            if getattr(obj, key) is not None and getattr(obj, key) < 1:
+                raise ValueError(f"{section}.{key} must be a positive integer (or left out), got {getattr(obj, key)}")
     data.max_length = data.max_length or DEFAULT_MAX_LENGTH[model.task]
 
+    if not isinstance(raw["output_dir"], str) or not raw["output_dir"].strip():
+        raise ValueError(f"output_dir must be a folder path, got {raw['output_dir']!r}")
+    output_dir = Path(_resolve(raw["output_dir"], base))
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"output_dir {output_dir} is an existing file; give a folder (it is created if missing)")
     return RunConfig(model=model, data=data, method=parse_method(raw.get("method")),
-                     train=TrainArgs.from_dict(raw.get("train") or {}),
-                     output_dir=Path(_resolve(raw["output_dir"], base)), name=raw.get("name", "default"))
+                     train=TrainArgs.from_dict(raw.get("train") or {}), output_dir=output_dir,
+                     name=raw.get("name", "default"))
 
 
 # -- building the pieces ----------------------------------------------------------------------------------------
@@ -317,9 +330,9 @@ def run_config(config: str | Path | dict) -> dict:
                         "method": {"name": method.name, **dataclasses.asdict(method)},
                         "train": dataclasses.asdict(cfg.train), "output_dir": str(cfg.output_dir), "name": cfg.name}
             resolved = json.loads(json.dumps(resolved, default=str))  # plain YAML types only
-            (cfg.output_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+            write_text(cfg.output_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
             summary = {k: v for k, v in result.items() if k != "history"}
-            (cfg.output_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+            write_text(cfg.output_dir / "results.json", json.dumps(summary, indent=2) + "\n")
         return result
     finally:
         if created_group:

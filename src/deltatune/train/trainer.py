@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -40,6 +41,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 
 from .. import model as M
 from ..io import save
+from ..io.files import fsync_dir, write_file
 from ..runtime import freed_memory_retained
 from .data import IGNORE_INDEX, TASKS, Collator
 from .fields import typed_fields
@@ -261,25 +263,66 @@ def write_plot(records: list[dict], path: str | Path) -> Path | None:
         ax.set(xlabel="step", title="controllers")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    return Path(path)
+    return write_file(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
 
 
 class _Log:
-    """Metric records in memory; rank 0 also appends them to ``metrics.jsonl``."""
+    """Metric records in memory; rank 0 also appends them to ``metrics.jsonl``.
+
+    The file is never truncated: a run appends a ``{"run_start": ...}`` record and then one JSON line per record,
+    written (and the file closed) as it comes, so a kill loses at most the line being written (a partial last line,
+    which :func:`read_metrics` skips). A run into a folder with an earlier ``metrics.jsonl`` keeps the earlier runs'
+    lines before its own.
+    """
 
     def __init__(self, output_dir: Path | None, write: bool):
         self.records: list[dict] = []
         self.path = output_dir / METRICS_NAME if output_dir is not None and write else None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("")
+            created = not self.path.exists()
+            self._write({RUN_START: time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            if created:
+                fsync_dir(self.path.parent)
+
+    def _write(self, record: dict) -> None:
+        """Append one line (opened per record: nothing to close, and nothing buffered when the process dies)."""
+        with open(self.path, "a+b") as f:
+            if f.tell() > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":  # a killed run's partial last line stays on a line of its own
+                    f.write(b"\n")
+            f.write((json.dumps(record) + "\n").encode("utf-8"))
 
     def add(self, record: dict) -> None:
         self.records.append(record)
         if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            self._write(record)
+
+
+RUN_START = "run_start"
+
+
+def read_metrics(path: str | Path, runs: str = "last") -> list[dict]:
+    """The records of ``metrics.jsonl``: those of the last run (``runs="last"``) or of all runs (``"all"``, with
+    their ``run_start`` records). Lines that are not complete JSON objects (the last line of a killed run) are
+    skipped."""
+    if runs not in ("last", "all"):
+        raise ValueError(f"runs must be 'last' or 'all', got {runs!r}")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(record, dict):
+                continue
+            if runs == "last" and RUN_START in record:
+                records = []
+            else:
+                records.append(record)
+    return records
 
 
 # -- the loop ------------------------------------------------------------------------------------------------------
@@ -418,5 +461,5 @@ def train(
         return result
 
 
-__all__ = ["TrainArgs", "evaluate", "eval_loader", "loss_sum", "lr_factor", "param_groups", "set_seed", "train",
-           "write_plot"]
+__all__ = ["TrainArgs", "evaluate", "eval_loader", "loss_sum", "lr_factor", "param_groups", "read_metrics", "set_seed",
+           "train", "write_plot"]
