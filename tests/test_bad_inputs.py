@@ -327,5 +327,7 @@ def test_attach_refuses_deltas_built_from_a_nan_base(minilm_dir):
 def test_config_section_method_types_are_checked_in_run_yaml():
     from deltatune.train.config import parse_method
 
-    with pytest.raises(ValueError, match="config section 'method'.*alpha.*sixteen"):
-        parse_method({"name": "lora", "alpha": "sixteen"})
+    with pytest.raises(ValueError, match="LoRA.alpha must be a finite number, got nan"):
+        parse_method({"name": "lora", "alpha": NAN})  # YAML's .nan
+    with pytest.raises(ValueError, match="LoRA.alpha must not be 0"):
+        parse_method({"name": "lora", "alpha": 0})
