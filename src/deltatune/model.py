@@ -66,7 +66,9 @@ class AdaptedLayer(nn.Module):
         self.merged: dict[str, float] = {}  # merged adapters in merge order, with the weight each was merged with
         self.enabled = True
         self._live: tuple[Delta, ...] = ()
-        self._replacing: Delta | None = None
+        # the delta that computes the whole output, if any: a plain reference, never a registered submodule (it is
+        # already registered under ``deltas``; a second registration puts its tensors twice into ``state_dict``)
+        self.__dict__["_replacing"] = None
         self._rows = None  # a deltatune.serving.Rows while a mixed-adapter batch runs
         # exactly nn.Linear / Conv1D (not quantized or other subclasses): its output is x W^T + b, so it may run
         # on 2-D inputs and a single live delta may compute the whole layer in one fused node (Delta.fuse)
@@ -112,7 +114,7 @@ class AdaptedLayer(nn.Module):
         live = live if self.enabled else []
         replacing = [d for d in live if d.replaces_output]
         # one replacing delta computes the whole output; several fall back to adding their dense updates
-        self._replacing = replacing[0] if len(replacing) == 1 and not self.merged else None
+        self.__dict__["_replacing"] = replacing[0] if len(replacing) == 1 and not self.merged else None
         self._live = tuple(d for d in live if d is not self._replacing)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
