@@ -39,7 +39,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, local_files_only=True)
-    dt.attach(model, dt.AdaLoRA(init_r=4, target_r=2, t_init=1, t_final=1, targets=["query", "value"]))
+    dt.attach(model, dt.AdaLoRA(init_r=4, target_r=2, t_init=1, t_final=3, targets=["query", "value"]))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model, optimizer = acc.prepare(model, optimizer)
     rank, world = acc.process_index, acc.num_processes
