@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import types
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -66,7 +67,9 @@ class AdaptedLayer(nn.Module):
         self.merged: dict[str, float] = {}  # merged adapters in merge order, with the weight each was merged with
         self.enabled = True
         self._live: tuple[Delta, ...] = ()
-        self._replacing: Delta | None = None
+        # the delta that computes the whole output, if any: a plain reference, never a registered submodule (it is
+        # already registered under ``deltas``; a second registration puts its tensors twice into ``state_dict``)
+        self.__dict__["_replacing"] = None
         self._rows = None  # a deltatune.serving.Rows while a mixed-adapter batch runs
         # exactly nn.Linear / Conv1D (not quantized or other subclasses): its output is x W^T + b, so it may run
         # on 2-D inputs and a single live delta may compute the whole layer in one fused node (Delta.fuse)
@@ -112,7 +115,7 @@ class AdaptedLayer(nn.Module):
         live = live if self.enabled else []
         replacing = [d for d in live if d.replaces_output]
         # one replacing delta computes the whole output; several fall back to adding their dense updates
-        self._replacing = replacing[0] if len(replacing) == 1 and not self.merged else None
+        self.__dict__["_replacing"] = replacing[0] if len(replacing) == 1 and not self.merged else None
         self._live = tuple(d for d in live if d is not self._replacing)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -200,12 +203,15 @@ class Registry:
     merge_single: bool = False  # serving: run a batch whose rows all use one adapter with it merged
     serving_merged: str | None = None  # the adapter merged for that, if any
     hooks: list = field(default_factory=list)  # model(..., adapter_names=[...])
+    resizable: bool = True  # what dt.begin decided: controllers may change parameter shapes
 
     def close(self, model: nn.Module) -> None:
         from .serving import remove_hooks
 
         remove_hooks(model, self.hooks)
         self.hooks = []
+        if model.__dict__.get("save_pretrained") is not None:  # the adapter-saving method attach gave it
+            del model.__dict__["save_pretrained"]
 
     def training(self) -> list[str]:
         """The active adapters whose parameters train."""
@@ -214,9 +220,12 @@ class Registry:
 
 # -- helpers ---------------------------------------------------------------------------------------------------
 def unwrap(model: nn.Module) -> nn.Module:
-    """The user's model inside DDP / FSDP / DataParallel / torch.compile wrappers."""
+    """The user's model inside DDP / FSDP / DataParallel / torch.compile wrappers, and the transformers model
+    inside a wrapper that exposes it as ``transformers_model`` (a ``SentenceTransformer``): adapters attach there,
+    so their module names are the transformers model's own (what PEFT and sentence-transformers load)."""
     while not hasattr(model, REGISTRY_ATTR):
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        inner = (getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+                 or getattr(model, "transformers_model", None))
         if not isinstance(inner, nn.Module):
             break
         model = inner
@@ -234,6 +243,11 @@ def registry(model: nn.Module, create: bool = False) -> Registry:
         reg = Registry()
         reg.hooks = install_hooks(model)
         model.__dict__[REGISTRY_ATTR] = reg
+        if callable(getattr(type(model), "save_pretrained", None)):
+            from .hf import save_pretrained
+
+            # an instance method: model.save_pretrained (and the HF Trainer's checkpoints) write the adapters
+            model.__dict__["save_pretrained"] = types.MethodType(save_pretrained, model)
     return reg
 
 
@@ -563,14 +577,52 @@ def _controllers(model: nn.Module) -> list[Controller]:
     return [reg.adapters[n].controller for n in reg.training() if reg.adapters[n].controller is not None]
 
 
-def begin(model: nn.Module, total_steps: int | None = None, resizable: bool = True, step: int = 0) -> None:
+def distributed_wrapper(model: nn.Module) -> str | None:
+    """The name of the data-parallel wrapper around ``model`` whose parameters cannot change shape
+    (``DistributedDataParallel`` -- what ``accelerate.prepare`` returns in a multi-process run -- or FSDP), or
+    ``"torch.distributed"`` when a process group of several ranks is initialized; ``None`` otherwise."""
+    import torch.distributed as dist
+
+    fixed = (nn.parallel.DistributedDataParallel,)
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        fixed += (FullyShardedDataParallel,)
+    except ImportError:  # pragma: no cover
+        pass
+    m = model
+    while m is not None and not hasattr(m, REGISTRY_ATTR):
+        if isinstance(m, fixed):
+            return type(m).__name__
+        m = getattr(m, "module", None)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return "torch.distributed"
+    return None
+
+
+_WARNED_FIXED: set[int] = set()
+
+
+def begin(model: nn.Module, total_steps: int | None = None, resizable: bool | None = None, step: int = 0) -> None:
     """Call once before training: controllers learn how many optimizer steps follow (schedules such as AdaLoRA's
     need it) and the step counter is set to ``step`` (0, or the step a resumed run continues from).
-    ``resizable=False`` keeps parameter shapes fixed (pruned components are masked instead of removed)."""
+    ``resizable=False`` keeps parameter shapes fixed (pruned components are masked instead of removed). Left unset
+    it is ``False`` for a model in a ``DistributedDataParallel`` / FSDP wrapper (e.g. from ``accelerate.prepare``)
+    or in a multi-rank ``torch.distributed`` run -- a wrapper whose parameters change shape fails at the next
+    backward -- and ``True`` otherwise. Pass ``True`` only if you rebuild the wrapper whenever :func:`step` returns
+    True (the deltatune trainer does)."""
     reg = registry(model)
+    if resizable is None:
+        wrapper = distributed_wrapper(model)
+        resizable = wrapper is None
+        if wrapper is not None and _controllers(model) and id(reg) not in _WARNED_FIXED:
+            _WARNED_FIXED.add(id(reg))
+            warnings.warn(f"deltatune: the model runs under {wrapper}, whose parameters cannot change shape: "
+                          "controllers keep shapes fixed (pruned components are masked, not removed). Pass "
+                          "dt.begin(..., resizable=False) to silence this", stacklevel=2)
     reg.step = step
+    reg.resizable = bool(resizable)
     for c in _controllers(model):
-        c.begin(unwrap(model), total_steps, resizable)
+        c.begin(unwrap(model), total_steps, bool(resizable))
 
 
 def after_backward(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -590,6 +642,12 @@ def step(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> bo
     changed shape: the optimizer passed in follows by itself (param groups and per-entry state are moved to the new
     tensors), a ``DistributedDataParallel`` wrapper must be rebuilt (the deltatune trainer does that)."""
     reg = registry(model)
+    wrapper = distributed_wrapper(model) if model is not unwrap(model) else None
+    if reg.resizable and wrapper not in (None, "torch.distributed") and _controllers(model):
+        raise ValueError(f"dt.step got a model in a {wrapper} wrapper, but dt.begin let controllers change parameter "
+                         "shapes (resizable=True), which breaks the wrapper at the next backward. Call "
+                         "dt.begin(model, total_steps) with resizable unset or False, or pass the inner model to "
+                         "dt.step and rebuild the wrapper whenever it returns True")
     changed = False
     for c in _controllers(model):
         if optimizer is not None:

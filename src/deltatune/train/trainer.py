@@ -389,8 +389,8 @@ def train(
         optimizer = torch.optim.AdamW(param_groups(inner, args.weight_decay), lr=args.lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, args.schedule))
         net = nn.parallel.DistributedDataParallel(inner) if world > 1 else inner
-        if adapted:
-            M.begin(inner, total)
+        if adapted:  # shapes may change: this loop rebuilds its DDP wrapper when they do
+            M.begin(inner, total, resizable=True)
 
         log = _Log(output_dir, main)
         bar = None
