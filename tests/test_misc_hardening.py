@@ -116,10 +116,10 @@ def test_callable_modules_still_run_their_function(minilm_dir):
 
 
 # -- B12: merge / unmerge round trips are exact for every structure ----------------------------------------------------
-TARGETS = r"bert\.encoder\.layer\.0\.(attention\.self\.query|output\.dense)"  # two layers: 100 round trips stay quick
+TARGETS = r"bert\.encoder\.layer\.0\.attention\.output\.dense"  # one 384 x 384 layer: 100 round trips stay quick
 STACKS = {  # adapters attached (and active) together
     "lora": [dt.LoRA(r=4, targets=TARGETS)],
-    "s2ft": [dt.S2FT(targets=TARGETS, o_ratio=0.1, d_ratio=0.1)],
+    "s2ft": [dt.S2FT(targets=TARGETS, o_ratio=0.1)],
     "spiel": [dt.SpIEL(density=0.05, targets=TARGETS)],
     "vera": [dt.VeRA(r=16, targets=TARGETS)],
     "head": [dt.LoRA(r=2, targets=TARGETS, modules_to_save=["classifier"])],
