@@ -119,7 +119,7 @@ def test_callable_modules_still_run_their_function(minilm_dir):
 TARGETS = r"bert\.encoder\.layer\.0\.attention\.output\.dense"  # one 384 x 384 layer: 100 round trips stay quick
 STACKS = {  # adapters attached (and active) together
     "lora": [dt.LoRA(r=4, targets=TARGETS)],
-    "s2ft": [dt.S2FT(targets=TARGETS, o_ratio=0.1)],
+    "s2ft": [dt.S2FT(targets=TARGETS, o_ratio=0.1, d_ratio=0.0)],
     "spiel": [dt.SpIEL(density=0.05, targets=TARGETS)],
     "vera": [dt.VeRA(r=16, targets=TARGETS)],
     "head": [dt.LoRA(r=2, targets=TARGETS, modules_to_save=["classifier"])],
@@ -422,3 +422,25 @@ def test_a_datasets_dataset_trains_through_run_config(tmp_path):
 
     with pytest.raises(ValueError, match="datasets.Dataset has its own column names"):
         read_rows(ds, columns=["a"])
+
+
+def test_conv1d_layers_unmerge_bit_exact():
+    """GPT-2's Conv1D stores its weight transposed: the restore writes through the (out x in) view."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=4, vocab_size=100, n_positions=16)).eval()
+    dt.attach(model, dt.LoRA(r=4, targets=["c_attn", "c_fc"]), name="a0")
+    dt.attach(model, dt.OFT(block_size=16, targets=["c_proj"]), name="a1")
+    with torch.no_grad():
+        for name in ("a0", "a1"):
+            for delta in dt.deltas(model, name).values():
+                for p in delta.parameters():
+                    p.add_(0.5 * torch.randn_like(p))
+    dt.set_active(model, ["a0", "a1"])
+    base = _snapshot(model)
+    for _ in range(10):
+        dt.merge(model)
+        assert _changed(model, base)
+        dt.unmerge(model)
+    assert _changed(model, base) == []

@@ -211,7 +211,11 @@ def _undo_record(delta: Delta, W: torch.Tensor, b: torch.Tensor | None, before: 
     Generic: no structure has to declare whether its merge inverts exactly.
 
     Returns ``((weight fix, bias fix), invert)``; ``invert`` is False when every tensor the merge changed has a full
-    copy (a rotation), so unmerging only copies back."""
+    copy, so unmerging only copies back. A multiplicative delta (a rotation: its inverse is never exact in floating
+    point) keeps the copies without the trial."""
+    if delta.multiplicative:
+        changed = [orig is not None and not torch.equal(_bits(orig), _bits(now)) for orig, now in zip(before, (W, b))]
+        return tuple(orig if c else None for orig, c in zip(before, changed)), False
     trial = (W.clone(), None if b is None else b.clone())
     delta.merge_into(trial[0], trial[1], -weight)
     fixes = tuple(_fix(orig, got) for orig, got in zip(before, trial))
