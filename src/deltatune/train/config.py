@@ -80,7 +80,6 @@ class ModelConfig:
 class DataConfig:
     train: object  # a file path, a load_dataset-style mapping of local files, or (Python API) a datasets.Dataset
     eval: object = None
-    columns: list | None = None  # field names of headerless .csv/.tsv files
     text: str | None = None
     text_pair: str | None = None
     label: str = "label"
@@ -90,6 +89,7 @@ class DataConfig:
     max_length: int | None = None
     max_train_rows: int | None = None
     max_eval_rows: int | None = None
+    columns: list | None = None  # field names of headerless .csv/.tsv files
 
 
 @dataclass
