@@ -21,7 +21,6 @@ from .model import (  # noqa: E402
     attach,
     begin,
     controller_metrics,
-    deltas,
     delete,
     disabled,
     merge,
@@ -33,10 +32,10 @@ from .model import (  # noqa: E402
     unmerge,
 )
 from .calibration import calibrate  # noqa: E402
-from .combine import combine  # noqa: E402
-from .compress import compress, load_compressed  # noqa: E402
-from .extract import extract  # noqa: E402
-from .interference import interference  # noqa: E402
+# combine, compress, deltas, extract, interference: modules that are also callable as their function (see _modules),
+# so dt.combine(model, ...) and dt.combine.ties / import deltatune.combine.ops both work
+from . import combine, compress, deltas, extract, interference  # noqa: E402
+from .compress import load_compressed  # noqa: E402
 from .io import load, save  # noqa: E402
 from .serving import adapter_rows, set_serving  # noqa: E402
 

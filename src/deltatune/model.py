@@ -65,6 +65,7 @@ class AdaptedLayer(nn.Module):
         self.deltas = nn.ModuleDict()
         self.active: tuple[str, ...] = ()
         self.merged: dict[str, float] = {}  # merged adapters in merge order, with the weight each was merged with
+        self._undo: dict[str, tuple] = {}  # per merged adapter: what its inverse update would not restore exactly
         self.enabled = True
         self._live: tuple[Delta, ...] = ()
         # the delta that computes the whole output, if any: a plain reference, never a registered submodule (it is
@@ -162,26 +163,102 @@ class AdaptedLayer(nn.Module):
                              "the layer's current weight, so it would then act on the merged update too and the "
                              f"output would change. Merge {rotating[0]!r} first (dt.merge merges in the order given) "
                              "or deactivate it")
-        delta.merge_into(self.linear_weight(), self.base_bias(), float(weight))
+        self._put_in(name, float(weight))
         self.merged[name] = float(weight)
         self.refresh()
 
     def unmerge(self, name: str) -> None:
-        """Take ``name`` out of the weights exactly: the adapters merged after it come out first (last in, first out)
-        and go back in afterwards, so the result does not depend on the order of unmerging."""
+        """Take ``name`` out of the weights exactly (bit for bit, see :func:`_undo_record`): the adapters merged after
+        it come out first (last in, first out) and go back in afterwards, so the result does not depend on the order
+        of unmerging."""
         if name not in self.merged:
             return
         order = list(self.merged)
         later = order[order.index(name) + 1:]
         for n in [*reversed(later), name]:
-            self.deltas[n].merge_into(self.linear_weight(), self.base_bias(), -self.merged[n])
+            self._take_out(n)
         del self.merged[name]
         for n in later:
-            self.deltas[n].merge_into(self.linear_weight(), self.base_bias(), self.merged[n])
+            self._put_in(n, self.merged[n])
         self.refresh()
+
+    def _put_in(self, name: str, weight: float) -> None:
+        """Merge ``name`` into the weight and bias and record what its exact unmerge needs (:func:`_undo_record`)."""
+        W, b = self.linear_weight(), self.base_bias()
+        before = (W.detach().clone(), None if b is None else b.detach().clone())
+        self.deltas[name].merge_into(W, b, weight)
+        self._undo[name] = _undo_record(self.deltas[name], W, b, before, weight)
+
+    def _take_out(self, name: str) -> None:
+        """Apply the inverse update of the last merged adapter ``name``, then restore the entries its record says
+        the inverse gets wrong: the weight and bias are bit for bit what they were before the merge."""
+        W, b = self.linear_weight(), self.base_bias()
+        fixes, invert = self._undo.pop(name, ((None, None), True))
+        if invert:  # else every tensor the merge changed comes back from its copy
+            self.deltas[name].merge_into(W, b, -self.merged[name])
+        for target, fix in zip((W, b), fixes):
+            _apply_fix(target, fix)
 
     def extra_repr(self) -> str:
         return f"active={list(self.active)}, merged={list(self.merged)}"
+
+
+# -- exact unmerging ------------------------------------------------------------------------------------------------
+def _undo_record(delta: Delta, W: torch.Tensor, b: torch.Tensor | None, before: tuple, weight: float) -> tuple:
+    """What unmerging ``delta`` needs beyond its inverse update, for the weight and the bias just merged.
+
+    Floating-point ``(W + u) - u`` is not always ``W`` (an entry smaller than ``u`` loses bits; half-precision
+    weights round; a rotation's inverse is exact only up to rounding), and the error would add up over merge/unmerge
+    round trips. So the inverse is tried once on a copy, and the record keeps the original values where it is off:
+    nothing where it is exact, those entries (flat indices and values) where few are off, else a copy of the tensor.
+    Generic: no structure has to declare whether its merge inverts exactly.
+
+    Returns ``((weight fix, bias fix), invert)``; ``invert`` is False when every tensor the merge changed has a full
+    copy, so unmerging only copies back. A multiplicative delta (a rotation: its inverse is never exact in floating
+    point) keeps the copies without the trial."""
+    if delta.multiplicative:
+        changed = [orig is not None and not torch.equal(_bits(orig), _bits(now)) for orig, now in zip(before, (W, b))]
+        return tuple(orig if c else None for orig, c in zip(before, changed)), False
+    trial = (W.clone(), None if b is None else b.clone())
+    delta.merge_into(trial[0], trial[1], -weight)
+    fixes = tuple(_fix(orig, got) for orig, got in zip(before, trial))
+    changed = [orig is not None and not torch.equal(_bits(orig), _bits(now)) for orig, now in zip(before, (W, b))]
+    invert = any(c and not isinstance(f, torch.Tensor) for c, f in zip(changed, fixes))
+    return fixes, invert
+
+
+def _fix(original: torch.Tensor | None, restored: torch.Tensor | None):
+    """``None`` if ``restored`` equals ``original`` bit for bit, else ``(flat indices, values)`` of the entries that
+    differ, or the whole ``original`` when that is smaller than the index list."""
+    if original is None:
+        return None
+    wrong = _bits(restored) != _bits(original)  # bits, so -0.0 vs 0.0 and NaN payloads count too
+    count = int(wrong.sum())
+    if count == 0:
+        return None
+    size = original.element_size()
+    if count * (8 + size) >= original.numel() * size:
+        return original
+    idx = wrong.reshape(-1).nonzero().squeeze(1)
+    return idx, original.reshape(-1)[idx]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bit patterns as integers of its element size."""
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return t.view(ints[t.element_size()]) if t.is_floating_point() else t
+
+
+def _apply_fix(target: torch.Tensor | None, fix) -> None:
+    """Write a :func:`_fix` record back into ``target`` (in place; ``target`` may be a transposed view)."""
+    if fix is None or target is None:
+        return
+    with torch.no_grad():
+        if isinstance(fix, torch.Tensor):
+            target.copy_(fix)
+        else:
+            idx, values = fix
+            target.index_put_(torch.unravel_index(idx, target.shape), values)
 
 
 @dataclass
