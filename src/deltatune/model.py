@@ -197,6 +197,7 @@ class Registry:
     active: list[str] = field(default_factory=list)
     trainable: list[str] | None = None
     step: int = 0
+    restored: bool = False  # ``step`` came from a checkpoint (dt.load) and no training step has run since
     merge_single: bool = False  # serving: run a batch whose rows all use one adapter with it merged
     serving_merged: str | None = None  # the adapter merged for that, if any
     hooks: list = field(default_factory=list)  # model(..., adapter_names=[...])
@@ -554,13 +555,21 @@ def _controllers(model: nn.Module) -> list[Controller]:
     return [reg.adapters[n].controller for n in reg.training() if reg.adapters[n].controller is not None]
 
 
-def begin(model: nn.Module, total_steps: int | None = None, resizable: bool = True, step: int = 0) -> None:
+def begin(model: nn.Module, total_steps: int | None = None, resizable: bool = True, step: int | None = None) -> None:
     """Call once before training: controllers learn how many optimizer steps follow (schedules such as AdaLoRA's
-    need it) and the step counter is set to ``step`` (0, or the step a resumed run continues from).
-    ``resizable=False`` keeps parameter shapes fixed (pruned components are masked instead of removed)."""
+    need it) and the step counter is set to ``step``: 0 starts afresh (controllers reset their state); a later step
+    continues a run (controllers keep the state ``dt.load`` restored). ``None`` (default): the step ``dt.load``
+    restored from a checkpoint, if no step has run since, else 0. ``resizable=False`` keeps parameter shapes fixed
+    (pruned components are masked instead of removed)."""
     reg = registry(model)
-    reg.step = step
-    for c in _controllers(model):
+    reg.step = (reg.step if reg.restored else 0) if step is None else int(step)
+    reg.restored = False
+    controllers = _controllers(model)
+    if controllers and total_steps is not None and reg.step >= total_steps:
+        raise ValueError(f"training would continue at step {reg.step} (the adapters' saved step counter), but "
+                         f"total_steps={total_steps}: resume with more steps, or start a new schedule with "
+                         "dt.begin(model, total_steps, step=0) (or dt.load(..., controller_state=False))")
+    for c in controllers:
         c.begin(unwrap(model), total_steps, resizable)
 
 
@@ -587,7 +596,15 @@ def step(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> bo
             c.optimizer = optimizer
         changed = bool(c.after_step(unwrap(model), optimizer, reg.step)) or changed
     reg.step += 1
+    reg.restored = False
     return changed
+
+
+def controller(model: nn.Module, name: str = "default") -> Controller | None:
+    """The controller of adapter ``name`` (``None`` for methods without one): ``controller(...).state_dict()`` is
+    what ``dt.save`` stores with the adapter and ``dt.load`` restores."""
+    _check_names(model, name)
+    return registry(model).adapters[name].controller
 
 
 def controller_metrics(model: nn.Module) -> dict[str, float]:

@@ -6,6 +6,8 @@ Own format, one folder per adapter:
   "base_model_name_or_path", "task_type", "modules": {module name: {"layer", "structure", "out_features",
   "in_features", ...structure fields}}}``
 - ``adapter_model.safetensors``: ``"<module name>.<tensor name>"`` for every delta tensor.
+- training state (``dt.save(..., controller_state=True)``, the default): ``"controller": {"step", "state"}`` in the
+  config, the state's tensors in the safetensors file as ``"@controller/<path>"`` (see :mod:`.state`).
 
 Several adapters saved together go to one subfolder each, named after the adapter.
 """
@@ -22,6 +24,7 @@ from .. import model as M
 from ..methods import Method
 from .files import CONFIG_NAME, WEIGHTS_NAME, adapter_folders, read_adapter, write_adapter
 from .peft_format import NeedsBase, NotLowRank, from_peft, to_peft
+from .state import CONTROLLER_PREFIX, join_state, split_state
 from .record import FORMAT_VERSION, AdapterRecord, build_deltas, check_fits, record_from_model
 
 FORMATS = ("deltatune", "peft")
@@ -34,6 +37,9 @@ def to_own(record: AdapterRecord) -> tuple[dict, dict[str, torch.Tensor]]:
         "task_type": record.task_type, "modules": record.modules, **record.extra,
     }
     tensors = {f"{mod}.{k}": v for mod, ts in record.tensors.items() for k, v in ts.items()}
+    if record.controller is not None:
+        config["controller"], state_tensors = split_state(record.controller, CONTROLLER_PREFIX)
+        tensors.update(state_tensors)
     return config, tensors
 
 
@@ -42,13 +48,18 @@ def from_own(config: dict, tensors: dict[str, torch.Tensor], name: str | None = 
         raise ValueError(f"checkpoint format version {config['format_version']} is newer than this deltatune reads "
                          f"({FORMAT_VERSION}); upgrade deltatune")
     per_module: dict[str, dict[str, torch.Tensor]] = {m: {} for m in config["modules"]}
+    state = {k: t for k, t in tensors.items() if k.startswith(CONTROLLER_PREFIX)}
+    controller = join_state(config["controller"], state) if config.get("controller") is not None else None
     for key, t in tensors.items():
+        if key in state:
+            continue
         mod, _, tname = key.rpartition(".")
         if mod not in per_module:
             raise ValueError(f"checkpoint tensor {key!r} belongs to no module listed in its config")
         per_module[mod][tname] = t
     return AdapterRecord(name or config["name"], config["method"], config["modules"], per_module,
-                         base_model=config.get("base_model_name_or_path"), task_type=config.get("task_type"))
+                         base_model=config.get("base_model_name_or_path"), task_type=config.get("task_type"),
+                         controller=controller)
 
 
 def read_record(folder: str | Path, name: str | None = None, model: nn.Module | None = None) -> AdapterRecord:
@@ -99,20 +110,22 @@ def model_base(model: nn.Module):
 
 
 def save(model: nn.Module, path: str | Path, names: str | list[str] | None = None, format: str = "deltatune",
-         rank: int | None = None, energy: float | None = None) -> Path:
+         rank: int | None = None, energy: float | None = None, controller_state: bool = True) -> Path:
     """Save adapters (default: all). One adapter goes to ``path`` itself; several to ``path/<name>/``.
 
     ``format="peft"`` writes PEFT's LoRA checkpoint (loads with ``PeftModel.from_pretrained``, servable by vLLM);
     structures that are not a LoRA (sparse, sliced, rotations, dense combinations) need ``rank`` (or ``energy``, the
     share of ``||dW||_F^2`` to keep per module): they are factored by truncated SVD and the relative error of each
-    module is reported as a warning. Files are written atomically.
+    module is reported as a warning. Files are written atomically. ``controller_state`` (deltatune format): also
+    save the step counter and each adapter's controller state (EMAs, masks, schedule) in the same files, so that
+    ``dt.load`` resumes training where it stopped.
     """
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; choose one of {FORMATS}")
     names = M._check_names(model, M.adapters(model) if names is None else names)
     if not names:
         raise ValueError("the model has no adapters to save")
-    records = [record_from_model(model, n) for n in names]
+    records = [record_from_model(model, n, controller_state and format == "deltatune") for n in names]
     path = Path(path)
     base = model_base(model)
     # convert all before writing any (a non-LoRA delta fails here, not half-way)
@@ -135,11 +148,13 @@ def svd_error_summary(errors: dict[str, float]) -> str:
             f"{errors[worst]:.3f} ({worst})")
 
 
-def load(model: nn.Module, path: str | Path, name: str | None = None, activate: bool = True) -> nn.Module:
+def load(model: nn.Module, path: str | Path, name: str | None = None, activate: bool = True,
+         controller_state: bool = True) -> nn.Module:
     """Load adapter(s) saved by :func:`save` (either format) or by PEFT onto ``model``.
 
     ``name`` renames a single adapter. Every module is checked to fit (name, kind, shape) before the model
-    is touched; the first mismatch raises ``ValueError``.
+    is touched; the first mismatch raises ``ValueError``. ``controller_state``: restore the saved controller state
+    and step counter (a resumed run's ``dt.begin`` continues from that step); ``False`` starts them afresh.
     """
     folders = adapter_folders(path)
     if name is not None and len(folders) > 1:
@@ -151,7 +166,34 @@ def load(model: nn.Module, path: str | Path, name: str | None = None, activate: 
         built.append(build_deltas(model, rec))
     for rec, deltas in zip(records, built):
         M.install(model, rec.name, Method.from_dict(rec.method), deltas, activate=activate)
+    if controller_state:
+        restore_controllers(model, records)
     return model
+
+
+def restore_controllers(model: nn.Module, records: list[AdapterRecord]) -> None:
+    """Hand each record's saved controller state to its freshly installed adapter's controller and restore the
+    step counter; on error the adapters are removed again (a failed load changes nothing)."""
+    reg = M.registry(model)
+    saved = [r.controller for r in records if r.controller is not None]
+    before = reg.step, reg.restored
+    try:
+        for rec in records:
+            c, state = M.controller(model, rec.name), (rec.controller or {}).get("state")
+            if saved:
+                reg.step, reg.restored = int(saved[0]["step"]), True
+            if c is not None and state:
+                try:
+                    c.load_state_dict(state)
+                except (KeyError, TypeError, ValueError) as e:
+                    raise ValueError(f"adapter {rec.name!r}: its saved controller state does not fit ({e}); load "
+                                     "it with controller_state=False to start the controller afresh") from None
+    except BaseException:
+        for rec in records:
+            M.delete(model, rec.name)
+        if M.REGISTRY_ATTR in M.unwrap(model).__dict__:
+            reg.step, reg.restored = before
+        raise
 
 
 __all__ = ["AdapterRecord", "CONFIG_NAME", "NeedsBase", "NotLowRank", "WEIGHTS_NAME", "check_fits", "from_own", "from_peft",
