@@ -3,7 +3,9 @@
 
 AdaLoRA on MiniLM (query/value, 12 matrices, T = 12, t_init = 2, t_final = 4, delta_t = 2): masking at steps 4
 and 6, the final pattern fixed and pruned triplets removed at step 8. Resumed before masking (k = 2), at the
-final-pattern step (k = 8) and after removal (k = 10, the checkpoint holds resized tensors)."""
+final-pattern step (k = 8) and after removal (k = 10, the checkpoint holds resized tensors). Without the controller
+state (before this was saved), resuming at 2 changed the weights, at 4 and 8 the decisions (at 8 the pruning was
+skipped); with ``shrink="never"`` the resumed adapter lacked the masked triplets."""
 from __future__ import annotations
 
 import copy
@@ -75,7 +77,14 @@ def _snapshot(model, name="default"):
 
 
 def _assert_same(a, b):
+    """Same decisions first (which tensors, their shapes: ranks, index sets; which gates are zero), then the same
+    values bit for bit."""
     assert a.keys() == b.keys()
+    assert {m: {k: tuple(t.shape) for k, t in a[m].items()} for m in a} == \
+        {m: {k: tuple(t.shape) for k, t in b[m].items()} for m in b}
+    for name in ("lam", "idx"):
+        assert {m: (a[m][name] != 0).tolist() if name == "lam" else a[m][name].tolist() for m in a if name in a[m]} \
+            == {m: (b[m][name] != 0).tolist() if name == "lam" else b[m][name].tolist() for m in b if name in b[m]}
     for mod in a:
         assert a[mod].keys() == b[mod].keys(), mod
         for k in a[mod]:
@@ -83,19 +92,22 @@ def _assert_same(a, b):
             assert torch.equal(a[mod][k], b[mod][k]), (mod, k, (a[mod][k] - b[mod][k]).abs().max())
 
 
-@pytest.mark.parametrize("shrink", ["final", "never"])
-def test_adalora_resumed_at_any_step_ends_bit_identical(minilm_dir, batches, tmp_path, shrink):
+@pytest.mark.parametrize("shrink, resume_at", [("final", (2, 4, 8, 10)), ("never", (10,))])
+def test_adalora_resumed_at_any_step_ends_bit_identical(minilm_dir, batches, tmp_path, shrink, resume_at):
+    """Before masking (2), at the first masking step (4), at the final-pattern step (8), after removal (10); with
+    ``shrink="never"`` the pruned triplets stay behind a frozen mask: the adapter file leaves them out, the
+    controller state keeps them (they still carry the orthogonal regularizer's gradients)."""
     model = make_minilm(minilm_dir)
     dt.attach(model, dt.AdaLoRA(**ADALORA, shrink=shrink))
     opt = _optimizer(model)
     dt.begin(model, T)
-    states = _run(model, opt, batches, 0, T, tmp_path, save_at=(2, 8, 10))
+    states = _run(model, opt, batches, 0, T, tmp_path, save_at=resume_at)
     want = _snapshot(model)
     ranks = {m: int(d.live().sum()) for m, d in dt.deltas(model, "default").items()}
     assert sum(ranks.values()) == 2 * 12 and len(set(ranks.values())) > 1  # a real allocation, not uniform
     if shrink == "final":  # the checkpoint after removal holds the resized tensors
         assert {m: s["r"] for m, s in read_record(tmp_path / "k10").modules.items()} == ranks
-    for k in (2, 8, 10):
+    for k in resume_at:
         resumed = _resume(minilm_dir, batches, tmp_path, k, states[k])
         _assert_same(_snapshot(resumed), want)
         assert dt.controller_metrics(resumed) == dt.controller_metrics(model)
@@ -141,6 +153,89 @@ def test_ltsft_resumes_in_its_phase(minilm_dir, batches, tmp_path):
         dt.begin(resumed, total, step=k)
         _run(resumed, opt, batches, k, total)
         _assert_same(_snapshot(resumed), want)
+
+
+def test_increlora_resumed_keeps_its_growth_interval_and_grows_alike(minilm_dir, batches, tmp_path):
+    # 12 matrices from rank 1 to 24 in total, 4 at a time: 3 events spread over the first half, every 2 steps;
+    # recomputed from the remaining growth at step 3 the interval would be 3. Growth draws from torch's RNG, which
+    # a resumed loop restores like the optimizer (the deltatune trainer does both)
+    total = 12
+    model = make_minilm(minilm_dir)
+    dt.attach(model, dt.IncreLoRA(init_r=1, target_r=2, top_h=4, targets=QV))
+    opt = _optimizer(model)
+    dt.begin(model, total)
+    assert dt.controller(model).interval == 2
+    torch.manual_seed(1)
+    saved, rng = {}, {}
+    for t in range(total):
+        model(**batches[t % len(batches)]).loss.backward()
+        opt.step()
+        dt.step(model, opt)
+        opt.zero_grad()
+        if t + 1 == 3:
+            dt.save(model, tmp_path / "k3")
+            saved, rng = copy.deepcopy(opt.state_dict()), torch.get_rng_state()
+    want = _snapshot(model)
+    assert sum(d.r for d in dt.deltas(model, "default").values()) == 24
+    resumed = make_minilm(minilm_dir)
+    dt.load(resumed, tmp_path / "k3")
+    opt = _optimizer(resumed)
+    opt.load_state_dict(saved)
+    dt.begin(resumed, total)  # continues at the restored step 3
+    assert dt.model.registry(resumed).step == 3 and dt.controller(resumed).interval == 2
+    torch.set_rng_state(rng)
+    _run(resumed, opt, batches, 3, total)
+    _assert_same(_snapshot(resumed), want)
+
+
+def _net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 8))
+
+
+def _same_state(a, b, where=""):
+    if torch.is_tensor(a):
+        assert torch.is_tensor(b) and a.shape == b.shape and torch.equal(a.cpu(), b.cpu()), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), (where, a.keys(), b)
+        for k in a:
+            _same_state(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same_state(x, y, f"{where}/{i}")
+    else:
+        assert a == b or (a != a and b != b), (where, a, b)
+
+
+@pytest.mark.parametrize("method", [
+    dt.AdaLoRA(init_r=4, target_r=2, targets=["0", "2"], t_final=5, shrink="never"),  # final pattern at step 3
+    dt.IncreLoRA(init_r=1, target_r=3, targets=["0", "2"], incre_interval=1, top_h=1),
+    dt.SoRA(r=4, targets=["0", "2"], threshold=1e-2),
+    dt.SpIEL(num_params=60, targets=["0", "2"], reselection_steps=6, accumulation_steps=5),  # saved mid-watch
+    dt.LTSFT(num_params=60, targets=["0", "2"], full_steps=5),
+    dt.OFT(block_size=8, targets=["0", "2"], radius=0.1),
+    dt.SORSA(r=4, targets=["0", "2"]),
+], ids=lambda m: m.name)
+def test_every_controller_state_survives_save_and_load(method, tmp_path):
+    net = dt.attach(_net(), method)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+    x, y = torch.randn(8, 16), torch.randn(8, 8)
+    dt.begin(net, 8)
+    for _ in range(4):
+        ((net(x) - y) ** 2).mean().backward()
+        dt.after_backward(net, opt)
+        opt.step()
+        dt.step(net, opt)
+        opt.zero_grad()
+    want = dt.controller(net).state_dict() if dt.controller(net) else {}
+    if method.name in ("adalora", "spiel"):
+        assert want["hidden" if method.name == "adalora" else "trackers"]  # the interesting part is there
+    dt.save(net, tmp_path / "a")
+    fresh = dt.load(_net(), tmp_path / "a")
+    assert dt.model.registry(fresh).step == 4
+    _same_state(want, dt.controller(fresh).state_dict() if dt.controller(fresh) else {})
+    _same_state(_snapshot(net), _snapshot(fresh))
 
 
 def test_state_lives_in_the_adapter_files_under_a_reserved_prefix(minilm_dir, batches, tmp_path):
@@ -269,7 +364,7 @@ def test_hf_trainer_resume_with_callback_matches_an_uninterrupted_run(minilm_dir
         dt.attach(model, dt.AdaLoRA(**ADALORA))
         targs = TrainingArguments(output_dir=str(out), max_steps=T, per_device_train_batch_size=4, learning_rate=5e-3,
                                   save_steps=4, save_strategy="steps", logging_steps=100, report_to=[], seed=0,
-                                  use_cpu=True, dataloader_num_workers=0, save_safetensors=True)
+                                  use_cpu=True, dataloader_num_workers=0)
         trainer = Trainer(model=model, args=targs, train_dataset=ds, callbacks=[DeltatuneCallback()])
         trainer.train(resume_from_checkpoint=resume)
         return model
