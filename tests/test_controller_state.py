@@ -374,3 +374,16 @@ def test_hf_trainer_resume_with_callback_matches_an_uninterrupted_run(minilm_dir
     assert {m: d.r for m, d in dt.deltas(resumed, "default").items()} == \
         {m: d.r for m, d in dt.deltas(full, "default").items()}
     _assert_same(_snapshot(resumed), _snapshot(full))
+
+
+def test_attaching_a_new_adapter_after_loading_starts_a_new_run(tmp_path):
+    net = dt.attach(_net(), dt.LoRA(r=2, targets=["0"]), name="lang")
+    dt.begin(net, 5)
+    for _ in range(5):
+        dt.step(net)
+    dt.save(net, tmp_path / "lang")
+    fresh = dt.load(_net(), tmp_path / "lang")
+    assert dt.model.registry(fresh).step == 5
+    dt.attach(fresh, dt.AdaLoRA(init_r=2, target_r=1, targets=["2"]), name="task")
+    dt.begin(fresh, 3)  # the frozen language adapter's 5 saved steps do not carry over to the new task run
+    assert dt.model.registry(fresh).step == 0

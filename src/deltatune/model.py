@@ -336,6 +336,7 @@ def attach(model: nn.Module, method: Method, name: str = "default", activate: bo
                          "its ratio or density")
     built.update({n: full_replacement(*weights(n)) for n in saved})
     install(model, name, method, built, activate)
+    registry(model).restored = False  # a new adapter starts a new run: dt.begin counts from 0 again
     return model
 
 
