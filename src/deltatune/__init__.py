@@ -20,6 +20,7 @@ from .model import (  # noqa: E402
     after_backward,
     attach,
     begin,
+    controller,
     controller_metrics,
     delete,
     disabled,
@@ -43,6 +44,6 @@ __all__ = [
     "AdaLoRA", "AdaptedLayer", "Controller", "Delta", "FullDelta", "GatedSVDDelta", "IncreLoRA", "LTSFT", "LoRA",
     "LowRankDelta", "Method", "MiLoRA", "NOLA", "NOLADelta", "OFT", "OLoRA", "OrthogonalAdaptation",
     "OrthogonalLowRankDelta", "PiSSA", "CorDA", "EVA", "RotationDelta", "S2FT", "SORSA", "SlicedDelta", "SoRA", "SparseDelta", "SpIEL",
-    "VeRA", "VeRADelta", "active_adapters", "adapter_rows", "adapters", "after_backward", "attach", "calibrate", "combine", "compress", "interference", "begin", "controller_metrics", "deltas", "delete", "disabled", "extract", "load", "load_compressed", "merge", "print_trainable_parameters", "save", "set_active", "set_serving",
+    "VeRA", "VeRADelta", "active_adapters", "adapter_rows", "adapters", "after_backward", "attach", "calibrate", "combine", "compress", "interference", "begin", "controller", "controller_metrics", "deltas", "delete", "disabled", "extract", "load", "load_compressed", "merge", "print_trainable_parameters", "save", "set_active", "set_serving",
     "step", "trainable_parameters", "unload", "unmerge",
 ]

@@ -277,6 +277,7 @@ class Registry:
     active: list[str] = field(default_factory=list)
     trainable: list[str] | None = None
     step: int = 0
+    restored: bool = False  # ``step`` came from a checkpoint (dt.load) and no training step has run since
     merge_single: bool = False  # serving: run a batch whose rows all use one adapter with it merged
     serving_merged: str | None = None  # the adapter merged for that, if any
     hooks: list = field(default_factory=list)  # model(..., adapter_names=[...])
@@ -426,6 +427,7 @@ def attach(model: nn.Module, method: Method, name: str = "default", activate: bo
                          "its ratio or density")
     built.update({n: full_replacement(*weights(n)) for n in saved})
     install(model, name, method, built, activate)
+    registry(model).restored = False  # a new adapter starts a new run: dt.begin counts from 0 again
     return model
 
 
@@ -679,9 +681,13 @@ def distributed_wrapper(model: nn.Module) -> str | None:
 _WARNED_FIXED: set[int] = set()
 
 
-def begin(model: nn.Module, total_steps: int | None = None, resizable: bool | None = None, step: int = 0) -> None:
+def begin(model: nn.Module, total_steps: int | None = None, resizable: bool | None = None,
+          step: int | None = None) -> None:
     """Call once before training: controllers learn how many optimizer steps follow (schedules such as AdaLoRA's
-    need it) and the step counter is set to ``step`` (0, or the step a resumed run continues from).
+    need it) and the step counter is set to ``step``: 0 starts afresh (controllers reset their state); a later step
+    continues a run (controllers keep the state ``dt.load`` restored). ``None`` (default): the step ``dt.load``
+    restored from a checkpoint, if no step has run since, else 0.
+
     ``resizable=False`` keeps parameter shapes fixed (pruned components are masked instead of removed). Left unset
     it is ``False`` for a model in a ``DistributedDataParallel`` / FSDP wrapper (e.g. from ``accelerate.prepare``)
     or in a multi-rank ``torch.distributed`` run -- a wrapper whose parameters change shape fails at the next
@@ -696,9 +702,15 @@ def begin(model: nn.Module, total_steps: int | None = None, resizable: bool | No
             warnings.warn(f"deltatune: the model runs under {wrapper}, whose parameters cannot change shape: "
                           "controllers keep shapes fixed (pruned components are masked, not removed). Pass "
                           "dt.begin(..., resizable=False) to silence this", stacklevel=2)
-    reg.step = step
+    reg.step = (reg.step if reg.restored else 0) if step is None else int(step)
+    reg.restored = False
     reg.resizable = bool(resizable)
-    for c in _controllers(model):
+    controllers = _controllers(model)
+    if controllers and total_steps is not None and reg.step >= total_steps:
+        raise ValueError(f"training would continue at step {reg.step} (the adapters' saved step counter), but "
+                         f"total_steps={total_steps}: resume with more steps, or start a new schedule with "
+                         "dt.begin(model, total_steps, step=0) (or dt.load(..., controller_state=False))")
+    for c in controllers:
         c.begin(unwrap(model), total_steps, bool(resizable))
 
 
@@ -731,7 +743,15 @@ def step(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> bo
             c.optimizer = optimizer
         changed = bool(c.after_step(unwrap(model), optimizer, reg.step)) or changed
     reg.step += 1
+    reg.restored = False
     return changed
+
+
+def controller(model: nn.Module, name: str = "default") -> Controller | None:
+    """The controller of adapter ``name`` (``None`` for methods without one): ``controller(...).state_dict()`` is
+    what ``dt.save`` stores with the adapter and ``dt.load`` restores."""
+    _check_names(model, name)
+    return registry(model).adapters[name].controller
 
 
 def controller_metrics(model: nn.Module) -> dict[str, float]:
