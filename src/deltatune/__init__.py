@@ -20,8 +20,8 @@ from .model import (  # noqa: E402
     after_backward,
     attach,
     begin,
+    controller,
     controller_metrics,
-    deltas,
     delete,
     disabled,
     merge,
@@ -33,10 +33,10 @@ from .model import (  # noqa: E402
     unmerge,
 )
 from .calibration import calibrate  # noqa: E402
-from .combine import combine  # noqa: E402
-from .compress import compress, load_compressed  # noqa: E402
-from .extract import extract  # noqa: E402
-from .interference import interference  # noqa: E402
+# combine, compress, deltas, extract, interference: modules that are also callable as their function (see _modules),
+# so dt.combine(model, ...) and dt.combine.ties / import deltatune.combine.ops both work
+from . import combine, compress, deltas, extract, interference  # noqa: E402
+from .compress import load_compressed  # noqa: E402
 from .io import load, save  # noqa: E402
 from .serving import adapter_rows, set_serving  # noqa: E402
 
@@ -44,6 +44,6 @@ __all__ = [
     "AdaLoRA", "AdaptedLayer", "Controller", "Delta", "FullDelta", "GatedSVDDelta", "IncreLoRA", "LTSFT", "LoRA",
     "LowRankDelta", "Method", "MiLoRA", "NOLA", "NOLADelta", "OFT", "OLoRA", "OrthogonalAdaptation",
     "OrthogonalLowRankDelta", "PiSSA", "CorDA", "EVA", "RotationDelta", "S2FT", "SORSA", "SlicedDelta", "SoRA", "SparseDelta", "SpIEL",
-    "VeRA", "VeRADelta", "active_adapters", "adapter_rows", "adapters", "after_backward", "attach", "calibrate", "combine", "compress", "interference", "begin", "controller_metrics", "deltas", "delete", "disabled", "extract", "load", "load_compressed", "merge", "print_trainable_parameters", "save", "set_active", "set_serving",
+    "VeRA", "VeRADelta", "active_adapters", "adapter_rows", "adapters", "after_backward", "attach", "calibrate", "combine", "compress", "interference", "begin", "controller", "controller_metrics", "deltas", "delete", "disabled", "extract", "load", "load_compressed", "merge", "print_trainable_parameters", "save", "set_active", "set_serving",
     "step", "trainable_parameters", "unload", "unmerge",
 ]

@@ -20,7 +20,7 @@ def _cmd_demo(args) -> int:
 def _cmd_train(args) -> int:
     from .train import run_config
 
-    result = run_config(args.config)
+    result = run_config(args.config, trust_remote_code=args.trust_remote_code)
     if result["metrics_path"] is not None:  # rank 0 (under torchrun every rank runs this)
         summary = {k: v for k, v in result.items() if k != "history"}
         print(json.dumps(summary, indent=2, default=str))
@@ -339,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train an adapter from a YAML run config (see examples/)")
     t.add_argument("config", help="RUN.yaml")
+    t.add_argument("--trust-remote-code", action="store_true", help="let the model folder's own Python code run "
+                   "(transformers' trust_remote_code); a RUN.yaml cannot turn this on")
     t.set_defaults(func=_cmd_train)
 
     i = sub.add_parser("inspect", help="show an adapter's method, targets, per-module shapes, ranks and parameters")

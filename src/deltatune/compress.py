@@ -281,3 +281,8 @@ def load_compressed(path, model_class=None, **kwargs) -> nn.Module:
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     return model.eval()
+
+
+from ._modules import callable_module  # noqa: E402
+
+callable_module(__name__, "deltatune.compress:compress")  # dt.compress(...) calls the function

@@ -193,3 +193,8 @@ def extract(base: str | Path, tuned: str | Path, rank: int | None = None, energy
     folder = Path(base) if Path(base).is_dir() else Path(base).parent
     record = AdapterRecord(name, config.to_dict(), modules, tensors, base_model=str(folder), task_type=task_type)
     return record, report
+
+
+from ._modules import callable_module  # noqa: E402
+
+callable_module(__name__, "deltatune.extract:extract")  # dt.extract(...) calls the function

@@ -144,3 +144,8 @@ def summarize(rows: list[dict]) -> dict[tuple[str, str], dict[str, float]]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None:
                 acc.setdefault(k, []).append(float(v))
     return {pair: {k: sum(v) / len(v) for k, v in cols.items()} for pair, cols in out.items()}
+
+
+from ._modules import callable_module  # noqa: E402
+
+callable_module(__name__, "deltatune.interference:interference")  # dt.interference(...) calls the function

@@ -13,6 +13,7 @@ import contextlib
 import math
 import numbers
 import re
+import types
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -67,9 +68,12 @@ class AdaptedLayer(nn.Module):
         self.deltas = nn.ModuleDict()
         self.active: tuple[str, ...] = ()
         self.merged: dict[str, float] = {}  # merged adapters in merge order, with the weight each was merged with
+        self._undo: dict[str, tuple] = {}  # per merged adapter: what its inverse update would not restore exactly
         self.enabled = True
         self._live: tuple[Delta, ...] = ()
-        self._replacing: Delta | None = None
+        # the delta that computes the whole output, if any: a plain reference, never a registered submodule (it is
+        # already registered under ``deltas``; a second registration puts its tensors twice into ``state_dict``)
+        self.__dict__["_replacing"] = None
         self._rows = None  # a deltatune.serving.Rows while a mixed-adapter batch runs
         # exactly nn.Linear / Conv1D (not quantized or other subclasses): its output is x W^T + b, so it may run
         # on 2-D inputs and a single live delta may compute the whole layer in one fused node (Delta.fuse)
@@ -115,7 +119,7 @@ class AdaptedLayer(nn.Module):
         live = live if self.enabled else []
         replacing = [d for d in live if d.replaces_output]
         # one replacing delta computes the whole output; several fall back to adding their dense updates
-        self._replacing = replacing[0] if len(replacing) == 1 and not self.merged else None
+        self.__dict__["_replacing"] = replacing[0] if len(replacing) == 1 and not self.merged else None
         self._live = tuple(d for d in live if d is not self._replacing)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -166,48 +170,124 @@ class AdaptedLayer(nn.Module):
                              "the layer's current weight, so it would then act on the merged update too and the "
                              f"output would change. Merge {rotating[0]!r} first (dt.merge merges in the order given) "
                              "or deactivate it")
-        checked_merge(delta, self.linear_weight(), self.base_bias(), weight, name)
+        self._put_in(name, weight)
         self.merged[name] = weight
         self.refresh()
 
     def unmerge(self, name: str) -> None:
-        """Take ``name`` out of the weights exactly: the adapters merged after it come out first (last in, first out)
-        and go back in afterwards, so the result does not depend on the order of unmerging."""
+        """Take ``name`` out of the weights exactly (bit for bit, see :func:`_undo_record`): the adapters merged after
+        it come out first (last in, first out) and go back in afterwards, so the result does not depend on the order
+        of unmerging."""
         if name not in self.merged:
             return
         order = list(self.merged)
         later = order[order.index(name) + 1:]
         for n in [*reversed(later), name]:
-            self.deltas[n].merge_into(self.linear_weight(), self.base_bias(), -self.merged[n])
+            self._take_out(n)
         del self.merged[name]
         for n in later:
-            self.deltas[n].merge_into(self.linear_weight(), self.base_bias(), self.merged[n])
+            self._put_in(n, self.merged[n])
         self.refresh()
+
+    def _put_in(self, name: str, weight: float) -> None:
+        """Merge ``name`` into the weight and bias and record what its exact unmerge needs (:func:`_undo_record`)."""
+        W, b = self.linear_weight(), self.base_bias()
+        before = (W.detach().clone(), None if b is None else b.detach().clone())
+        self.deltas[name].merge_into(W, b, weight)
+        refuse_bad_merge(name, weight, (W, b), before)
+        self._undo[name] = _undo_record(self.deltas[name], W, b, before, weight)
+
+    def _take_out(self, name: str) -> None:
+        """Apply the inverse update of the last merged adapter ``name``, then restore the entries its record says
+        the inverse gets wrong: the weight and bias are bit for bit what they were before the merge."""
+        W, b = self.linear_weight(), self.base_bias()
+        fixes, invert = self._undo.pop(name, ((None, None), True))
+        if invert:  # else every tensor the merge changed comes back from its copy
+            self.deltas[name].merge_into(W, b, -self.merged[name])
+        for target, fix in zip((W, b), fixes):
+            _apply_fix(target, fix)
 
     def extra_repr(self) -> str:
         return f"active={list(self.active)}, merged={list(self.merged)}"
 
 
 @torch.no_grad()
-def checked_merge(delta: Delta, weight: torch.Tensor, bias: torch.Tensor | None, scale: float, name: str) -> None:
-    """``delta.merge_into(weight, bias, scale)``, refused (the tensors restored bit for bit) when the merged weight
-    holds NaN/inf or ``max|W'| > max|W| / eps(dtype)``: past that, unmerging leaves rounding errors as large as the
-    base weights themselves, so the base would be lost for good."""
-    tensors = [t for t in (weight, bias) if t is not None]
-    saved = [t.detach().clone() for t in tensors]
-    before = float(weight.detach().abs().amax()) if weight.numel() else 0.0
-    delta.merge_into(weight, bias, scale)
-    finite = all(bool(torch.isfinite(t).all()) for t in tensors)
-    after = float(weight.detach().abs().amax()) if finite and weight.numel() else 0.0
-    limit = before / torch.finfo(weight.dtype).eps if weight.is_floating_point() else math.inf
-    if finite and (before == 0.0 or after <= limit):
+def refuse_bad_merge(name: str, scale: float, tensors: tuple, before: tuple) -> None:
+    """After ``W, b <- merge`` (``tensors``; ``before``: their copies from before the merge): put the copies back
+    and refuse when the merged weight or bias holds NaN/inf or ``max|W'| > max|W| / eps(dtype)``: past that,
+    unmerging leaves rounding errors as large as the base weights themselves, so the base would be lost for good."""
+    pairs = [(t, old) for t, old in zip(tensors, before) if t is not None]
+    W, W0 = pairs[0]
+    finite = all(bool(torch.isfinite(t).all()) for t, _ in pairs)
+    prior = float(W0.abs().amax()) if W0.numel() else 0.0
+    after = float(W.detach().abs().amax()) if finite and W.numel() else 0.0
+    limit = prior / torch.finfo(W.dtype).eps if W.is_floating_point() else math.inf
+    if finite and (prior == 0.0 or after <= limit):
         return
-    for t, old in zip(tensors, saved):
+    for t, old in pairs:
         t.copy_(old)
-    what = "NaN/inf weights" if not finite else f"weights {after / before:.3g}x larger than the base"
-    raise ValueError(f"merging adapter {name!r} with weight {scale} would give {what} in a {tuple(weight.shape)} "
-                     f"{weight.dtype} layer, and unmerging could not restore the base; nothing was merged. Use a "
+    what = "NaN/inf weights" if not finite else f"weights {after / prior:.3g}x larger than the base"
+    raise ValueError(f"merging adapter {name!r} with weight {scale} would give {what} in a {tuple(W.shape)} "
+                     f"{W.dtype} layer, and unmerging could not restore the base; nothing was merged. Use a "
                      "smaller merge weight (or check the adapter's values)")
+
+
+# -- exact unmerging ------------------------------------------------------------------------------------------------
+def _undo_record(delta: Delta, W: torch.Tensor, b: torch.Tensor | None, before: tuple, weight: float) -> tuple:
+    """What unmerging ``delta`` needs beyond its inverse update, for the weight and the bias just merged.
+
+    Floating-point ``(W + u) - u`` is not always ``W`` (an entry smaller than ``u`` loses bits; half-precision
+    weights round; a rotation's inverse is exact only up to rounding), and the error would add up over merge/unmerge
+    round trips. So the inverse is tried once on a copy, and the record keeps the original values where it is off:
+    nothing where it is exact, those entries (flat indices and values) where few are off, else a copy of the tensor.
+    Generic: no structure has to declare whether its merge inverts exactly.
+
+    Returns ``((weight fix, bias fix), invert)``; ``invert`` is False when every tensor the merge changed has a full
+    copy, so unmerging only copies back. A multiplicative delta (a rotation: its inverse is never exact in floating
+    point) keeps the copies without the trial."""
+    if delta.multiplicative:
+        changed = [orig is not None and not torch.equal(_bits(orig), _bits(now)) for orig, now in zip(before, (W, b))]
+        return tuple(orig if c else None for orig, c in zip(before, changed)), False
+    trial = (W.clone(), None if b is None else b.clone())
+    delta.merge_into(trial[0], trial[1], -weight)
+    fixes = tuple(_fix(orig, got) for orig, got in zip(before, trial))
+    changed = [orig is not None and not torch.equal(_bits(orig), _bits(now)) for orig, now in zip(before, (W, b))]
+    invert = any(c and not isinstance(f, torch.Tensor) for c, f in zip(changed, fixes))
+    return fixes, invert
+
+
+def _fix(original: torch.Tensor | None, restored: torch.Tensor | None):
+    """``None`` if ``restored`` equals ``original`` bit for bit, else ``(flat indices, values)`` of the entries that
+    differ, or the whole ``original`` when that is smaller than the index list."""
+    if original is None:
+        return None
+    wrong = _bits(restored) != _bits(original)  # bits, so -0.0 vs 0.0 and NaN payloads count too
+    count = int(wrong.sum())
+    if count == 0:
+        return None
+    size = original.element_size()
+    if count * (8 + size) >= original.numel() * size:
+        return original
+    idx = wrong.reshape(-1).nonzero().squeeze(1)
+    return idx, original.reshape(-1)[idx]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bit patterns as integers of its element size."""
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return t.view(ints[t.element_size()]) if t.is_floating_point() else t
+
+
+def _apply_fix(target: torch.Tensor | None, fix) -> None:
+    """Write a :func:`_fix` record back into ``target`` (in place; ``target`` may be a transposed view)."""
+    if fix is None or target is None:
+        return
+    with torch.no_grad():
+        if isinstance(fix, torch.Tensor):
+            target.copy_(fix)
+        else:
+            idx, values = fix
+            target.index_put_(torch.unravel_index(idx, target.shape), values)
 
 
 @dataclass
@@ -226,15 +306,19 @@ class Registry:
     active: list[str] = field(default_factory=list)
     trainable: list[str] | None = None
     step: int = 0
+    restored: bool = False  # ``step`` came from a checkpoint (dt.load) and no training step has run since
     merge_single: bool = False  # serving: run a batch whose rows all use one adapter with it merged
     serving_merged: str | None = None  # the adapter merged for that, if any
     hooks: list = field(default_factory=list)  # model(..., adapter_names=[...])
+    resizable: bool = True  # what dt.begin decided: controllers may change parameter shapes
 
     def close(self, model: nn.Module) -> None:
         from .serving import close_hooks
 
         close_hooks(model, self.hooks)
         self.hooks = []
+        if model.__dict__.get("save_pretrained") is not None:  # the adapter-saving method attach gave it
+            del model.__dict__["save_pretrained"]
 
     def training(self) -> list[str]:
         """The active adapters whose parameters train."""
@@ -243,9 +327,12 @@ class Registry:
 
 # -- helpers ---------------------------------------------------------------------------------------------------
 def unwrap(model: nn.Module) -> nn.Module:
-    """The user's model inside DDP / FSDP / DataParallel / torch.compile wrappers."""
+    """The user's model inside DDP / FSDP / DataParallel / torch.compile wrappers, and the transformers model
+    inside a wrapper that exposes it as ``transformers_model`` (a ``SentenceTransformer``): adapters attach there,
+    so their module names are the transformers model's own (what PEFT and sentence-transformers load)."""
     while not hasattr(model, REGISTRY_ATTR):
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        inner = (getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+                 or getattr(model, "transformers_model", None))
         if not isinstance(inner, nn.Module):
             break
         model = inner
@@ -264,6 +351,11 @@ def registry(model: nn.Module, create: bool = False) -> Registry:
         reg = Registry()
         reg.hooks = install_hooks(model)
         model.__dict__[REGISTRY_ATTR] = reg
+        if callable(getattr(type(model), "save_pretrained", None)):
+            from .hf import save_pretrained
+
+            # an instance method: model.save_pretrained (and the HF Trainer's checkpoints) write the adapters
+            model.__dict__["save_pretrained"] = types.MethodType(save_pretrained, model)
     return reg
 
 
@@ -380,6 +472,7 @@ def attach(model: nn.Module, method: Method, name: str = "default", activate: bo
             finite_tensor(t, f"{type(method).__name__} built {mod_name}.{k}, which",
                           hint="is the base weight finite? (the model was not changed)")
     install(model, name, method, built, activate)
+    registry(model).restored = False  # a new adapter starts a new run: dt.begin counts from 0 again
     return model
 
 
@@ -624,14 +717,62 @@ def _controllers(model: nn.Module) -> list[Controller]:
     return [reg.adapters[n].controller for n in reg.training() if reg.adapters[n].controller is not None]
 
 
-def begin(model: nn.Module, total_steps: int | None = None, resizable: bool = True, step: int = 0) -> None:
+def distributed_wrapper(model: nn.Module) -> str | None:
+    """The name of the data-parallel wrapper around ``model`` whose parameters cannot change shape
+    (``DistributedDataParallel`` -- what ``accelerate.prepare`` returns in a multi-process run -- or FSDP), or
+    ``"torch.distributed"`` when a process group of several ranks is initialized; ``None`` otherwise."""
+    import torch.distributed as dist
+
+    fixed = (nn.parallel.DistributedDataParallel,)
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        fixed += (FullyShardedDataParallel,)
+    except ImportError:  # pragma: no cover
+        pass
+    m = model
+    while m is not None and not hasattr(m, REGISTRY_ATTR):
+        if isinstance(m, fixed):
+            return type(m).__name__
+        m = getattr(m, "module", None)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return "torch.distributed"
+    return None
+
+
+_WARNED_FIXED: set[int] = set()
+
+
+def begin(model: nn.Module, total_steps: int | None = None, resizable: bool | None = None,
+          step: int | None = None) -> None:
     """Call once before training: controllers learn how many optimizer steps follow (schedules such as AdaLoRA's
-    need it) and the step counter is set to ``step`` (0, or the step a resumed run continues from).
-    ``resizable=False`` keeps parameter shapes fixed (pruned components are masked instead of removed)."""
+    need it) and the step counter is set to ``step``: 0 starts afresh (controllers reset their state); a later step
+    continues a run (controllers keep the state ``dt.load`` restored). ``None`` (default): the step ``dt.load``
+    restored from a checkpoint, if no step has run since, else 0.
+
+    ``resizable=False`` keeps parameter shapes fixed (pruned components are masked instead of removed). Left unset
+    it is ``False`` for a model in a ``DistributedDataParallel`` / FSDP wrapper (e.g. from ``accelerate.prepare``)
+    or in a multi-rank ``torch.distributed`` run -- a wrapper whose parameters change shape fails at the next
+    backward -- and ``True`` otherwise. Pass ``True`` only if you rebuild the wrapper whenever :func:`step` returns
+    True (the deltatune trainer does)."""
     reg = registry(model)
-    reg.step = step
-    for c in _controllers(model):
-        c.begin(unwrap(model), total_steps, resizable)
+    if resizable is None:
+        wrapper = distributed_wrapper(model)
+        resizable = wrapper is None
+        if wrapper is not None and _controllers(model) and id(reg) not in _WARNED_FIXED:
+            _WARNED_FIXED.add(id(reg))
+            warnings.warn(f"deltatune: the model runs under {wrapper}, whose parameters cannot change shape: "
+                          "controllers keep shapes fixed (pruned components are masked, not removed). Pass "
+                          "dt.begin(..., resizable=False) to silence this", stacklevel=2)
+    reg.step = (reg.step if reg.restored else 0) if step is None else int(step)
+    reg.restored = False
+    reg.resizable = bool(resizable)
+    controllers = _controllers(model)
+    if controllers and total_steps is not None and reg.step >= total_steps:
+        raise ValueError(f"training would continue at step {reg.step} (the adapters' saved step counter), but "
+                         f"total_steps={total_steps}: resume with more steps, or start a new schedule with "
+                         "dt.begin(model, total_steps, step=0) (or dt.load(..., controller_state=False))")
+    for c in controllers:
+        c.begin(unwrap(model), total_steps, bool(resizable))
 
 
 def after_backward(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -651,13 +792,27 @@ def step(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> bo
     changed shape: the optimizer passed in follows by itself (param groups and per-entry state are moved to the new
     tensors), a ``DistributedDataParallel`` wrapper must be rebuilt (the deltatune trainer does that)."""
     reg = registry(model)
+    wrapper = distributed_wrapper(model) if model is not unwrap(model) else None
+    if reg.resizable and wrapper not in (None, "torch.distributed") and _controllers(model):
+        raise ValueError(f"dt.step got a model in a {wrapper} wrapper, but dt.begin let controllers change parameter "
+                         "shapes (resizable=True), which breaks the wrapper at the next backward. Call "
+                         "dt.begin(model, total_steps) with resizable unset or False, or pass the inner model to "
+                         "dt.step and rebuild the wrapper whenever it returns True")
     changed = False
     for c in _controllers(model):
         if optimizer is not None:
             c.optimizer = optimizer
         changed = bool(c.after_step(unwrap(model), optimizer, reg.step)) or changed
     reg.step += 1
+    reg.restored = False
     return changed
+
+
+def controller(model: nn.Module, name: str = "default") -> Controller | None:
+    """The controller of adapter ``name`` (``None`` for methods without one): ``controller(...).state_dict()`` is
+    what ``dt.save`` stores with the adapter and ``dt.load`` restores."""
+    _check_names(model, name)
+    return registry(model).adapters[name].controller
 
 
 def controller_metrics(model: nn.Module) -> dict[str, float]:

@@ -9,6 +9,10 @@ from .rotation import RotationDelta
 from .sliced import SlicedDelta
 from .sparse import SparseDelta
 
+from .._modules import callable_module
+
+callable_module(__name__, "deltatune.model:deltas")  # dt.deltas(model, name) and dt.deltas.LowRankDelta
+
 __all__ = ["Delta", "DenseDelta", "FactoredDelta", "FullDelta", "GatedSVDDelta", "LowRankDelta", "NOLADelta", "OrthogonalLowRankDelta",
            "FrozenWeight", "RotationDelta", "SlicedDelta", "SparseDelta", "VeRADelta", "delta_from_spec", "lowrank_apply", "structure_class",
            "structures"]

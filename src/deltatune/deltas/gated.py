@@ -134,6 +134,19 @@ class GatedSVDDelta(FactoredDelta):
         for name, dim in COMPONENT_DIMS.items():
             self._replace(name, torch.cat([getattr(self, name).detach(), new[name]], dim=dim))
 
+    @torch.no_grad()
+    def set_components_(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Replace ``P``, ``lam``, ``Q`` and ``mask`` by ``tensors`` (all components, masked-off ones included, as a
+        controller keeps them to resume training); new parameters, shapes checked against the delta's."""
+        r = tensors["lam"].shape[0]
+        want = {"P": (self.out_features, r), "lam": (r,), "Q": (r, self.in_features), "mask": (r,)}
+        for name, shape in want.items():
+            if tuple(tensors[name].shape) != shape:
+                raise ValueError(f"{name} has shape {tuple(tensors[name].shape)}, expected {shape}")
+        like = dict(dtype=self.dtype, device=self.Q.device)
+        for name in want:
+            self._replace(name, tensors[name].to(**like).clone())
+
     # -- bookkeeping -----------------------------------------------------------------------------------------
     def spec(self) -> dict:
         return {**super().spec(), "r": int((self.mask != 0).sum()), "scale": self.scale}

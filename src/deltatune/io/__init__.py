@@ -6,6 +6,8 @@ Own format, one folder per adapter:
   "base_model_name_or_path", "task_type", "modules": {module name: {"layer", "structure", "out_features",
   "in_features", ...structure fields}}}``
 - ``adapter_model.safetensors``: ``"<module name>.<tensor name>"`` for every delta tensor.
+- training state (``dt.save(..., controller_state=True)``, the default): ``"controller": {"step", "state"}`` in the
+  config, the state's tensors in the safetensors file as ``"@controller/<path>"`` (see :mod:`.state`).
 
 Several adapters saved together go to one subfolder each, named after the adapter.
 """
@@ -25,6 +27,7 @@ from ..methods import Method
 from .files import (CONFIG_NAME, WEIGHTS_NAME, adapter_folders, check_output_folder, read_adapter, write_adapter,
                     write_adapter_files, write_generation)
 from .peft_format import NeedsBase, NotLowRank, from_peft, to_peft
+from .state import CONTROLLER_PREFIX, join_state, split_state
 from .record import FORMAT_VERSION, AdapterRecord, build_deltas, check_fits, check_record, record_from_model
 
 FORMATS = ("deltatune", "peft")
@@ -39,6 +42,9 @@ def to_own(record: AdapterRecord) -> tuple[dict, dict[str, torch.Tensor]]:
         "task_type": record.task_type, "modules": record.modules, **record.extra,
     }
     tensors = {f"{mod}.{k}": v for mod, ts in record.tensors.items() for k, v in ts.items()}
+    if record.controller is not None:
+        config["controller"], state_tensors = split_state(record.controller, CONTROLLER_PREFIX)
+        tensors.update(state_tensors)
     return config, tensors
 
 
@@ -47,13 +53,18 @@ def from_own(config: dict, tensors: dict[str, torch.Tensor], name: str | None = 
         raise ValueError(f"checkpoint format version {config['format_version']} is newer than this deltatune reads "
                          f"({FORMAT_VERSION}); upgrade deltatune")
     per_module: dict[str, dict[str, torch.Tensor]] = {m: {} for m in config["modules"]}
+    state = {k: t for k, t in tensors.items() if k.startswith(CONTROLLER_PREFIX)}
+    controller = join_state(config["controller"], state) if config.get("controller") is not None else None
     for key, t in tensors.items():
+        if key in state:
+            continue
         mod, _, tname = key.rpartition(".")
         if mod not in per_module:
             raise ValueError(f"checkpoint tensor {key!r} belongs to no module listed in its config")
         per_module[mod][tname] = t
     return AdapterRecord(name or config["name"], config["method"], config["modules"], per_module,
-                         base_model=config.get("base_model_name_or_path"), task_type=config.get("task_type"))
+                         base_model=config.get("base_model_name_or_path"), task_type=config.get("task_type"),
+                         controller=controller)
 
 
 def read_record(folder: str | Path, name: str | None = None, model: nn.Module | None = None) -> AdapterRecord:
@@ -129,7 +140,7 @@ def model_base(model: nn.Module):
 
 
 def save(model: nn.Module, path: str | Path, names: str | list[str] | None = None, format: str = "deltatune",
-         rank: int | None = None, energy: float | None = None) -> Path:
+         rank: int | None = None, energy: float | None = None, controller_state: bool = True) -> Path:
     """Save adapters (default: all). One adapter goes to ``path`` itself; several to ``path/<name>/``.
 
     ``format="peft"`` writes PEFT's LoRA checkpoint (loads with ``PeftModel.from_pretrained``, servable by vLLM);
@@ -139,7 +150,9 @@ def save(model: nn.Module, path: str | Path, names: str | list[str] | None = Non
 
     The save is atomic as a whole: all adapters are written into a hidden staging folder next to ``path`` and
     swapped in at once (see :mod:`deltatune.io.files`), so a crash at any point leaves either the previous content
-    of ``path`` or the new one, and other files already in ``path`` are kept.
+    of ``path`` or the new one, and other files already in ``path`` are kept. ``controller_state`` (deltatune format): the step
+    counter and each adapter's controller state (EMAs, masks, schedule) go into the same files, so that ``dt.load``
+    resumes training where it stopped.
     """
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; choose one of {FORMATS}")
@@ -155,7 +168,7 @@ def save(model: nn.Module, path: str | Path, names: str | list[str] | None = Non
             if len(n.encode()) > 255:
                 raise ValueError(f"adapter name {n[:40]!r}... is {len(n.encode())} bytes long; a multi-adapter save "
                                  "writes one folder per adapter and folder names are limited to 255 bytes: rename it")
-    records = [record_from_model(model, n) for n in names]
+    records = [record_from_model(model, n, controller_state and format == "deltatune") for n in names]
     base = model_base(model)
     # convert all before writing any (a non-LoRA delta fails here, not half-way)
     converted = []
@@ -202,7 +215,7 @@ def svd_error_summary(errors: dict[str, float]) -> str:
 
 
 def load(model: nn.Module, path: str | Path, name: str | None = None, activate: bool = True,
-         is_trainable: bool = True) -> nn.Module:
+         is_trainable: bool = True, controller_state: bool = True) -> nn.Module:
     """Load adapter(s) saved by :func:`save` (either format) or by PEFT onto ``model``.
 
     ``name`` renames a single adapter. Every module is checked to fit (name, kind, shape) before the model
@@ -211,6 +224,8 @@ def load(model: nn.Module, path: str | Path, name: str | None = None, activate: 
     like a freshly attached one (resume training). ``is_trainable=False`` loads it frozen, as PEFT's
     ``PeftModel.from_pretrained`` does by default: no ``requires_grad``, no controller steps, until a later
     ``dt.set_active`` says otherwise.
+    ``controller_state``: restore the saved controller state and step counter (a resumed run's ``dt.begin``
+    continues from that step); ``False`` starts them afresh.
     """
     folders = adapter_folders(path)
     if name is not None and len(folders) > 1:
@@ -226,11 +241,38 @@ def load(model: nn.Module, path: str | Path, name: str | None = None, activate: 
             raise ValueError(f"{folder}: {e}") from None
     for rec, deltas in zip(records, built):
         M.install(model, rec.name, Method.from_dict(rec.method), deltas, activate=activate)
+    if controller_state:
+        restore_controllers(model, records)
     if not is_trainable:
         reg = M.registry(model)
         reg.trainable = [n for n in reg.training() if n not in {rec.name for rec in records}]
         M._sync(model)
     return model
+
+
+def restore_controllers(model: nn.Module, records: list[AdapterRecord]) -> None:
+    """Hand each record's saved controller state to its freshly installed adapter's controller and restore the
+    step counter; on error the adapters are removed again (a failed load changes nothing)."""
+    reg = M.registry(model)
+    saved = [r.controller for r in records if r.controller is not None]
+    before = reg.step, reg.restored
+    try:
+        for rec in records:
+            c, state = M.controller(model, rec.name), (rec.controller or {}).get("state")
+            if saved:
+                reg.step, reg.restored = int(saved[0]["step"]), True
+            if c is not None and state:
+                try:
+                    c.load_state_dict(state)
+                except (KeyError, TypeError, ValueError) as e:
+                    raise ValueError(f"adapter {rec.name!r}: its saved controller state does not fit ({e}); load "
+                                     "it with controller_state=False to start the controller afresh") from None
+    except BaseException:
+        for rec in records:
+            M.delete(model, rec.name)
+        if M.REGISTRY_ATTR in M.unwrap(model).__dict__:
+            reg.step, reg.restored = before
+        raise
 
 
 __all__ = ["AdapterRecord", "CONFIG_NAME", "check_not_input", "NeedsBase", "NotLowRank", "WEIGHTS_NAME", "check_fits", "from_own", "from_peft",

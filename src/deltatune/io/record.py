@@ -28,6 +28,9 @@ class AdapterRecord:
     base_model: str | None = None
     task_type: str | None = None
     extra: dict = field(default_factory=dict)
+    #: training state saved with the adapter: ``{"step": the model's step counter, "state": the controller's
+    #: state_dict() (JSON values and tensors) or None}``; ``None``: not saved
+    controller: dict | None = None
 
     def num_parameters(self) -> int:
         """Trained values (integer tensors such as sparse indices are not parameters)."""
@@ -44,7 +47,13 @@ def task_type_of(model: nn.Module) -> str | None:
     return "FEATURE_EXTRACTION" if hasattr(model, "config") else None
 
 
-def record_from_model(model: nn.Module, name: str) -> AdapterRecord:
+def controller_record(model: nn.Module, name: str) -> dict:
+    """``{"step", "state"}`` of adapter ``name``: the model's step counter and its controller's state."""
+    c = M.controller(model, name)
+    return {"step": M.registry(model).step, "state": c.state_dict() if c is not None else None}
+
+
+def record_from_model(model: nn.Module, name: str, controller_state: bool = True) -> AdapterRecord:
     model = M.unwrap(model)
     modules, tensors = {}, {}
     for mod_name, layer in M.adapted_layers(model):
@@ -54,7 +63,8 @@ def record_from_model(model: nn.Module, name: str) -> AdapterRecord:
             tensors[mod_name] = delta.tensors()
     config = getattr(model, "config", None)
     return AdapterRecord(name, M.method_of(model, name).to_dict(), modules, tensors,
-                         base_model=getattr(config, "_name_or_path", None) or None, task_type=task_type_of(model))
+                         base_model=getattr(config, "_name_or_path", None) or None, task_type=task_type_of(model),
+                         controller=controller_record(model, name) if controller_state else None)
 
 
 def check_fits(model: nn.Module, record: AdapterRecord) -> dict[str, nn.Module]:

@@ -58,7 +58,7 @@ from ..budget import (
     triplet_scores,
 )
 from ..deltas import GatedSVDDelta
-from .base import Controller, Method, adapter_dtype, check_dropout
+from .base import Controller, Method, adapter_dtype, check_dropout, resumed
 
 SHRINK = ("final", "each", "never")
 INIT_STD = 0.02
@@ -135,7 +135,7 @@ class GatedController(Controller):
     # -- protocol -------------------------------------------------------------------------------------------
     def begin(self, model: nn.Module, total_steps: int | None, resizable: bool = True) -> None:
         if self.configured_total is None:
-            self.total = total_steps
+            self.total = total_steps if total_steps is not None or not resumed(model) else self.total
         elif total_steps is not None and total_steps > self.configured_total:
             raise ValueError(f"the method was configured with total_step={self.configured_total}, but training runs "
                              f"{total_steps} optimizer steps; set total_step={total_steps} (or leave it unset)")
@@ -144,8 +144,53 @@ class GatedController(Controller):
                           f"only {total_steps} optimizer steps: the schedule will not finish (no final pattern, no "
                           "pruning at the end); leave total_step unset to follow the run", stacklevel=3)
         self.resizable = resizable
-        self.sens.reset()
+        if not resumed(model):
+            self.sens.reset()
         self._arm()
+
+    # -- state ----------------------------------------------------------------------------------------------
+    _TRACKED = ("P", "lam", "Q")
+
+    def _per_module(self, store: dict) -> dict:
+        """``{module: {tensor name: state}}`` of a per-parameter dict such as the sensitivity EMAs."""
+        out = {mod: {a: store[getattr(d, a)] for a in self._TRACKED if getattr(d, a) in store}
+               for mod, d in self.deltas.items()}
+        return {mod: v for mod, v in out.items() if v}
+
+    def state_dict(self) -> dict:
+        """``total``, the sensitivity EMAs ``ibar``/``ubar`` per module and tensor, and ``hidden``: all components
+        (``P, lam, Q, mask``) of the deltas that hold masked-off ones, which the adapter file leaves out but which
+        a resumed run still carries (``shrink="never"``, ``resizable=False``)."""
+        hidden = {mod: {"P": d.P, "lam": d.lam, "Q": d.Q, "mask": d.mask} for mod, d in self.deltas.items()
+                  if not bool((d.mask != 0).all())}
+        return {"total": self.total, "ibar": self._per_module(self.sens.ibar),
+                "ubar": self._per_module(self.sens.ubar), "hidden": hidden}
+
+    def _delta(self, mod: str) -> GatedSVDDelta:
+        if mod not in self.deltas:
+            raise ValueError(f"the controller state names module {mod!r}, which this adapter has no gated delta for")
+        return self.deltas[mod]
+
+    def load_state_dict(self, state: dict) -> None:
+        self.total = state.get("total", self.total)
+        for mod, ts in state.get("hidden", {}).items():
+            d = self._delta(mod)
+            try:
+                d.set_components_(ts)
+            except (KeyError, ValueError) as e:
+                raise ValueError(f"controller state of {mod!r}: {e}") from None
+            self._rehook(d)
+        self.sens.reset()
+        for key, store in (("ibar", self.sens.ibar), ("ubar", self.sens.ubar)):
+            for mod, ts in state.get(key, {}).items():
+                d = self._delta(mod)
+                for attr, t in ts.items():
+                    p = getattr(d, attr)
+                    if tuple(t.shape) != tuple(p.shape):
+                        raise ValueError(f"controller state {key} of {mod}.{attr} has shape {tuple(t.shape)}, but "
+                                         f"the adapter's tensor has {tuple(p.shape)}: state and adapter are from "
+                                         "different saves")
+                    store[p] = t.to(device=p.device, dtype=torch.float32).clone()
 
     def _check_step(self, step: int, need_total: bool = True) -> None:
         if self.total is None:
@@ -281,7 +326,19 @@ class AdaLoRAController(GatedController):
         if self.total is not None and self.m.t_init + self.m.t_final >= self.total:
             raise ValueError(f"t_init + t_final ({self.m.t_init} + {self.m.t_final}) must be < the number of "
                              f"optimizer steps ({self.total})")
-        self.final = False
+        if not resumed(model):
+            self.final = False
+
+    def state_dict(self) -> dict:
+        """Also the budget: its start ``b_init`` (the ranks held before any pruning), the current ``budget`` and
+        whether the final pattern is fixed."""
+        return {**super().state_dict(), "b_init": self.b_init, "budget": self.budget, "final": self.final}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.b_init = int(state.get("b_init", self.b_init))
+        self.budget = int(state.get("budget", self.budget))
+        self.final = bool(state.get("final", self.final))
 
     def budget_at(self, step: int) -> int:
         return cubic_budget(step, self.b_init, self.b_target, self.m.t_init, self.m.t_final, self.total)
@@ -402,7 +459,15 @@ class IncreLoRAController(GatedController):
         if not resizable and self.total_rank() < self.budget:
             raise ValueError("IncreLoRA grows parameters while training, which this setup cannot follow (a DDP "
                              "wrapper that cannot be rebuilt); train with deltatune.train.train, which rebuilds it")
-        self.interval = self._interval()
+        if not resumed(model) or self.interval is None:  # resumed: the interval chosen at the start stays
+            self.interval = self._interval()
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "interval": self.interval}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.interval = state.get("interval", self.interval)
 
     def after_step(self, model, optimizer, step):
         self._check_step(step, need_total=self.m.incre_interval is None)

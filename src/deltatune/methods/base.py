@@ -37,13 +37,20 @@ _METHODS: dict[str, type["Method"]] = {}
 
 class Controller:
     """Acts on one adapter during training. Every hook is optional; the default does nothing. ``optimizer`` is the
-    optimizer last passed to ``dt.after_backward`` or ``dt.step`` (``None`` before that)."""
+    optimizer last passed to ``dt.after_backward`` or ``dt.step`` (``None`` before that).
+
+    State: :meth:`state_dict` returns everything a resumed run needs to make the same decisions (EMAs, masks,
+    schedule progress) as a nested dict of JSON values and tensors, keyed by module name where it is per layer;
+    ``dt.save`` stores it with the adapter (tensors in the adapter's safetensors file under ``@controller/``, the
+    rest in ``adapter_config.json``) and ``dt.load`` hands it to :meth:`load_state_dict` of the new adapter's
+    controller. :meth:`begin` at step 0 starts afresh; at a later step (a resumed run) it keeps the loaded state."""
 
     optimizer: torch.optim.Optimizer | None = None
 
     def begin(self, model: nn.Module, total_steps: int | None, resizable: bool = True) -> None:
         """Called once before training: ``total_steps`` optimizer steps will follow (``None``: unknown).
-        ``resizable=False`` when parameters must keep their shapes (e.g. a DDP wrapper that cannot be rebuilt)."""
+        ``resizable=False`` when parameters must keep their shapes (e.g. a DDP wrapper that cannot be rebuilt).
+        ``resumed(model)`` tells whether training continues from a later step (keep the state then)."""
 
     def after_backward(self, model: nn.Module, step: int) -> None:
         """Called after ``loss.backward()`` and before ``optimizer.step()``; gradients are present."""
@@ -58,10 +65,20 @@ class Controller:
         return {}
 
     def state_dict(self) -> dict:
+        """The controller's running state: JSON values and tensors in nested dicts (no other objects)."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        """Restore :meth:`state_dict`'s output onto this controller's (freshly loaded) adapter; raise ``ValueError``
+        naming the module when it does not fit."""
+
+
+def resumed(model: nn.Module) -> bool:
+    """Whether training continues from a later step (the model's step counter is past 0): controllers then keep
+    the state :meth:`Controller.load_state_dict` restored instead of starting afresh in ``begin``."""
+    from ..model import registry
+
+    return registry(model).step > 0
 
 
 #: PEFT's names for fields that mean the same here: ``dt.LoRA(lora_alpha=16, target_modules=["query"])`` works
@@ -247,4 +264,4 @@ def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
 
 
-__all__ = ["Controller", "Method", "adapter_dtype", "check_dropout", "check_fields", "field", "full_replacement", "methods"]
+__all__ = ["Controller", "Method", "resumed", "adapter_dtype", "check_dropout", "check_fields", "field", "full_replacement", "methods"]

@@ -36,6 +36,7 @@ Sparse adapters compose by addition: train a task adapter on top of a frozen lan
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -123,12 +124,14 @@ class GrowthTracker:
 
 
 class SpIELController(Controller):
-    def __init__(self, method: "SpIEL", adapter_name: str):
+    def __init__(self, method: "SpIEL", adapter_name: str, model: nn.Module | None = None):
         self.m, self.adapter = method, adapter_name
         self.total: int | None = None
         self.selections = 0
         self.last_fraction = 0.0
         self.trackers: dict[str, GrowthTracker] = {}
+        self._model = weakref.ref(model) if model is not None else None  # to re-arm after load_state_dict
+        self._loaded = False
 
     def _deltas(self, model: nn.Module) -> dict[str, SparseDelta]:
         from ..model import deltas
@@ -149,9 +152,46 @@ class SpIELController(Controller):
         from ..model import registry
 
         step = registry(model).step  # 0, or where a resumed run continues
-        self.total, self.trackers = total_steps, {}
-        self.selections = int(step >= self.m.accumulation_steps)
+        self.total = total_steps if total_steps is not None or step == 0 else self.total
+        if step == 0:
+            self.trackers, self.selections = {}, 0
+        elif not self._loaded:  # resumed without saved state: guess whether the first reselection happened
+            self.trackers, self.selections = {}, int(step >= self.m.accumulation_steps)
         self._arm(model, step)
+
+    def state_dict(self) -> dict:
+        """``total``, how many reselections happened (the first replaces everything), the last rate and, per module
+        being watched, the candidate positions, their accumulated gradients and how many backwards were summed."""
+        trackers = {name: {"cand": t.cand, "grad_sum": t.grad_sum, "count": t.count}
+                    for name, t in self.trackers.items() if t.cand is not None}
+        return {"total": self.total, "selections": self.selections, "last_fraction": self.last_fraction,
+                "trackers": trackers}
+
+    def load_state_dict(self, state: dict) -> None:
+        from ..model import registry
+
+        model = self._model() if self._model is not None else None
+        if model is None:
+            raise RuntimeError("this SpIEL controller was built without its model; use method.controller(model, name)")
+        self.total = state.get("total", self.total)
+        self.selections = int(state.get("selections", self.selections))
+        self.last_fraction = float(state.get("last_fraction", self.last_fraction))
+        found = self._deltas(model)
+        trackers = {}
+        for name, t in state.get("trackers", {}).items():
+            d = found.get(name)
+            if d is None:
+                raise ValueError(f"the controller state names module {name!r}, which this adapter has no sparse "
+                                 "delta for")
+            cand, grad_sum = t["cand"].to(d.idx.device, torch.long), t["grad_sum"].to(d.idx.device, torch.float32)
+            if cand.shape != grad_sum.shape or cand.numel() > d.out_features * d.in_features:
+                raise ValueError(f"controller state of {name!r}: {cand.numel()} candidates with "
+                                 f"{grad_sum.numel()} accumulated gradients do not fit its weight")
+            tracker = GrowthTracker(d)
+            tracker.cand, tracker.grad_sum, tracker.count = cand, grad_sum, int(t["count"])
+            trackers[name] = tracker
+        self.trackers, self._loaded = trackers, True
+        self._arm(model, registry(model).step)
 
     def after_step(self, model, optimizer, step) -> bool:
         if step % self.m.reselection_steps == self.m.accumulation_steps - 1 and self.trackers:
@@ -233,7 +273,7 @@ class SpIEL(Method):
     def controller(self, model, adapter_name):
         if self.regrow == "none":
             return None
-        c = SpIELController(self, adapter_name)
+        c = SpIELController(self, adapter_name, model)
         c._arm(model, 0)  # watch from the first step even when dt.begin is never called
         return c
 
@@ -279,10 +319,12 @@ class LotteryTicketController(Controller):
         return {"phase": 2.0 if self.selected else 1.0}
 
     def state_dict(self) -> dict:
-        return {"selected": self.selected}
+        """The phase (``selected``: phase 2) and where phase 1 ends."""
+        return {"selected": self.selected, "full_steps": self.full_steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.selected = bool(state.get("selected", False))
+        self.full_steps = state.get("full_steps", self.full_steps)
 
 
 @dataclass

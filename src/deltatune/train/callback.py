@@ -1,4 +1,4 @@
-"""Drive deltatune controllers from a Hugging Face ``transformers.Trainer``::
+"""Drive deltatune controllers from a Hugging Face ``transformers.Trainer``, and make its checkpoints adapters::
 
     trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[DeltatuneCallback()])
 
@@ -9,19 +9,104 @@ once per optimizer step (after all gradient-accumulation micro-batches), which m
 distributed training the ``Trainer`` owns the DDP wrapper and cannot rebuild it, so controllers keep shapes
 fixed there (pruned components are masked rather than removed; IncreLoRA, which must grow, refuses).
 
+Checkpoints: the Trainer's ``save_pretrained`` call writes the adapters into ``checkpoint-N/`` (see
+:func:`deltatune.hf.save_pretrained`: PEFT's format when they are LoRAs, so ``from_pretrained`` of the folder
+gives the trained model); ``on_save`` adds ``checkpoint-N/deltatune/`` (:func:`deltatune.save`: any structure,
+with the controllers' state) and a ``model.safetensors`` that holds no tensors, only a note that the checkpoint
+stores no base weights: the Trainer needs a weights file to resume or to ``load_best_model_at_end`` a model that
+is not a ``PeftModel`` (it then reports every base weight as missing, which is what it is). On
+``trainer.train(resume_from_checkpoint=...)``, ``on_train_begin`` loads the adapters of
+``output_dir/checkpoint-<resumed step>/deltatune`` back (checked to be the checkpoint the Trainer resumed from)
+with the optimizer following them, then calls ``dt.begin`` at the resumed step; with ``load_best_model_at_end``,
+``on_train_end`` loads the best checkpoint's adapters.
+
 This module imports ``transformers``; ``deltatune.train`` only imports it when ``DeltatuneCallback`` is used.
 """
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
+
 from transformers import TrainerCallback
 
 from .. import model as M
+from ..hf import restore
+
+ADAPTER_SUBDIR = "deltatune"
+WEIGHTS_FILE = "model.safetensors"
+STATE_NAME = "trainer_state.json"
+NOTE = ("an adapter checkpoint: no base weights are stored here. The adapters are in adapter_model.safetensors "
+        "(from_pretrained of this folder loads them onto their base model when they are PEFT LoRAs) and in "
+        "deltatune/ (dt.load(model, 'deltatune'))")
+
+
+def checkpoint_dir(args, state) -> Path:
+    """The folder the Trainer writes (and resumes) checkpoint ``state.global_step`` in."""
+    return Path(args.output_dir) / f"checkpoint-{state.global_step}"
+
+
+def write_checkpoint(model, folder: Path) -> None:
+    """The adapters with their controller state in ``folder/deltatune``; a weights file with no tensors for the
+    Trainer to read (unless it wrote one itself: a model that is not a ``PreTrainedModel``)."""
+    from ..io import save
+    from ..io.files import write_tensors
+
+    save(model, folder / ADAPTER_SUBDIR)
+    if not (folder / WEIGHTS_FILE).exists():
+        write_tensors(folder / WEIGHTS_FILE, {}, metadata={"format": "pt", "deltatune": NOTE})
+
+
+def _holds_tensors(path: Path) -> bool:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return False
+    with safe_open(str(path), framework="pt") as f:
+        return bool(list(f.keys()))
+
+
+def adapter_checkpoint(args, state, folder: str | Path | None = None) -> Path | None:
+    """The adapter folder of the checkpoint the Trainer resumed from: ``folder`` if given, else
+    ``output_dir/checkpoint-<global_step>``, whose ``trainer_state.json`` must match the resumed state (the Trainer
+    does not tell callbacks which folder it read). ``None`` for a full-model checkpoint (written without this
+    callback), which the Trainer has loaded itself."""
+    ckpt = Path(folder) if folder is not None else checkpoint_dir(args, state)
+    hint = "pass the checkpoint folder as DeltatuneCallback(resume_from=...)"
+    saved = ckpt / STATE_NAME
+    if folder is None:
+        if not saved.is_file():
+            raise FileNotFoundError(f"DeltatuneCallback: the Trainer resumed at step {state.global_step}, but {saved} "
+                                    f"does not exist; {hint}")
+        mine = json.loads(saved.read_text())
+        if mine.get("global_step") != state.global_step or mine.get("log_history") != state.log_history:
+            raise ValueError(f"DeltatuneCallback: {ckpt} is not the checkpoint the Trainer resumed from (its "
+                             f"{STATE_NAME} differs); {hint}")
+    for cand in (ckpt / ADAPTER_SUBDIR, ckpt):
+        if cand.is_dir() and any((p / "adapter_config.json").is_file() for p in (cand, *cand.iterdir())):
+            return cand
+    if _holds_tensors(ckpt / WEIGHTS_FILE):
+        return None
+    raise FileNotFoundError(f"DeltatuneCallback: {ckpt} holds no adapter (was it saved without DeltatuneCallback?); "
+                            "the adapters would restart from scratch")
 
 
 class DeltatuneCallback(TrainerCallback):
-    """Calls the active adapters' controllers at the right points of each optimizer step."""
+    """Calls the active adapters' controllers at the right points of each optimizer step; writes the adapters into
+    every checkpoint and loads them back when training resumes. ``resume_from``: the checkpoint folder to restore
+    from on resume (default: ``output_dir/checkpoint-<resumed step>``)."""
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def __init__(self, resume_from: str | Path | None = None):
+        self.resume_from = resume_from
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if state.global_step > 0:  # the Trainer resumed from a checkpoint
+            folder = adapter_checkpoint(args, state, self.resume_from)
+            if folder is not None:
+                names = restore(model, folder, optimizer, distributed=args.world_size > 1)
+                logging.getLogger("deltatune").warning(
+                    "DeltatuneCallback: restored adapters %s from %s (the Trainer reports the base weights as "
+                    "missing from the checkpoint: they are the model's own)", names, folder)
         M.begin(model, state.max_steps or None, resizable=args.world_size <= 1, step=state.global_step)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -29,6 +114,17 @@ class DeltatuneCallback(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         M.step(model, optimizer)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        best = state.best_model_checkpoint
+        if args.load_best_model_at_end and best is not None:  # the Trainer loaded no weights from it
+            folder = adapter_checkpoint(args, state, best)
+            if folder is not None:
+                restore(model, folder, distributed=args.world_size > 1)
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if args.should_save and M.adapters(model):
+            write_checkpoint(model, checkpoint_dir(args, state))
 
 
 __all__ = ["DeltatuneCallback"]

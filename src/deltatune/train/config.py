@@ -13,8 +13,13 @@ Sections and their keys:
 - ``model``: ``path`` (local folder, or ``minilm`` / ``smollm2`` from :mod:`deltatune.zoo`; never the hub),
   ``task`` (``classification`` | ``causal_lm``), ``num_labels`` (default: from the training labels), ``dtype``
   (``float32`` | ``bfloat16`` | ``float16``), ``config`` (overrides of the model config, e.g.
-  ``{hidden_dropout_prob: 0.0}``).
-- ``data``: ``train``, ``eval``, ``max_length``, ``max_train_rows``, ``max_eval_rows``; for classification ``text``,
+  ``{hidden_dropout_prob: 0.0}``; keys that run code from the model folder, ``trust_remote_code`` and
+  ``code_revision``, need the caller's ``--trust-remote-code`` / ``trust_remote_code=True``; loading options that
+  reach the network or unpickle, such as ``revision``, ``token`` or ``local_files_only``, are refused).
+- ``data``: ``train``, ``eval`` (file paths; or ``{dataset: csv|json|parquet|text|arrow, data_files: ..., split:
+  train}`` read with ``datasets.load_dataset`` from local files only; in Python also a ``datasets.Dataset``),
+  ``columns`` (the field names of headerless ``.csv`` / ``.tsv`` files such as GLUE's CoLA), ``max_length``,
+  ``max_train_rows``, ``max_eval_rows``; for classification ``text``,
   ``text_pair``, ``label``; for causal LM ``response`` plus ``prompt`` (a column) or ``template`` (a format string
   over columns, or ``alpaca``). See :mod:`deltatune.train.data`.
 - ``method``: ``name`` (``lora``, ``pissa``, ``milora``, ``olora``, ``adalora``, ``increlora``, ``sora``) and that
@@ -43,11 +48,22 @@ from .. import model as M
 from ..io.files import write_text
 from ..methods.base import Method, check_fields
 from ..targets import name_matches
-from .data import TASKS, Collator, encode_classification, encode_instructions, pad_id_of, read_rows
+from .data import (TASKS, Collator, check_column_names, check_spec, describe_source, encode_classification,
+                   encode_instructions, is_dataset, pad_id_of, read_rows)
 from .fields import typed_fields
 from .trainer import TrainArgs, set_seed, train
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# model.config keys that make from_pretrained run Python code shipped with the model folder: refused unless the
+# caller (not the config file) trusts it: `deltatune train RUN.yaml --trust-remote-code`, run_config(...,
+# trust_remote_code=True)
+CODE_KEYS = ("trust_remote_code", "code_revision")
+# loading options that are no model-config field: they would reach the network (hub revisions, tokens, downloads,
+# hub attention kernels), unpickle weights (.bin, TF/Flax checkpoints) or load other adapters. A run config loads
+# local files only, so they are always refused.
+LOADING_KEYS = ("local_files_only", "revision", "token", "use_auth_token", "force_download", "resume_download",
+                "proxies", "cache_dir", "mirror", "use_safetensors", "weights_only", "from_tf", "from_flax",
+                "adapter_kwargs", "adapter_name", "_adapter_model_path", "gguf_file", "_commit_hash")
 HEADS = ("classifier", "score")
 DEFAULT_MAX_LENGTH = {"classification": 128, "causal_lm": 512}
 
@@ -63,8 +79,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str
-    eval: str | None = None
+    train: object  # a file path, a load_dataset-style mapping of local files, or (Python API) a datasets.Dataset
+    eval: object = None
     text: str | None = None
     text_pair: str | None = None
     label: str = "label"
@@ -74,6 +90,7 @@ class DataConfig:
     max_length: int | None = None
     max_train_rows: int | None = None
     max_eval_rows: int | None = None
+    columns: list | None = None  # field names of headerless .csv/.tsv files
 
 
 @dataclass
@@ -129,6 +146,19 @@ def _resolve(path: str | None, base: Path) -> str | None:
     return str(p if p.is_absolute() else base / p)
 
 
+def _resolve_source(source, base: Path, where: str):
+    """A data source with relative paths resolved: a file path, a checked load_dataset-style mapping
+    (:func:`~deltatune.train.data.check_spec`) or a ``datasets.Dataset`` as it is."""
+    if source is None or is_dataset(source):
+        return source
+    if isinstance(source, dict):
+        return check_spec(source, base)
+    if isinstance(source, (str, Path)):
+        return _resolve(source, base)
+    raise ValueError(f"{where} must be a file path or a mapping {{dataset: csv|json|parquet, data_files: ...}} "
+                     f"(Python: also a datasets.Dataset), got {type(source).__name__}")
+
+
 def model_path(path: str, base: Path) -> str:
     """A local model folder; ``minilm`` and ``smollm2`` name the packaged models of :mod:`deltatune.zoo`."""
     from .. import zoo
@@ -143,8 +173,30 @@ def model_path(path: str, base: Path) -> str:
     return str(folder)
 
 
-def load_config(config: str | Path | dict) -> RunConfig:
-    """Read (YAML file or dict), validate and resolve relative paths. The model path is resolved at load time."""
+def check_model_config(overrides, trust_remote_code: bool = False, where: str = "the run config") -> None:
+    """Refuse ``model.config`` keys that run code (:data:`CODE_KEYS`, unless ``trust_remote_code``) or that are
+    loading options reaching the network or unpickling (:data:`LOADING_KEYS`, and ``attn_implementation`` naming a
+    hub kernel ``org/name``); what remains are plain model-config fields such as ``hidden_dropout_prob``."""
+    if not isinstance(overrides, dict):
+        raise ValueError(f"model.config in {where} must be a mapping of model-config fields, got "
+                         f"{type(overrides).__name__}")
+    for key, value in overrides.items():
+        if key in CODE_KEYS and value not in (None, False) and not trust_remote_code:
+            raise ValueError(f"model.config.{key} in {where} would run Python code shipped with the model folder; a "
+                             "config file cannot turn that on. If you trust the model, remove the key and run "
+                             "`deltatune train RUN.yaml --trust-remote-code` (Python: run_config(..., "
+                             "trust_remote_code=True))")
+        if key in LOADING_KEYS or (key == "attn_implementation" and isinstance(value, str) and "/" in value):
+            raise ValueError(f"model.config.{key} in {where} is a loading option, not a model-config field: run "
+                             "configs load local files only (safetensors, never the hub or pickled weights); remove "
+                             "it" + ("; attn_implementation may name a local implementation such as 'sdpa' or "
+                                     "'eager', not a hub kernel" if key == "attn_implementation" else ""))
+
+
+def load_config(config: str | Path | dict, trust_remote_code: bool = False) -> RunConfig:
+    """Read (YAML file or dict), validate and resolve relative paths. The model path is resolved at load time.
+    ``trust_remote_code``: the caller allows ``model.config.trust_remote_code`` / ``code_revision`` (see
+    :func:`check_model_config`)."""
     if isinstance(config, dict):
         raw, base = config, Path.cwd()
     else:
@@ -164,6 +216,9 @@ def load_config(config: str | Path | dict) -> RunConfig:
         raise ValueError(f"the run config needs {missing}")
 
     model = _section(ModelConfig, raw["model"], "model")
+    check_model_config(model.config, trust_remote_code, "a config dict" if isinstance(config, dict) else str(config))
+    if trust_remote_code:
+        model.config = {**model.config, "trust_remote_code": True}
     if model.task not in TASKS:
         raise ValueError(f"model.task must be one of {TASKS}, got {model.task!r}")
     if model.dtype is not None and model.dtype not in DTYPES:
@@ -172,7 +227,9 @@ def load_config(config: str | Path | dict) -> RunConfig:
         model.path = _resolve(model.path, base)
 
     data = _section(DataConfig, raw["data"], "data")
-    data.train, data.eval = _resolve(data.train, base), _resolve(data.eval, base)
+    data.train, data.eval = _resolve_source(data.train, base, "data.train"), _resolve_source(data.eval, base, "data.eval")
+    if data.columns is not None:
+        data.columns = check_column_names(data.columns)
     if model.task == "classification" and data.text is None:
         raise ValueError("data.text (the text column) is required for task 'classification'")
     if model.task == "causal_lm":
@@ -221,20 +278,27 @@ def load_data(cfg: RunConfig, tokenizer) -> tuple[list[dict], list[dict] | None,
     """``(train examples, eval examples or None, label2id or None)``."""
     d = cfg.data
     splits = [("data.train", d.train, d.max_train_rows), ("data.eval", d.eval, d.max_eval_rows)]
-    rows = {src: read_rows(path, limit) if path else None for src, path, limit in splits}
+    rows = {src: _read(path, limit, d.columns) if path is not None else None for src, path, limit in splits}
+    train_src, eval_src = describe_source(d.train), describe_source(d.eval)
     if cfg.model.task == "classification":
         train_ex, label2id = encode_classification(rows["data.train"], tokenizer, d.text, d.label, d.text_pair,
-                                                   d.max_length, source=d.train)
+                                                   d.max_length, source=train_src)
         eval_ex = None
         if rows["data.eval"] is not None:
             eval_ex, _ = encode_classification(rows["data.eval"], tokenizer, d.text, d.label, d.text_pair,
-                                               d.max_length, label2id=label2id, source=d.eval)
+                                               d.max_length, label2id=label2id, source=eval_src)
         return train_ex, eval_ex, label2id
     encode = {"tokenizer": tokenizer, "response": d.response, "prompt": d.prompt, "template": d.template,
               "max_length": d.max_length}
-    train_ex = encode_instructions(rows["data.train"], source=d.train, **encode)
-    eval_ex = encode_instructions(rows["data.eval"], source=d.eval, **encode) if rows["data.eval"] else None
+    train_ex = encode_instructions(rows["data.train"], source=train_src, **encode)
+    eval_ex = encode_instructions(rows["data.eval"], source=eval_src, **encode) if rows["data.eval"] else None
     return train_ex, eval_ex, None
+
+
+def _read(source, limit: int | None, columns: list | None) -> list[dict]:
+    """Rows of one data source; ``data.columns`` applies to the .csv/.tsv files among them."""
+    headerless = isinstance(source, str) and source.lower().endswith((".csv", ".tsv"))
+    return read_rows(source, limit, columns if headerless else None)
 
 
 def load_model(cfg: ModelConfig, path: str, label2id: dict | None, pad_id: int) -> nn.Module:
@@ -298,8 +362,11 @@ class CalibrationBatches:
             yield {k: v.to(self.device) for k, v in batch.items()}
 
 
-def run_config(config: str | Path | dict) -> dict:
+def run_config(config: str | Path | dict, trust_remote_code: bool = False) -> dict:
     """Load model and data, attach the method, train, save the adapter to ``output_dir/adapter``.
+
+    ``trust_remote_code=True`` lets the model folder's own Python code run (transformers' ``trust_remote_code``);
+    a config file alone cannot ask for it.
 
     Writes to ``output_dir`` (rank 0): ``adapter/``, ``metrics.jsonl``, ``metrics.png``, ``config.yaml`` (the
     resolved config) and ``results.json``. Returns the :func:`~deltatune.train.trainer.train` result plus
@@ -307,11 +374,12 @@ def run_config(config: str | Path | dict) -> dict:
     """
     from transformers import AutoTokenizer
 
-    cfg = load_config(config)
+    cfg = load_config(config, trust_remote_code=trust_remote_code)
     created_group = _init_distributed()
     try:
         path = model_path(cfg.model.path, Path.cwd())
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        code = {"trust_remote_code": True} if cfg.model.config.get("trust_remote_code") else {}
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, **code)
         train_ex, eval_ex, label2id = load_data(cfg, tokenizer)
         pad_id = pad_id_of(tokenizer)
 
@@ -326,7 +394,8 @@ def run_config(config: str | Path | dict) -> dict:
         result.update(label2id=label2id, output_dir=str(cfg.output_dir),
                       trainable_parameters={"trainable": trainable, "total": total})
         if result["metrics_path"] is not None:  # rank 0
-            resolved = {"model": {**dataclasses.asdict(cfg.model), "path": path}, "data": dataclasses.asdict(cfg.data),
+            data = {k: describe_source(v) if is_dataset(v) else v for k, v in vars(cfg.data).items()}
+            resolved = {"model": {**dataclasses.asdict(cfg.model), "path": path}, "data": data,
                         "method": {"name": method.name, **dataclasses.asdict(method)},
                         "train": dataclasses.asdict(cfg.train), "output_dir": str(cfg.output_dir), "name": cfg.name}
             resolved = json.loads(json.dumps(resolved, default=str))  # plain YAML types only
@@ -340,5 +409,5 @@ def run_config(config: str | Path | dict) -> dict:
             dist.destroy_process_group()
 
 
-__all__ = ["DataConfig", "ModelConfig", "RunConfig", "head_modules", "load_config", "load_data", "load_model",
+__all__ = ["CODE_KEYS", "LOADING_KEYS", "DataConfig", "ModelConfig", "check_model_config", "RunConfig", "head_modules", "load_config", "load_data", "load_model",
            "model_path", "parse_method", "run_config", "with_head"]

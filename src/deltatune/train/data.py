@@ -1,10 +1,15 @@
 """Training data: read rows from files, tokenize them for one of two tasks, pad batches.
 
-Rows are plain dicts (column name -> value). Supported files:
+Rows are plain dicts (column name -> value). Sources (:func:`read_rows`):
 
 - ``.jsonl``: one JSON object per line;
 - ``.json``: a list of objects;
-- ``.csv`` / ``.tsv``: a header line with column names (TSV is read without quote handling, as GLUE needs).
+- ``.csv`` / ``.tsv``: a header line with column names (TSV is read without quote handling, as GLUE needs), or,
+  for a file without one (GLUE's CoLA), ``columns=[...]`` naming its fields;
+- a ``datasets.Dataset`` (Python API), or a ``load_dataset``-style mapping of local files,
+  ``{"dataset": "csv" | "json" | "parquet" | "text" | "arrow", "data_files": ..., "split": "train"}``, read with
+  ``datasets.load_dataset`` (:data:`LOCAL_BUILDERS` only: data sets are never downloaded). ``datasets`` is an
+  optional dependency (``pip install deltatune[data]``), imported only for these sources.
 
 Tasks:
 
@@ -21,8 +26,11 @@ An encoded example is a dict of lists (``input_ids``, ``attention_mask``, maybe 
 from __future__ import annotations
 
 import csv
+import glob
 import itertools
 import json
+import os
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -39,6 +47,10 @@ class ColumnError(KeyError):
     def __str__(self) -> str:  # KeyError's str() would quote the message
         return str(self.args[0]) if self.args else ""
 FILE_TYPES = (".jsonl", ".json", ".csv", ".tsv")
+# datasets' packaged builders that read local files (no hub, no pickle: not "pandas")
+LOCAL_BUILDERS = ("csv", "json", "parquet", "text", "arrow")
+# keys of a load_dataset-style spec: the builder, its local files, the split, and the builders' reading options
+SPEC_KEYS = ("dataset", "data_files", "split", "delimiter", "column_names", "quoting", "field")
 TASKS = ("classification", "causal_lm")
 
 # Named prompt templates. A template is a str.format string over row columns, or a pair
@@ -56,11 +68,23 @@ TEMPLATES: dict[str, str | tuple[str, str]] = {
 
 
 # -- reading files ---------------------------------------------------------------------------------------------
-def read_rows(path: str | Path, max_rows: int | None = None) -> list[dict]:
-    """Rows of a ``.jsonl``, ``.json`` (list of objects), ``.csv`` or ``.tsv`` (with header) file.
+def read_rows(path, max_rows: int | None = None, columns: Sequence[str] | None = None) -> list[dict]:
+    """Rows of a source: a ``.jsonl``, ``.json`` (list of objects), ``.csv`` or ``.tsv`` file, a ``datasets.Dataset``
+    or a ``load_dataset``-style spec of local files (see the module docstring and :func:`check_spec`).
 
-    ``max_rows`` keeps the first rows only (jsonl/csv/tsv files are not read further).
+    ``max_rows`` keeps the first rows only (jsonl/csv/tsv files are not read further). ``columns``: the field names
+    of a ``.csv`` / ``.tsv`` file that has no header line (its first line is then data).
     """
+    if isinstance(path, dict):
+        return _spec_rows(check_spec(path), max_rows)
+    if is_dataset(path):
+        if columns is not None:
+            raise ValueError("data.columns names the fields of a headerless .csv/.tsv file; a datasets.Dataset has "
+                             "its own column names")
+        return _dataset_rows(path, max_rows)
+    if not isinstance(path, (str, Path)):
+        raise TypeError(f"a data source is a file path, a datasets.Dataset or a load_dataset-style mapping "
+                        f"{{dataset: csv, data_files: ...}}, got {type(path).__name__}")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
@@ -68,13 +92,16 @@ def read_rows(path: str | Path, max_rows: int | None = None) -> list[dict]:
     if suffix not in FILE_TYPES:
         raise ValueError(f"cannot read {str(path)!r}: unsupported file type {suffix or '(none)'!r}; "
                          f"use one of {', '.join(FILE_TYPES)}")
+    if columns is not None and suffix not in (".csv", ".tsv"):
+        raise ValueError(f"data.columns names the fields of a headerless .csv/.tsv file; {str(path)!r} is "
+                         f"{suffix}, whose rows name their own fields")
     with open(path, encoding="utf-8-sig", newline="") as f:
         if suffix == ".json":
             rows = _json_rows(f, path)
         elif suffix == ".jsonl":
             rows = _jsonl_rows(f, path)
         else:
-            rows = _table_rows(f, path, tsv=suffix == ".tsv")
+            rows = _table_rows(f, path, tsv=suffix == ".tsv", columns=columns)
         return list(itertools.islice(rows, max_rows))
 
 
@@ -94,14 +121,104 @@ def _jsonl_rows(f, path: Path) -> Iterator[dict]:
             yield row
 
 
-def _table_rows(f, path: Path, tsv: bool) -> Iterator[dict]:
-    """CSV with standard quoting; TSV without quote handling (GLUE files contain bare quote characters)."""
-    reader = csv.DictReader(f, delimiter="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+def _table_rows(f, path: Path, tsv: bool, columns: Sequence[str] | None = None) -> Iterator[dict]:
+    """CSV with standard quoting; TSV without quote handling (GLUE files contain bare quote characters). With
+    ``columns`` the file has no header: every line is a row of exactly those fields."""
+    if columns is not None:
+        columns = check_column_names(columns)
+    reader = csv.DictReader(f, fieldnames=columns, delimiter="\t" if tsv else ",",
+                            quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+    what = f"data.columns {columns}" if columns else f"the header {reader.fieldnames}"
     for row in reader:
         if None in row or None in row.values():
-            raise ValueError(f"{str(path)!r} line {reader.line_num}: the number of fields differs from the header "
-                             f"{reader.fieldnames}")
+            raise ValueError(f"{str(path)!r} line {reader.line_num}: the number of fields differs from {what}")
+        if columns and reader.line_num == 1 and list(row.values()) == columns:
+            raise ValueError(f"{str(path)!r} has a header line {columns}; data.columns is for files without one: "
+                             "remove data.columns")
         yield row
+
+
+def check_column_names(columns) -> list[str]:
+    """``data.columns`` as a list of distinct, non-empty strings."""
+    if isinstance(columns, str) or not isinstance(columns, Sequence) or not columns or \
+            not all(isinstance(c, str) and c for c in columns):
+        raise ValueError(f"data.columns must be a non-empty list of column names (the fields of a headerless "
+                         f"file, in order), got {columns!r}")
+    if len(set(columns)) != len(columns):
+        raise ValueError(f"data.columns {list(columns)} repeats a name")
+    return list(columns)
+
+
+# -- datasets (optional dependency, imported only for these sources) ------------------------------------------------
+def is_dataset(obj) -> bool:
+    """Whether ``obj`` is a ``datasets.Dataset`` / ``IterableDataset`` (``datasets`` is not imported for this: a
+    user who has one has imported it)."""
+    mod = sys.modules.get("datasets")
+    return mod is not None and isinstance(obj, (mod.Dataset, mod.IterableDataset))
+
+
+def _dataset_rows(ds, max_rows: int | None) -> list[dict]:
+    mod = sys.modules["datasets"]
+    if isinstance(ds, mod.Dataset):
+        return (ds if max_rows is None else ds.select(range(min(max_rows, len(ds))))).to_list()
+    return [dict(r) for r in itertools.islice(ds, max_rows)]
+
+
+def _datasets():
+    try:
+        import datasets  # optional dependency: only load_dataset-style sources need it
+    except ImportError:
+        raise ModuleNotFoundError("a {dataset: ..., data_files: ...} data source needs the datasets package: "
+                                  "pip install 'deltatune[data]' (or give the file path itself)") from None
+    return datasets
+
+
+def check_spec(spec: dict, base: Path | None = None) -> dict:
+    """A ``load_dataset``-style spec, checked to name local files only, with ``data_files`` resolved against
+    ``base`` (default: as given). ``dataset`` must be one of :data:`LOCAL_BUILDERS` (a hub name such as ``glue`` is
+    refused: nothing is downloaded); every ``data_files`` entry must name existing local files (globs allowed)."""
+    unknown = sorted(set(spec) - set(SPEC_KEYS))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in the data source {spec}; allowed: {list(SPEC_KEYS)}")
+    builder = spec.get("dataset")
+    if builder not in LOCAL_BUILDERS:
+        raise ValueError(f"data source dataset={builder!r}: deltatune reads local files only and never downloads a "
+                         f"data set; give one of {list(LOCAL_BUILDERS)} with data_files naming your files (download "
+                         "a hub data set yourself first)")
+    files = spec.get("data_files")
+    if files is None:
+        raise ValueError(f"the data source {spec} needs data_files (a local file, a list, or {{split: files}})")
+
+    def local(f):
+        if not isinstance(f, (str, Path)) or "://" in str(f):
+            raise ValueError(f"data_files entry {f!r} must be a local path (no URLs or hf:// paths)")
+        p = Path(os.path.expanduser(str(f)))
+        p = p if p.is_absolute() or base is None else base / p
+        if not glob.glob(str(p)):
+            raise FileNotFoundError(f"data_files entry {str(p)!r} matches no file")
+        return str(p)
+
+    if isinstance(files, dict):
+        files = {k: [local(f) for f in (v if isinstance(v, list) else [v])] for k, v in files.items()}
+    else:
+        files = [local(f) for f in (files if isinstance(files, list) else [files])]
+    return {**spec, "data_files": files}
+
+
+def _spec_rows(spec: dict, max_rows: int | None) -> list[dict]:
+    datasets = _datasets()
+    options = {k: v for k, v in spec.items() if k not in ("dataset", "data_files", "split")}
+    ds = datasets.load_dataset(spec["dataset"], data_files=spec["data_files"], split=spec.get("split", "train"),
+                               **options)
+    return _dataset_rows(ds, max_rows)
+
+
+def describe_source(source) -> str:
+    """A data source as messages name it: the path, the spec, or ``datasets.Dataset (N rows)``."""
+    if is_dataset(source):
+        n = len(source) if hasattr(source, "__len__") else "?"
+        return f"{type(source).__name__} ({n} rows)"
+    return str(source)
 
 
 def check_columns(rows: Sequence[dict], columns: Sequence[str | None], source: str = "data") -> None:
@@ -111,7 +228,10 @@ def check_columns(rows: Sequence[dict], columns: Sequence[str | None], source: s
     for i, row in enumerate(rows):
         for col in columns:
             if col is not None and col not in row:
-                raise ColumnError(f"{source}: row {i} has no column {col!r}; columns present: {sorted(row)}")
+                hint = ""
+                if str(source).lower().endswith((".csv", ".tsv")):
+                    hint = " (if the file has no header line, name its fields in order: data.columns: [...])"
+                raise ColumnError(f"{source}: row {i} has no column {col!r}; columns present: {sorted(row)}{hint}")
 
 
 # -- classification ----------------------------------------------------------------------------------------------
@@ -249,5 +369,6 @@ def pad_id_of(tokenizer) -> int:
     return 0
 
 
-__all__ = ["Collator", "ColumnError", "IGNORE_INDEX", "TEMPLATES", "check_columns", "encode_classification",
+__all__ = ["Collator", "ColumnError", "IGNORE_INDEX", "LOCAL_BUILDERS", "TEMPLATES", "check_column_names",
+           "check_columns", "check_spec", "describe_source", "is_dataset", "encode_classification",
            "encode_instruction", "encode_instructions", "format_prompt", "label_key", "label_map", "pad_id_of", "read_rows"]

@@ -12,6 +12,13 @@ One optimizer step::
 
 Controllers' numbers (e.g. AdaLoRA's ``budget`` and current total ``rank``) go into every training log record.
 
+Checkpoints (``save_every=N``): every ``N`` optimizer steps rank 0 writes ``output_dir/checkpoint-<step>/`` with
+``adapter/`` (``dt.save``: the adapters with their controller state and the step counter) and
+``trainer_state.json`` + ``trainer_state.safetensors`` (optimizer and scheduler state, torch's RNG state, the log so
+far; no pickle). ``train(..., resume_from=checkpoint)`` replaces the model's adapters of the same names by the
+checkpoint's, restores everything else, replays the data order up to that step and continues: the run ends as an
+uninterrupted one would, decisions (ranks, masks, indices) included.
+
 The loss is summed over items (examples for classification, response tokens for causal LM) and divided by the
 number of items in the whole step, on all ranks together. So ``batch_size=4, grad_accum=2`` gives the same update
 as ``batch_size=8``, and two DDP ranks with batch 4 the same as one process with batch 8.
@@ -40,8 +47,10 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 from .. import model as M
-from ..io import save
-from ..io.files import fsync_dir, write_file
+from ..io import load, save
+from ..io.files import (CONFIG_NAME, adapter_folders, fsync_dir, read_json, read_tensors, write_file,
+                        write_generation, write_json, write_tensors)
+from ..io.state import join_state, split_state
 from ..runtime import freed_memory_retained
 from .data import IGNORE_INDEX, TASKS, Collator
 from .fields import typed_fields
@@ -75,6 +84,7 @@ class TrainArgs:
     progress: bool = True
     plot: bool = True
     save_adapter: bool = True
+    save_every: int | None = None  # optimizer steps between resumable checkpoints (output_dir/checkpoint-<step>)
     retain_freed_memory: bool = True  # on CPU, while training: see deltatune.runtime (no page faults every step)
 
     def validate(self) -> None:
@@ -89,6 +99,8 @@ class TrainArgs:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         if not 0.0 <= self.warmup_ratio < 1.0 or self.warmup_steps < 0:
             raise ValueError("warmup_steps must be >= 0 and warmup_ratio in [0, 1)")
+        if self.save_every is not None and (not isinstance(self.save_every, int) or self.save_every < 1):
+            raise ValueError(f"save_every must be a positive integer (or None), got {self.save_every!r}")
         if self.eval_every is not None and self.eval_every < 1:
             raise ValueError(f"eval_every must be >= 1 (or None), got {self.eval_every}")
         if self.lr <= 0:
@@ -275,8 +287,8 @@ class _Log:
     lines before its own.
     """
 
-    def __init__(self, output_dir: Path | None, write: bool):
-        self.records: list[dict] = []
+    def __init__(self, output_dir: Path | None, write: bool, records: Sequence[dict] = ()):
+        self.records: list[dict] = list(records)
         self.path = output_dir / METRICS_NAME if output_dir is not None and write else None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -325,6 +337,54 @@ def read_metrics(path: str | Path, runs: str = "last") -> list[dict]:
     return records
 
 
+# -- checkpoints ---------------------------------------------------------------------------------------------------
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_NAME = "trainer_state"
+
+
+def save_checkpoint(folder: str | Path, model: nn.Module, optimizer, scheduler, step: int,
+                    history: Sequence[dict] = ()) -> Path:
+    """Write a resumable checkpoint (see the module docstring) as one folder generation (staged, then swapped in
+    atomically: a kill leaves the previous checkpoint or this one, whole)."""
+    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "rng": torch.get_rng_state(), "history": list(history)}
+    device = _device(model)
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    value, tensors = split_state(state, "")
+
+    def fill(staging: Path) -> None:
+        save(model, staging / "adapter")
+        write_tensors(staging / f"{STATE_NAME}.safetensors", tensors)
+        write_json(staging / f"{STATE_NAME}.json", value)
+    return write_generation(folder, fill)
+
+
+def read_checkpoint(folder: str | Path) -> dict:
+    """The trainer state of a checkpoint written by :func:`save_checkpoint`."""
+    folder = Path(folder)
+    path = folder / f"{STATE_NAME}.json"
+    if not path.is_file() or not (folder / "adapter").is_dir():
+        raise FileNotFoundError(f"{folder} is not a deltatune training checkpoint (no {path.name} and adapter/); "
+                                f"pass a {CHECKPOINT_PREFIX}<step> folder written with save_every")
+    return join_state(read_json(path), read_tensors(folder / f"{STATE_NAME}.safetensors"), where=str(folder))
+
+
+def restore_adapters(model: nn.Module, folder: str | Path) -> None:
+    """Replace the model's adapters by the checkpoint's (same names), keeping which ones are active and train."""
+    folder = Path(folder)
+    subs = adapter_folders(folder)
+    names = [sub or read_json(f / CONFIG_NAME).get("name", "default") for sub, f in subs.items()]
+    reg = M.unwrap(model).__dict__.get(M.REGISTRY_ATTR)
+    active, trainable = (list(reg.active), reg.trainable) if reg else ([], None)
+    for n in names:
+        if n in M.adapters(model):
+            M.delete(model, n)
+    load(model, folder)
+    if active and all(n in M.adapters(model) for n in active):
+        M.set_active(model, active, trainable)
+
+
 # -- the loop ------------------------------------------------------------------------------------------------------
 def _batches(loader: DataLoader) -> Iterator[dict]:
     """The loader's batches, epoch after epoch (reshuffled per epoch)."""
@@ -345,13 +405,16 @@ def train(
     eval_data: Sequence[dict] | None = None,
     collate_fn: Callable | None = None,
     output_dir: str | Path | None = None,
+    resume_from: str | Path | None = None,
 ) -> dict:
     """Train the model's trainable parameters on encoded examples: its active adapters, or whatever else the caller
     left trainable (every weight, for a full fine-tuning baseline; controllers and adapter saving then do nothing).
 
     ``train_data`` / ``eval_data``: sequences of encoded examples (see :mod:`deltatune.train.data`);
     ``collate_fn`` defaults to :class:`~deltatune.train.data.Collator` with pad id 0. With ``output_dir``, rank 0
-    writes ``metrics.jsonl``, ``metrics.png`` and (``args.save_adapter``) the adapters to ``output_dir/adapter``.
+    writes ``metrics.jsonl``, ``metrics.png`` and (``args.save_adapter``) the adapters to ``output_dir/adapter``,
+    and with ``args.save_every`` resumable checkpoints to ``output_dir/checkpoint-<step>``. ``resume_from``: such a
+    checkpoint; training continues from its step with its adapters, optimizer, scheduler and RNG state.
 
     Returns ``{"steps", "train_loss", "eval": {...} or None, "history", "time", "world_size",
     "metrics_path", "plot_path", "adapter_path"}`` (paths ``None`` when not written).
@@ -362,6 +425,11 @@ def train(
         raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
     if not len(train_data):
         raise ValueError("train_data is empty")
+    if args.save_every and output_dir is None:
+        raise ValueError("save_every writes checkpoints into output_dir: pass output_dir=...")
+    resumed = read_checkpoint(resume_from) if resume_from is not None else None
+    if resumed is not None:
+        restore_adapters(model, Path(resume_from) / "adapter")
     adapted = M.REGISTRY_ATTR in M.unwrap(model).__dict__  # controllers run only on models with adapters
     rank, world = _dist()
     main = rank == 0
@@ -388,21 +456,38 @@ def train(
         warmup = args.warmup_steps or int(args.warmup_ratio * total)
         optimizer = torch.optim.AdamW(param_groups(inner, args.weight_decay), lr=args.lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, args.schedule))
+        first = 0
+        if resumed is not None:
+            first = int(resumed["step"])
+            if not 0 < first < total:
+                raise ValueError(f"{resume_from} is at step {first}, but this run has {total} steps: nothing to resume")
+            try:
+                optimizer.load_state_dict(resumed["optimizer"])
+            except ValueError as e:
+                raise ValueError(f"{resume_from}: its optimizer state does not fit the adapters' parameters ({e}); "
+                                 "resume with the same method and training arguments") from None
+            scheduler.load_state_dict(resumed["scheduler"])
         net = nn.parallel.DistributedDataParallel(inner) if world > 1 else inner
-        if adapted:
-            M.begin(inner, total)
+        if adapted:  # shapes may change: this loop rebuilds its DDP wrapper when they do
+            M.begin(inner, total, resizable=True, step=first)
 
-        log = _Log(output_dir, main)
+        log = _Log(output_dir, main, resumed["history"] if resumed is not None else ())
         bar = None
         if main and args.progress:
             from tqdm.auto import tqdm
-            bar = tqdm(total=total, desc="train", dynamic_ncols=True)
+            bar = tqdm(total=total, initial=first, desc="train", dynamic_ncols=True)
 
         was_training = inner.training
         inner.train()
         stream = _batches(loader)
+        for _ in range(first * args.grad_accum):  # the same data order as the uninterrupted run
+            next(stream)
+        if resumed is not None:
+            torch.set_rng_state(resumed["rng"])
+            if "cuda_rng" in resumed and device.type == "cuda":
+                torch.cuda.set_rng_state(resumed["cuda_rng"], device)
         start, window, last_eval = time.perf_counter(), [], None
-        for step in range(total):
+        for step in range(first, total):
             micro = [next(stream) for _ in range(args.grad_accum)]
             items = _all_sum([sum(count_items(b, task) for b in micro)], device)[0]
             if items == 0:
@@ -439,6 +524,9 @@ def train(
             if evals is not None and ((args.eval_every and done % args.eval_every == 0) or done == total):
                 last_eval = evaluate(inner, evals, task)
                 log.add({"step": done, **last_eval, "time": time.perf_counter() - start})
+            if main and args.save_every and done % args.save_every == 0 and done < total:
+                save_checkpoint(output_dir / f"{CHECKPOINT_PREFIX}{done}", inner, optimizer, scheduler, done,
+                                log.records)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.4f}")
@@ -461,5 +549,5 @@ def train(
         return result
 
 
-__all__ = ["TrainArgs", "evaluate", "eval_loader", "loss_sum", "lr_factor", "param_groups", "read_metrics", "set_seed",
-           "train", "write_plot"]
+__all__ = ["TrainArgs", "evaluate", "eval_loader", "loss_sum", "lr_factor", "param_groups", "read_checkpoint",
+           "read_metrics", "save_checkpoint", "set_seed", "train", "write_plot"]
