@@ -16,7 +16,7 @@ with the controllers' state) and a ``model.safetensors`` that holds no tensors, 
 stores no base weights: the Trainer needs a weights file to resume or to ``load_best_model_at_end`` a model that
 is not a ``PeftModel`` (it then reports every base weight as missing, which is what it is). On
 ``trainer.train(resume_from_checkpoint=...)``, ``on_train_begin`` loads the adapters of
-``output_dir/checkpoint-<resumed step>/deltatune`` back (checked to be the checkpoint the Trainer resumed from)
+``<that checkpoint>/deltatune`` back (checked to be the checkpoint the Trainer resumed from)
 with the optimizer following them, then calls ``dt.begin`` at the resumed step; with ``load_best_model_at_end``,
 ``on_train_end`` loads the best checkpoint's adapters.
 
@@ -24,6 +24,7 @@ This module imports ``transformers``; ``deltatune.train`` only imports it when `
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -66,12 +67,26 @@ def _holds_tensors(path: Path) -> bool:
         return bool(list(f.keys()))
 
 
+def resumed_from() -> Path | None:
+    """The checkpoint folder the running ``Trainer.train(resume_from_checkpoint=...)`` resumed from, read from the
+    Trainer's frame on the call stack (the Trainer does not pass it to callbacks); ``None`` if not found."""
+    from transformers import Trainer
+
+    frame = inspect.currentframe()
+    while frame is not None:
+        loc = frame.f_locals
+        if isinstance(loc.get("self"), Trainer) and isinstance(loc.get("resume_from_checkpoint"), (str, Path)):
+            return Path(loc["resume_from_checkpoint"])
+        frame = frame.f_back
+    return None
+
+
 def adapter_checkpoint(args, state, folder: str | Path | None = None) -> Path | None:
-    """The adapter folder of the checkpoint the Trainer resumed from: ``folder`` if given, else
-    ``output_dir/checkpoint-<global_step>``, whose ``trainer_state.json`` must match the resumed state (the Trainer
-    does not tell callbacks which folder it read). ``None`` for a full-model checkpoint (written without this
-    callback), which the Trainer has loaded itself."""
-    ckpt = Path(folder) if folder is not None else checkpoint_dir(args, state)
+    """The adapter folder of the checkpoint the Trainer resumed from: ``folder`` if given, else the folder given
+    to ``trainer.train(resume_from_checkpoint=...)`` (see :func:`resumed_from`), else
+    ``output_dir/checkpoint-<global_step>``; its ``trainer_state.json`` must match the resumed state. ``None`` for a
+    full-model checkpoint (written without this callback), which the Trainer has loaded itself."""
+    ckpt = Path(folder) if folder is not None else resumed_from() or checkpoint_dir(args, state)
     hint = "pass the checkpoint folder as DeltatuneCallback(resume_from=...)"
     saved = ckpt / STATE_NAME
     if folder is None:
@@ -94,7 +109,7 @@ def adapter_checkpoint(args, state, folder: str | Path | None = None) -> Path | 
 class DeltatuneCallback(TrainerCallback):
     """Calls the active adapters' controllers at the right points of each optimizer step; writes the adapters into
     every checkpoint and loads them back when training resumes. ``resume_from``: the checkpoint folder to restore
-    from on resume (default: ``output_dir/checkpoint-<resumed step>``)."""
+    from on resume (default: the folder given to ``trainer.train(resume_from_checkpoint=...)``)."""
 
     def __init__(self, resume_from: str | Path | None = None):
         self.resume_from = resume_from
