@@ -79,9 +79,10 @@ def with_adapters(specs: dict[str, int], seed: int) -> nn.Module:
     return model
 
 
-def snapshot(folder: Path) -> dict:
-    """``{adapter: (method config, modules, {module: {tensor: value}})}`` as loads read the folder."""
-    model = tiny()
+def snapshot(folder: Path, make=None) -> dict:
+    """``{adapter: (method config, modules, {module: {tensor: value}})}`` as loads read the folder (onto
+    ``make()``, default :func:`tiny`)."""
+    model = (make or tiny)()
     out = {}
     for sub, f in adapter_folders(folder).items():
         rec = read_record(f, sub or None, model)
@@ -283,7 +284,7 @@ def test_trainer_final_save_killed_at_every_step(tmp_path):
     out, ref, clean = tmp_path / "run", tmp_path / "ref", tmp_path / "clean"
     train_tiny(ref, 2, seed=1)
     train_tiny(clean, 2, seed=2)
-    old, new = snapshot_of(ref / "adapter"), snapshot_of(clean / "adapter")
+    old, new = snapshot(ref / "adapter", Tiny), snapshot(clean / "adapter", Tiny)
     assert not same(old, new)
     ref_lines = (ref / "metrics.jsonl").read_text().splitlines()
     seen = []
@@ -294,7 +295,7 @@ def test_trainer_final_save_killed_at_every_step(tmp_path):
         shutil.copytree(ref, out)
 
     def check(k):
-        got = snapshot_of(out / "adapter")
+        got = snapshot(out / "adapter", Tiny)
         seen.append("old" if same(got, old) else "new" if same(got, new) else None)
         assert seen[-1] is not None, f"kill at step {k}: the adapter is neither the old nor the new one"
         lines = (out / "metrics.jsonl").read_text().splitlines()
@@ -305,15 +306,6 @@ def test_trainer_final_save_killed_at_every_step(tmp_path):
 
     assert every_kill(reset, lambda: train_tiny(out, 2, seed=2), check) >= 6
     assert seen[0] == "old" and seen[-1] == "new"
-
-
-def snapshot_of(folder: Path) -> dict:
-    model = Tiny()
-    out = {}
-    for sub, f in adapter_folders(folder).items():
-        rec = read_record(f, sub or None, model)
-        out[rec.name] = (rec.method, rec.modules, rec.tensors)
-    return out
 
 
 def test_metrics_survive_a_kill_mid_training_and_a_rerun(tmp_path):
@@ -441,3 +433,26 @@ def test_saving_into_the_base_model_folder_is_refused(minilm_dir, tmp_path):
             dt.save(model, target)
     assert visible(base) == before
     dt.save(model, base / "adapters")  # inside it is fine
+
+
+def test_a_user_entry_named_like_an_adapter_is_refused_not_replaced(tmp_path):
+    """A multi-adapter save writes one folder per adapter: an existing user folder of that name that no save wrote
+    is refused (it would have been deleted with the old generation), and stays whole."""
+    out = tmp_path / "out"
+    (out / "logs").mkdir(parents=True)
+    (out / "logs" / "user.txt").write_text("mine")
+    with pytest.raises(ValueError, match="logs"):
+        dt.save(with_adapters({"logs": 2, "c": 1}, seed=1), out)
+    assert (out / "logs" / "user.txt").read_text() == "mine" and sorted(os.listdir(out)) == ["logs"]
+
+
+def test_folder_without_manifest_does_not_keep_its_old_adapter_subfolders(tmp_path):
+    """A multi-adapter folder written without a manifest (an older deltatune, PEFT): its adapter subfolders belong
+    to that save, so saving one adapter over it leaves no stale adapters behind."""
+    out = tmp_path / "out"
+    dt.save(with_adapters({"a": 2, "b": 1}, seed=1), out)
+    (out / F.MANIFEST_NAME).unlink()
+    (out / "notes.txt").write_text("kept")
+    dt.save(with_adapters({"c": 2}, seed=2), out)
+    assert list(snapshot(out)) == ["c"] and (out / "notes.txt").read_text() == "kept"
+    assert not (out / "a").exists() and not (out / "b").exists()

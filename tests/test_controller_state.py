@@ -126,13 +126,18 @@ def test_spiel_resumed_mid_accumulation_picks_the_same_indices(minilm_dir, batch
     want = _snapshot(model)
     assert all(not torch.equal(want[m]["idx"], start[m]) for m in start)  # reselection moved entries
     for k in (1, 5):
-        resumed = make_minilm(minilm_dir)
-        dt.load(resumed, tmp_path / f"k{k}")
-        opt = _optimizer(resumed)
-        opt.load_state_dict(states[k])
-        dt.begin(resumed, total, step=k)
-        _run(resumed, opt, batches, k, total)
-        _assert_same(_snapshot(resumed), want)
+        _resume_and_compare(minilm_dir, tmp_path / f"k{k}", states[k], batches, k, total, want)
+
+
+def _resume_and_compare(minilm_dir, folder, optimizer_state, batches, k, total, want):
+    """Load the checkpoint of step ``k`` onto a fresh model, run to ``total`` and compare with the full run."""
+    resumed = make_minilm(minilm_dir)
+    dt.load(resumed, folder)
+    opt = _optimizer(resumed)
+    opt.load_state_dict(optimizer_state)
+    dt.begin(resumed, total, step=k)
+    _run(resumed, opt, batches, k, total)
+    _assert_same(_snapshot(resumed), want)
 
 
 def test_ltsft_resumes_in_its_phase(minilm_dir, batches, tmp_path):
@@ -146,13 +151,7 @@ def test_ltsft_resumes_in_its_phase(minilm_dir, batches, tmp_path):
     assert sum(s["idx"].numel() for s in want.values()) == 3000
     assert read_record(tmp_path / "k2").controller["state"] == {"selected": False, "full_steps": 3}
     for k in (2, 4):  # phase 1, one step before the selection; phase 2
-        resumed = make_minilm(minilm_dir)
-        dt.load(resumed, tmp_path / f"k{k}")
-        opt = _optimizer(resumed)
-        opt.load_state_dict(states[k])
-        dt.begin(resumed, total, step=k)
-        _run(resumed, opt, batches, k, total)
-        _assert_same(_snapshot(resumed), want)
+        _resume_and_compare(minilm_dir, tmp_path / f"k{k}", states[k], batches, k, total, want)
 
 
 def test_increlora_resumed_keeps_its_growth_interval_and_grows_alike(minilm_dir, batches, tmp_path):
@@ -387,3 +386,42 @@ def test_attaching_a_new_adapter_after_loading_starts_a_new_run(tmp_path):
     dt.attach(fresh, dt.AdaLoRA(init_r=2, target_r=1, targets=["2"]), name="task")
     dt.begin(fresh, 3)  # the frozen language adapter's 5 saved steps do not carry over to the new task run
     assert dt.model.registry(fresh).step == 0
+
+
+def test_a_failed_restore_keeps_the_adapters_it_would_replace(tmp_path):
+    """Resuming (HF callback, deltatune trainer) replaces adapters by a checkpoint's: a checkpoint that does not fit
+    is refused before anything is deleted."""
+    from deltatune.hf import restore
+
+    net = dt.attach(_net(), dt.AdaLoRA(init_r=2, target_r=1, targets=["0", "2"]))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    other = dt.attach(torch.nn.Sequential(torch.nn.Linear(16, 30), torch.nn.Tanh(), torch.nn.Linear(30, 8)),
+                      dt.AdaLoRA(init_r=2, target_r=1, targets=["0", "2"]))
+    dt.save(other, tmp_path / "other")  # same names, other shapes
+    with pytest.raises(ValueError, match="does not fit"):
+        restore(net, tmp_path / "other")
+    assert dt.adapters(net) == ["default"] and dt.controller(net) is not None
+    after = net.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_malformed_controller_entry_is_refused_and_changes_nothing(tmp_path):
+    net = dt.attach(_net(), dt.AdaLoRA(init_r=2, target_r=1, targets=["0", "2"]))
+    dt.begin(net, 4)
+    net(torch.randn(3, 16)).square().sum().backward()
+    dt.step(net)
+    dt.save(net, tmp_path / "a")
+    path = tmp_path / "a" / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["controller"] = {"state": config["controller"]["state"]}  # no step
+    path.write_text(json.dumps(config))
+    fresh = _net()
+    with pytest.raises(ValueError, match="controller"):
+        dt.load(fresh, tmp_path / "a")
+    assert dt.adapters(fresh) == []
+    # a frozen adapter loaded for inference leaves the step counter of the run alone
+    config["controller"]["step"] = 1
+    path.write_text(json.dumps(config))
+    frozen = dt.attach(_net(), dt.LoRA(r=2, targets=["0"]), name="task")
+    dt.load(frozen, tmp_path / "a", activate=False, is_trainable=False)
+    assert dt.model.registry(frozen).step == 0 and not dt.model.registry(frozen).restored

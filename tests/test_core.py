@@ -285,3 +285,10 @@ def test_controller_protocol_is_driven(minilm_dir, minilm_batch):
         dt.step(model, opt)
         opt.zero_grad()
     assert calls == [("backward", 0), ("step", 0), ("backward", 1), ("step", 1)]
+
+
+def test_a_subclass_that_keeps_its_parents_name_does_not_replace_it_in_the_registry():
+    class Tweaked(dt.LoRA):  # a user's extension (or a test's) without a name of its own
+        pass
+
+    assert type(dt.Method.from_dict({"method": "lora", "r": 2})) is dt.LoRA

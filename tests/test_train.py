@@ -286,7 +286,7 @@ def test_config_validation(tmp_path):
     bad(r"exactly one of data.prompt", model={"path": "smollm2", "task": "causal_lm"},
         data={"train": "t.json", "response": "output"})
     bad(r"'model' needs \['path'\]", model={"task": "classification"})
-    bad(r"rank must be a positive integer", method={"name": "lora", "r": 0})
+    bad(r"LoRA.r must be a positive integer, got 0", method={"name": "lora", "r": 0})
     bad(r"training argument lr must be a number, got 'fast'", train={"lr": "fast"})
     bad(r"training argument batch_size must be an integer", train={"batch_size": 2.5})
     # YAML reads 1e-4 (no dot) as a string: numbers written that way are accepted
@@ -344,3 +344,12 @@ def test_run_config_classification_from_the_example(tmp_path):
     assert (result["eval"]["eval_accuracy"] * 32).is_integer()  # scored on exactly max_eval_rows=32 rows
     last = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[-1])
     assert result["eval"] == {k: v for k, v in last.items() if k.startswith("eval_")}
+
+
+def test_run_yaml_takes_peft_names_for_method_fields():
+    from deltatune.train.config import parse_method
+
+    m = parse_method({"name": "lora", "r": 4, "lora_alpha": 8, "target_modules": ["query"], "lora_dropout": 0.1})
+    assert (m.alpha, m.targets, m.dropout) == (8, ["query"], 0.1)
+    with pytest.raises(ValueError, match="lora_alpah"):
+        parse_method({"name": "lora", "lora_alpah": 8})

@@ -50,6 +50,17 @@ def saved_names(folder: str | Path) -> list[str]:
     return [sub or read_json(Path(f) / CONFIG_NAME).get("name", "default") for sub, f in adapter_folders(folder).items()]
 
 
+def check_loadable(model: nn.Module, folder: str | Path) -> None:
+    """Read and build every adapter in ``folder`` against ``model`` without touching it: a damaged or mismatched
+    checkpoint raises here, before the adapters it would replace are deleted."""
+    from .io import read_record
+    from .io.files import adapter_folders
+    from .io.record import build_deltas
+
+    for sub, f in adapter_folders(folder).items():
+        build_deltas(model, read_record(f, sub or None, model))
+
+
 def _follow_optimizer(optimizer, old: dict[str, nn.Parameter], new: dict[str, nn.Parameter]) -> None:
     """Point the optimizer's param groups at the new parameters of the same name and move their state over (the
     state loaded from a checkpoint belongs to the parameters as they were saved, i.e. to the new ones)."""
@@ -79,6 +90,7 @@ def restore(model: nn.Module, folder: str | Path, optimizer=None, distributed: b
                            "Trainer: its DDP wrapper holds the current parameters and cannot be rebuilt from a "
                            "callback. Resume this run in one process, or with deltatune's trainer")
     active, trainable = list(reg.active), reg.trainable
+    check_loadable(inner, folder)
     old = dict(inner.named_parameters())
     for n in names:
         if n in M.adapters(inner):

@@ -247,7 +247,7 @@ def _undo_record(delta: Delta, W: torch.Tensor, b: torch.Tensor | None, before: 
     point) keeps the copies without the trial."""
     if delta.multiplicative:
         changed = [orig is not None and not torch.equal(_bits(orig), _bits(now)) for orig, now in zip(before, (W, b))]
-        return tuple(orig if c else None for orig, c in zip(before, changed)), False
+        return tuple(orig.cpu() if c else None for orig, c in zip(before, changed)), False
     trial = (W.clone(), None if b is None else b.clone())
     delta.merge_into(trial[0], trial[1], -weight)
     fixes = tuple(_fix(orig, got) for orig, got in zip(before, trial))
@@ -258,18 +258,20 @@ def _undo_record(delta: Delta, W: torch.Tensor, b: torch.Tensor | None, before: 
 
 def _fix(original: torch.Tensor | None, restored: torch.Tensor | None):
     """``None`` if ``restored`` equals ``original`` bit for bit, else ``(flat indices, values)`` of the entries that
-    differ, or the whole ``original`` when that is smaller than the index list."""
+    differ, or the whole ``original`` when that is smaller than the index list. Records are kept in host memory
+    (int32 indices where they fit), so merging for inference does not take accelerator memory."""
     if original is None:
         return None
     wrong = _bits(restored) != _bits(original)  # bits, so -0.0 vs 0.0 and NaN payloads count too
     count = int(wrong.sum())
     if count == 0:
         return None
-    size = original.element_size()
-    if count * (8 + size) >= original.numel() * size:
-        return original
+    size, small = original.element_size(), original.numel() < 2 ** 31
+    if count * ((4 if small else 8) + size) >= original.numel() * size:
+        return original.cpu()
     idx = wrong.reshape(-1).nonzero().squeeze(1)
-    return idx, original.reshape(-1)[idx]
+    values = original.reshape(-1)[idx]
+    return (idx.to(torch.int32) if small else idx).cpu(), values.cpu()
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -286,8 +288,8 @@ def _apply_fix(target: torch.Tensor | None, fix) -> None:
         if isinstance(fix, torch.Tensor):
             target.copy_(fix)
         else:
-            idx, values = fix
-            target.index_put_(torch.unravel_index(idx, target.shape), values)
+            idx, values = (t.to(target.device) for t in fix)
+            target.index_put_(torch.unravel_index(idx.long(), target.shape), values)
 
 
 @dataclass

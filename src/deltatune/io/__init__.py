@@ -241,7 +241,7 @@ def load(model: nn.Module, path: str | Path, name: str | None = None, activate: 
             raise ValueError(f"{folder}: {e}") from None
     for rec, deltas in zip(records, built):
         M.install(model, rec.name, Method.from_dict(rec.method), deltas, activate=activate)
-    if controller_state:
+    if controller_state and is_trainable:  # a frozen adapter's controller does not run: its state and step stay out
         restore_controllers(model, records)
     if not is_trainable:
         reg = M.registry(model)
@@ -257,6 +257,12 @@ def restore_controllers(model: nn.Module, records: list[AdapterRecord]) -> None:
     saved = [r.controller for r in records if r.controller is not None]
     before = reg.step, reg.restored
     try:
+        for rec in records:
+            c = rec.controller
+            if c is not None and not (isinstance(c, dict) and isinstance(c.get("step"), int)
+                                      and isinstance(c.get("state") or {}, dict)):
+                raise ValueError(f"adapter {rec.name!r}: its config's 'controller' entry must be {{\"step\": int, "
+                                 "\"state\": {...}}; repair the file or load it with controller_state=False")
         for rec in records:
             c, state = M.controller(model, rec.name), (rec.controller or {}).get("state")
             if saved:

@@ -218,12 +218,14 @@ def check_output_folder(path: str | Path, what: str = "output folder") -> Path:
 
 
 def _owned(folder: Path) -> set[str]:
-    """Top-level entries the generation in ``folder`` wrote (its manifest; else the legacy adapter files)."""
+    """Top-level entries the generation in ``folder`` wrote (its manifest; else, for a folder written without one,
+    the legacy adapter files and the subfolders that hold an adapter config: an older multi-adapter save)."""
     try:
         entries = read_json(folder / MANIFEST_NAME)["entries"]
         return {str(e) for e in entries} | {MANIFEST_NAME}
     except (OSError, ValueError, KeyError, TypeError):
-        return set(LEGACY_OWNED)
+        subs = {n for n in os.listdir(folder) if (folder / n / CONFIG_NAME).is_file()} if folder.is_dir() else set()
+        return set(LEGACY_OWNED) | subs
 
 
 def _carry(src: Path, dst: Path) -> None:
@@ -332,6 +334,10 @@ def write_generation(target: str | Path, fill: Callable[[Path], None]) -> Path:
         _step("filled")
         if target.is_dir():
             owned = _owned(target)
+            clash = sorted(n for n in entries if n not in owned and os.path.lexists(target / n))
+            if clash:
+                raise ValueError(f"{target} already holds {', '.join(clash)}, which no earlier save wrote; this save "
+                                 "would replace it (an adapter of that name?): move it away or save elsewhere")
             for n in sorted(os.listdir(target)):
                 if n not in owned and n not in entries and n != MANIFEST_NAME:
                     _carry(target / n, new / n)

@@ -144,7 +144,7 @@ class Method(metaclass=_MethodType):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if cls.name:
+        if cls.name and "name" in cls.__dict__:  # a subclass that keeps its parent's name does not replace it
             _METHODS[cls.name] = cls
 
     def build(self, module_name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Delta:

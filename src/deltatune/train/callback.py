@@ -94,7 +94,8 @@ def adapter_checkpoint(args, state, folder: str | Path | None = None) -> Path | 
             raise FileNotFoundError(f"DeltatuneCallback: the Trainer resumed at step {state.global_step}, but {saved} "
                                     f"does not exist; {hint}")
         mine = json.loads(saved.read_text())
-        if mine.get("global_step") != state.global_step or mine.get("log_history") != state.log_history:
+        same_log = json.dumps(mine.get("log_history"), sort_keys=True) == json.dumps(state.log_history, sort_keys=True)
+        if mine.get("global_step") != state.global_step or not same_log:  # (as JSON text: a logged NaN equals NaN)
             raise ValueError(f"DeltatuneCallback: {ckpt} is not the checkpoint the Trainer resumed from (its "
                              f"{STATE_NAME} differs); {hint}")
     for cand in (ckpt / ADAPTER_SUBDIR, ckpt):

@@ -46,7 +46,7 @@ from torch import nn
 
 from .. import model as M
 from ..io.files import write_text
-from ..methods.base import Method, check_fields
+from ..methods.base import ALIASES, Method, check_fields
 from ..targets import name_matches
 from .data import (TASKS, Collator, check_column_names, check_spec, describe_source, encode_classification,
                    encode_instructions, is_dataset, pad_id_of, read_rows)
@@ -127,6 +127,7 @@ def parse_method(d: dict | None) -> Method:
         raise ValueError("config section 'method' needs 'name' (e.g. lora, pissa, milora, olora)")
     method = Method.from_dict({"method": name, **d})
     allowed = ["name"] + [f.name for f in dataclasses.fields(method)]
+    d = {ALIASES.get(k, k) if k not in allowed else k: v for k, v in d.items()}  # PEFT's names (lora_alpha, ...)
     unknown = sorted(set(d) - set(allowed))
     if unknown:
         raise ValueError(f"unknown key(s) {unknown} for method {name!r}; allowed: {allowed}")

@@ -47,8 +47,9 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 from .. import model as M
-from ..io import load, save
-from ..io.files import (CONFIG_NAME, adapter_folders, fsync_dir, read_json, read_tensors, write_file,
+from ..hf import restore
+from ..io import save
+from ..io.files import (fsync_dir, read_json, read_tensors, write_file,
                         write_generation, write_json, write_tensors)
 from ..io.state import join_state, split_state
 from ..runtime import freed_memory_retained
@@ -370,21 +371,6 @@ def read_checkpoint(folder: str | Path) -> dict:
     return join_state(read_json(path), read_tensors(folder / f"{STATE_NAME}.safetensors"), where=str(folder))
 
 
-def restore_adapters(model: nn.Module, folder: str | Path) -> None:
-    """Replace the model's adapters by the checkpoint's (same names), keeping which ones are active and train."""
-    folder = Path(folder)
-    subs = adapter_folders(folder)
-    names = [sub or read_json(f / CONFIG_NAME).get("name", "default") for sub, f in subs.items()]
-    reg = M.unwrap(model).__dict__.get(M.REGISTRY_ATTR)
-    active, trainable = (list(reg.active), reg.trainable) if reg else ([], None)
-    for n in names:
-        if n in M.adapters(model):
-            M.delete(model, n)
-    load(model, folder)
-    if active and all(n in M.adapters(model) for n in active):
-        M.set_active(model, active, trainable)
-
-
 # -- the loop ------------------------------------------------------------------------------------------------------
 def _batches(loader: DataLoader) -> Iterator[dict]:
     """The loader's batches, epoch after epoch (reshuffled per epoch)."""
@@ -429,7 +415,7 @@ def train(
         raise ValueError("save_every writes checkpoints into output_dir: pass output_dir=...")
     resumed = read_checkpoint(resume_from) if resume_from is not None else None
     if resumed is not None:
-        restore_adapters(model, Path(resume_from) / "adapter")
+        restore(model, Path(resume_from) / "adapter")
     adapted = M.REGISTRY_ATTR in M.unwrap(model).__dict__  # controllers run only on models with adapters
     rank, world = _dist()
     main = rank == 0
