@@ -456,3 +456,20 @@ def test_folder_without_manifest_does_not_keep_its_old_adapter_subfolders(tmp_pa
     dt.save(with_adapters({"c": 2}, seed=2), out)
     assert list(snapshot(out)) == ["c"] and (out / "notes.txt").read_text() == "kept"
     assert not (out / "a").exists() and not (out / "b").exists()
+
+
+def test_a_folder_that_cannot_be_swapped_gives_a_clear_error_and_stays_whole(tmp_path, monkeypatch):
+    """A mount point (a container volume) cannot be renamed: the save says to use a subfolder, leaves the old
+    checkpoint and no staging folder behind."""
+    import errno
+
+    out = tmp_path / "out"
+    dt.save(with_adapters({"a": 2}, seed=1), out)
+    want = snapshot(out)
+
+    def busy(new, target):
+        raise OSError(errno.EBUSY, "Device or resource busy")
+    monkeypatch.setattr(F, "_swap_in", busy)
+    with pytest.raises(OSError, match="subfolder"):
+        dt.save(with_adapters({"a": 2}, seed=2), out)
+    assert same(snapshot(out), want) and sorted(os.listdir(tmp_path)) == ["out"]

@@ -10,6 +10,8 @@ from conftest import logits, make_minilm, randomize
 
 import deltatune as dt
 from deltatune.cli import main
+from deltatune.io import read_record
+from deltatune.train.trainer import read_metrics
 
 
 def _saved(minilm_dir, tmp_path):
@@ -88,3 +90,33 @@ def test_demo_runs_end_to_end(tmp_path):
     assert (tmp_path / "demo" / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "demo" / "adapter-peft" / "adapter_config.json").is_file()
     assert (tmp_path / "demo" / "run" / "metrics.jsonl").is_file()
+
+
+def test_train_resumes_from_a_checkpoint_on_the_command_line(minilm_dir, tmp_path, capsys):
+    """``deltatune train RUN.yaml --resume last`` continues an AdaLoRA run from its newest checkpoint and ends with
+    the adapter of the uninterrupted run (same ranks, same values)."""
+    import shutil
+
+    import yaml
+    from conftest import SHARED
+
+    sst2 = SHARED / "data" / "glue" / "SST-2"
+    config = {"model": {"path": "minilm", "task": "classification"},
+              "data": {"train": str(sst2 / "train.tsv"), "text": "sentence", "max_length": 32, "max_train_rows": 32},
+              "method": {"name": "adalora", "init_r": 4, "target_r": 2, "targets": ["query", "value"],
+                         "t_init": 1, "t_final": 1, "delta_t": 1},
+              "train": {"batch_size": 8, "max_steps": 4, "save_every": 2, "progress": False, "lr": 5e-3},
+              "output_dir": "run"}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", str(tmp_path / "run.yaml")]) == 0
+    full = read_record(tmp_path / "run" / "adapter")
+    shutil.rmtree(tmp_path / "run" / "adapter")
+    assert main(["train", str(tmp_path / "run.yaml"), "--resume", "last"]) == 0
+    resumed = read_record(tmp_path / "run" / "adapter")
+    steps = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert steps == [3, 4]  # it continued from checkpoint-2 rather than starting over
+    assert resumed.modules == full.modules
+    for mod, ts in full.tensors.items():
+        assert all(torch.equal(ts[k], resumed.tensors[mod][k]) for k in ts), mod
+    capsys.readouterr()
+    assert main(["train", str(tmp_path / "run.yaml"), "--resume", str(tmp_path / "nope")]) == 2

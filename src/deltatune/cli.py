@@ -20,7 +20,7 @@ def _cmd_demo(args) -> int:
 def _cmd_train(args) -> int:
     from .train import run_config
 
-    result = run_config(args.config, trust_remote_code=args.trust_remote_code)
+    result = run_config(args.config, trust_remote_code=args.trust_remote_code, resume_from=args.resume)
     if result["metrics_path"] is not None:  # rank 0 (under torchrun every rank runs this)
         summary = {k: v for k, v in result.items() if k != "history"}
         print(json.dumps(summary, indent=2, default=str))
@@ -341,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="RUN.yaml")
     t.add_argument("--trust-remote-code", action="store_true", help="let the model folder's own Python code run "
                    "(transformers' trust_remote_code); a RUN.yaml cannot turn this on")
+    t.add_argument("--resume", metavar="CHECKPOINT", default=None, help="continue from a checkpoint-<step> folder "
+                   "(written with train.save_every), or 'last' for the newest one in output_dir")
     t.set_defaults(func=_cmd_train)
 
     i = sub.add_parser("inspect", help="show an adapter's method, targets, per-module shapes, ranks and parameters")

@@ -349,7 +349,14 @@ def write_generation(target: str | Path, fill: Callable[[Path], None]) -> Path:
         shutil.rmtree(new, ignore_errors=True)
         raise
     cwd = os.getcwd()
-    old = _swap_in(new, target)
+    try:
+        old = _swap_in(new, target)
+    except OSError as e:  # nothing was swapped: the target cannot be renamed (a mount point, a read-only parent)
+        shutil.rmtree(new, ignore_errors=True)
+        if e.errno in (errno.EBUSY, errno.EXDEV, errno.EACCES, errno.EPERM, errno.EROFS):
+            raise OSError(e.errno, f"cannot replace the folder {target} as a whole ({e.strerror}: a mount point or a "
+                          "folder whose parent is not writable?); save into a subfolder of it instead") from e
+        raise
     _step("swapped")
     fsync_dir(target.parent)
     _step("parent-synced")

@@ -363,11 +363,23 @@ class CalibrationBatches:
             yield {k: v.to(self.device) for k, v in batch.items()}
 
 
-def run_config(config: str | Path | dict, trust_remote_code: bool = False) -> dict:
+def last_checkpoint(output_dir: str | Path) -> Path:
+    """The newest ``checkpoint-<step>`` folder in ``output_dir`` (``train.save_every`` writes them)."""
+    found = sorted((int(p.name.split("-", 1)[1]), p) for p in Path(output_dir).glob("checkpoint-*")
+                   if p.is_dir() and p.name.split("-", 1)[1].isdigit())
+    if not found:
+        raise FileNotFoundError(f"no checkpoint-<step> folder in {output_dir} to resume from; set train.save_every "
+                                "to write them, or name a checkpoint folder")
+    return found[-1][1]
+
+
+def run_config(config: str | Path | dict, trust_remote_code: bool = False, resume_from: str | Path | None = None) -> dict:
     """Load model and data, attach the method, train, save the adapter to ``output_dir/adapter``.
 
     ``trust_remote_code=True`` lets the model folder's own Python code run (transformers' ``trust_remote_code``);
-    a config file alone cannot ask for it.
+    a config file alone cannot ask for it. ``resume_from``: a ``checkpoint-<step>`` folder written with
+    ``train.save_every``, or ``"last"`` for the newest one in ``output_dir``: training continues from there
+    (adapters with their controller state, optimizer, scheduler, random state, data order).
 
     Writes to ``output_dir`` (rank 0): ``adapter/``, ``metrics.jsonl``, ``metrics.png``, ``config.yaml`` (the
     resolved config) and ``results.json``. Returns the :func:`~deltatune.train.trainer.train` result plus
@@ -390,7 +402,8 @@ def run_config(config: str | Path | dict, trust_remote_code: bool = False) -> di
         M.attach(model, method, name=cfg.name, data=CalibrationBatches(train_ex, Collator(pad_id), run_device()))
 
         result = train(model, train_ex, cfg.train, task=cfg.model.task, eval_data=eval_ex,
-                       collate_fn=Collator(pad_id), output_dir=cfg.output_dir)
+                       collate_fn=Collator(pad_id), output_dir=cfg.output_dir,
+                       resume_from=last_checkpoint(cfg.output_dir) if resume_from == "last" else resume_from)
         trainable, total = M.trainable_parameters(model)
         result.update(label2id=label2id, output_dir=str(cfg.output_dir),
                       trainable_parameters={"trainable": trainable, "total": total})
