@@ -219,13 +219,22 @@ def check_output_folder(path: str | Path, what: str = "output folder") -> Path:
 
 def _owned(folder: Path) -> set[str]:
     """Top-level entries the generation in ``folder`` wrote (its manifest; else, for a folder written without one,
-    the legacy adapter files and the subfolders that hold an adapter config: an older multi-adapter save)."""
+    the legacy adapter files and the subfolders an older multi-adapter ``dt.save`` wrote: a deltatune adapter named
+    after its folder; other adapter folders, such as a Trainer's ``checkpoint-*``, are the user's)."""
     try:
         entries = read_json(folder / MANIFEST_NAME)["entries"]
         return {str(e) for e in entries} | {MANIFEST_NAME}
     except (OSError, ValueError, KeyError, TypeError):
-        subs = {n for n in os.listdir(folder) if (folder / n / CONFIG_NAME).is_file()} if folder.is_dir() else set()
-        return set(LEGACY_OWNED) | subs
+        return set(LEGACY_OWNED) | ({n for n in os.listdir(folder) if _saved_adapter_named(folder / n, n)}
+                                    if folder.is_dir() else set())
+
+
+def _saved_adapter_named(sub: Path, name: str) -> bool:
+    try:
+        config = read_json(sub / CONFIG_NAME)
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("format") == "deltatune" and config.get("name") == name
 
 
 def _carry(src: Path, dst: Path) -> None:
