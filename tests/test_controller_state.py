@@ -425,3 +425,14 @@ def test_a_malformed_controller_entry_is_refused_and_changes_nothing(tmp_path):
     frozen = dt.attach(_net(), dt.LoRA(r=2, targets=["0"]), name="task")
     dt.load(frozen, tmp_path / "a", activate=False, is_trainable=False)
     assert dt.model.registry(frozen).step == 0 and not dt.model.registry(frozen).restored
+
+
+def test_format_version_is_2_only_with_controller_state(tmp_path):
+    """Older deltatune versions (format 1) read plain adapters; one carrying controller state says it is newer."""
+    net = dt.attach(_net(), dt.AdaLoRA(init_r=2, target_r=1, targets=["0", "2"]))
+    dt.save(net, tmp_path / "state")
+    dt.save(net, tmp_path / "plain", controller_state=False)
+    version = {n: json.loads((tmp_path / n / "adapter_config.json").read_text())["format_version"]
+               for n in ("state", "plain")}
+    assert version == {"state": 2, "plain": 1}
+    assert dt.adapters(dt.load(_net(), tmp_path / "state")) == ["default"]

@@ -28,7 +28,7 @@ from .files import (CONFIG_NAME, WEIGHTS_NAME, adapter_folders, check_output_fol
                     write_adapter_files, write_generation)
 from .peft_format import NeedsBase, NotLowRank, from_peft, to_peft
 from .state import CONTROLLER_PREFIX, join_state, split_state
-from .record import FORMAT_VERSION, AdapterRecord, build_deltas, check_fits, check_record, record_from_model
+from .record import FORMAT_VERSION, PLAIN_FORMAT_VERSION, AdapterRecord, build_deltas, check_fits, check_record, record_from_model
 
 FORMATS = ("deltatune", "peft")
 PEFT_NUMBERS = ("r", "lora_alpha", "lora_dropout", "init_r", "target_r")  # numbers in a PEFT config
@@ -37,7 +37,8 @@ PEFT_SIZES = ("r", "init_r", "target_r")  # of which positive integers
 
 def to_own(record: AdapterRecord) -> tuple[dict, dict[str, torch.Tensor]]:
     config = {
-        "format": "deltatune", "format_version": FORMAT_VERSION, "deltatune_version": __version__,
+        "format": "deltatune", "deltatune_version": __version__,
+        "format_version": PLAIN_FORMAT_VERSION if record.controller is None else FORMAT_VERSION,
         "name": record.name, "method": record.method, "base_model_name_or_path": record.base_model,
         "task_type": record.task_type, "modules": record.modules, **record.extra,
     }

@@ -16,7 +16,8 @@ from .. import model as M
 from ..deltas import Delta, delta_from_spec
 from ..deltas.base import check_spec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what this version reads; 2 adds controller state, and a save without it still writes 1
+PLAIN_FORMAT_VERSION = 1  # an adapter without controller state: readable by every deltatune
 
 
 @dataclass
