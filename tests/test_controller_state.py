@@ -237,14 +237,19 @@ def test_every_controller_state_survives_save_and_load(method, tmp_path):
     _same_state(_snapshot(net), _snapshot(fresh))
 
 
-def test_state_lives_in_the_adapter_files_under_a_reserved_prefix(minilm_dir, batches, tmp_path):
+def _adalora_saved_after(minilm_dir, batches, steps, folder):
+    """MiniLM with AdaLoRA trained ``steps`` steps and saved to ``folder``: ``(model, saved config)``."""
     model = make_minilm(minilm_dir)
     dt.attach(model, dt.AdaLoRA(**ADALORA))
     opt = _optimizer(model)
     dt.begin(model, T)
-    _run(model, opt, batches, 0, 3)
-    dt.save(model, tmp_path / "a")
-    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    _run(model, opt, batches, 0, steps)
+    dt.save(model, folder)
+    return model, json.loads((folder / "adapter_config.json").read_text())
+
+
+def test_state_lives_in_the_adapter_files_under_a_reserved_prefix(minilm_dir, batches, tmp_path):
+    model, config = _adalora_saved_after(minilm_dir, batches, 3, tmp_path / "a")
     assert config["controller"]["step"] == 3 and config["controller"]["state"]["total"] == T
     keys = list(load_file(tmp_path / "a" / "adapter_model.safetensors"))
     state_keys = [k for k in keys if k.startswith(CONTROLLER_PREFIX)]
@@ -272,13 +277,7 @@ def test_state_lives_in_the_adapter_files_under_a_reserved_prefix(minilm_dir, ba
 
 
 def test_state_of_another_adapter_does_not_load_and_changes_nothing(minilm_dir, batches, tmp_path):
-    model = make_minilm(minilm_dir)
-    dt.attach(model, dt.AdaLoRA(**ADALORA))
-    opt = _optimizer(model)
-    dt.begin(model, T)
-    _run(model, opt, batches, 0, 2)
-    dt.save(model, tmp_path / "a")
-    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    model, config = _adalora_saved_after(minilm_dir, batches, 2, tmp_path / "a")
     mod = next(iter(config["controller"]["state"]["ibar"]))
     tensors = load_file(tmp_path / "a" / "adapter_model.safetensors")
     key = config["controller"]["state"]["ibar"][mod]["P"]["@tensor"]

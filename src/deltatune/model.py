@@ -157,9 +157,7 @@ class AdaptedLayer(nn.Module):
     def merge(self, name: str, weight: float = 1.0) -> None:
         """``W <- W + weight * dW_name`` (a multiplicative delta: ``W <- W R(weight q)^T``), exactly."""
         weight = finite_number(weight, "merge weight")
-        if name in self.merged and self.merged[name] != weight:
-            raise ValueError(f"adapter {name!r} is already merged with weight {self.merged[name]}; "
-                             f"dt.unmerge(model, {name!r}) first to merge it with weight {weight}")
+        self.check_remerge(name, weight)
         if name in self.merged or name not in self.deltas:
             return
         delta = self.deltas[name]
@@ -173,6 +171,13 @@ class AdaptedLayer(nn.Module):
         self._put_in(name, weight)
         self.merged[name] = weight
         self.refresh()
+
+    def check_remerge(self, name: str, weight: float) -> None:
+        """Merging an adapter again with the weight it is merged with does nothing; with another weight it is
+        refused (not ignored)."""
+        if name in self.merged and self.merged[name] != weight:
+            raise ValueError(f"adapter {name!r} is already merged with weight {self.merged[name]}; "
+                             f"dt.unmerge(model, {name!r}) first to merge it with weight {weight}")
 
     def unmerge(self, name: str) -> None:
         """Take ``name`` out of the weights exactly (bit for bit, see :func:`_undo_record`): the adapters merged after
@@ -245,13 +250,12 @@ def _undo_record(delta: Delta, W: torch.Tensor, b: torch.Tensor | None, before: 
     Returns ``((weight fix, bias fix), invert)``; ``invert`` is False when every tensor the merge changed has a full
     copy, so unmerging only copies back. A multiplicative delta (a rotation: its inverse is never exact in floating
     point) keeps the copies without the trial."""
+    changed = [orig is not None and not torch.equal(_bits(orig), _bits(now)) for orig, now in zip(before, (W, b))]
     if delta.multiplicative:
-        changed = [orig is not None and not torch.equal(_bits(orig), _bits(now)) for orig, now in zip(before, (W, b))]
         return tuple(orig.cpu() if c else None for orig, c in zip(before, changed)), False
     trial = (W.clone(), None if b is None else b.clone())
     delta.merge_into(trial[0], trial[1], -weight)
     fixes = tuple(_fix(orig, got) for orig, got in zip(before, trial))
-    changed = [orig is not None and not torch.equal(_bits(orig), _bits(now)) for orig, now in zip(before, (W, b))]
     invert = any(c and not isinstance(f, torch.Tensor) for c, f in zip(changed, fixes))
     return fixes, invert
 
@@ -621,11 +625,9 @@ def merge(model: nn.Module, names: str | Iterable[str] | None = None,
     stray = sorted(set(table) - set(names))
     if stray:
         raise ValueError(f"merge weights given for adapters {stray} that are not being merged ({names})")
-    for _, layer in adapted_layers(model):  # merging again with another weight is refused, not ignored
+    for _, layer in adapted_layers(model):  # before any layer changes
         for n in names:
-            if n in layer.merged and layer.merged[n] != table.get(n, 1.0):
-                raise ValueError(f"adapter {n!r} is already merged with weight {layer.merged[n]}; "
-                                 f"dt.unmerge(model, {n!r}) first to merge it with weight {table.get(n, 1.0)}")
+            layer.check_remerge(n, table.get(n, 1.0))
     _merge_layers(model, names, table)
     return model
 
