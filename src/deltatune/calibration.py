@@ -1,5 +1,4 @@
-"""Feeding calibration batches to a model (data-aware initializers, interference diagnostics), and the progress bar
-of every long loop.
+"""Feeding calibration batches to a model (data-aware initializers, interference diagnostics).
 
 A batch is a dict of model keyword arguments (with ``labels`` where a loss is needed) or a tensor of input ids.
 """
@@ -14,17 +13,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-
-def run_batch(model: nn.Module, batch):
-    """``model(**batch)`` for a dict, ``model(batch)`` otherwise."""
-    return model(**batch) if isinstance(batch, dict) else model(batch)
-
-
-def progress(data: Iterable, desc: str):
-    """``data`` wrapped in a transient progress bar (silent when not on a terminal)."""
-    from tqdm.auto import tqdm
-
-    return tqdm(data, desc=desc, leave=False, disable=None)
+from .layers import BaseView, base_modules, is_linear, linear_weight, unwrap
+from .util import progress, run_batch
 
 
 # -- the calibration pass: per-layer input statistics -------------------------------------------------------------------
@@ -126,22 +116,21 @@ def calibrate(model: nn.Module, data: Iterable, targets="all-linear", stats: tup
     statistic) is printed before the pass starts. ``cache``: a file; when it exists and covers the targets it is
     loaded instead of running, otherwise the result is written there.
     """
-    from . import model as M
-    from .targets import linear_types, resolve_targets
+    from .targets import resolve_targets  # targets imports nothing here; kept local for the start-up of the CLI
 
     unknown = sorted(set(stats) - set(STATS))
     if unknown:
         raise ValueError(f"unknown statistics {unknown}; choose from {STATS}")
-    base = M.unwrap(model)
-    names = resolve_targets(M._BaseView(base), targets, exclude, kinds=linear_types())
+    base = unwrap(model)
+    names = resolve_targets(BaseView(base), targets, exclude, accept=is_linear)
     if cache is not None and Path(cache).is_file():
         found = load_calibration(cache)
         if set(names) <= set(found) and all(s in found[n].sums for n in names for s in stats):
             return Calibration({n: found[n] for n in names})
-    modules = dict(M.base_modules(base))
+    modules = dict(base_modules(base))
     if verbose:
-        widths = sorted({M.linear_weight(modules[n]).shape[1] for n in names})
-        need = sum(M.linear_weight(modules[n]).shape[1] ** 2 for n in names) * 8 * sum(s != "mean" for s in stats)
+        widths = sorted({linear_weight(modules[n]).shape[1] for n in names})
+        need = sum(linear_weight(modules[n]).shape[1] ** 2 for n in names) * 8 * sum(s != "mean" for s in stats)
         print(f"calibration: {len(names)} layers (inputs of width {', '.join(map(str, widths))}); statistics need at "
               f"most {need / 2**20:.0f} MB (less where layers share an input)", file=sys.stderr)
     out = Calibration()

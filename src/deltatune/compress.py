@@ -29,8 +29,10 @@ import torch
 from torch import nn
 
 from . import model as M
-from .calibration import Calibration, calibrate, progress, run_batch
-from .targets import linear_types, resolve_targets
+from .calibration import Calibration, calibrate
+from .util import progress, run_batch
+from .layers import is_linear
+from .targets import resolve_targets
 
 METHODS = ("svd", "activation", "fisher")
 CONFIG_KEY = "deltatune_compression"
@@ -180,7 +182,7 @@ def compress(model: nn.Module, ratio: float, method: str = "activation", data: I
         raise ValueError(f"ratio is the fraction of parameters to remove, in (0, 1); got {ratio}")
     if M.adapters(model):
         raise ValueError("compress the base model before attaching adapters (dt.unload(model) first)")
-    names = resolve_targets(model, targets, exclude, kinds=linear_types())
+    names = resolve_targets(model, targets, exclude, accept=is_linear)
     modules = dict(model.named_modules())
     total = sum(p.numel() for p in model.parameters())
     shapes = {n: tuple(M.linear_weight(modules[n]).shape) for n in names}

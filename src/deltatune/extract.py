@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from .calibration import progress
+from .layers import kind_named, kind_of
+from .util import progress
 from .io.record import AdapterRecord
 from .io.weights import WeightStore
 from .methods import Method
@@ -104,8 +105,6 @@ def common_precision(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, to
 def module_kinds(path: str | Path) -> dict[str, str] | None:
     """``{module name: "linear" | "conv1d" | "embedding"}`` of the model whose ``config.json`` sits beside the weights
     (built on the meta device: no memory, no weights); ``None`` without a usable config."""
-    from .model import _kind
-
     folder = Path(path) if Path(path).is_dir() else Path(path).parent
     if not (folder / "config.json").is_file():
         return None
@@ -123,7 +122,7 @@ def module_kinds(path: str | Path) -> dict[str, str] | None:
     kinds = {}
     for name, module in model.named_modules():
         try:
-            kinds[name] = _kind(module)
+            kinds[name] = kind_of(module).name
         except TypeError:
             pass
     return kinds
@@ -163,7 +162,7 @@ def extract(base: str | Path, tuned: str | Path, rank: int | None = None, energy
                     report.skipped[key] = _relative_change(new_t, old_t)
                 continue
             kind = kinds[mod] if kinds is not None else ("embedding" if EMBEDDING.fullmatch(mod) else "linear")
-            W_new = new[key] if kind == "linear" else new[key].t()
+            W_new = kind_named(kind).to_linear(new[key])
             if old_key is None:  # a module only the fine-tuned model has: keep it whole
                 bias = f"{mod}.bias"
                 modules[mod] = {"structure": "full", "layer": kind, "out_features": W_new.shape[0],
@@ -172,7 +171,7 @@ def extract(base: str | Path, tuned: str | Path, rank: int | None = None, energy
                 report.kept_whole.append(mod)
                 continue
             matched += 1
-            W_old = old[old_key] if kind == "linear" else old[old_key].t()
+            W_old = kind_named(kind).to_linear(old[old_key])
             W_new, W_old = common_precision(W_new, W_old)
             if W_new.equal(W_old):
                 report.unchanged += 1

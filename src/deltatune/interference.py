@@ -23,7 +23,7 @@ from itertools import combinations
 import torch
 from torch import nn
 
-from .calibration import progress, run_batch
+from .util import progress, run_batch
 from .deltas import Delta
 from .svd import energy_rank, factored_svd
 
@@ -92,7 +92,7 @@ def crosstalk(model: nn.Module, names: list[str], inputs: dict[str, Iterable]) -
                     x = args[0]
                     for n in present:
                         d = layer.deltas[n]
-                        y = d.embed(x) if layer.kind == "embedding" else d(x)
+                        y = layer.layer_kind.output(d, x)
                         sums[(mod, a, n)] = sums.get((mod, a, n), 0.0) + float(y.float().pow(2).sum())
                 handles.append(layer.register_forward_pre_hook(hook))
             try:

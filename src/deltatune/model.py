@@ -20,51 +20,25 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.nn.modules import module as nn_module
 
 from .checks import finite_number, finite_tensor
 from .deltas import Delta
 from .methods.base import Controller, Method, check_fields, full_replacement
-from .targets import linear_types, resolve_targets
-
-REGISTRY_ATTR = "_deltatune"
+from .layers import (REGISTRY_ATTR, BaseView, LayerWrapper, base_bias, base_modules, hooked,
+                     kind_of, linear_weight, set_submodule, unwrap)
+from .layers import base_parameter_count  # noqa: F401  (re-exported: dt.model.base_parameter_count)
+from .targets import resolve_targets
 _NAME_RE = re.compile(r"[A-Za-z0-9_\-]+")  # fullmatch: "$" would let a trailing newline through
 
 
-# -- layer kinds: how each wrapped layer maps to the linear layout ---------------------------------------------
-def _kind(module: nn.Module) -> str:
-    if isinstance(module, nn.Embedding):
-        return "embedding"
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if isinstance(module, linear_types()):
-        return "conv1d"  # transformers' GPT-2 Conv1D: weight stored (in x out)
-    raise TypeError(f"deltatune cannot adapt {type(module).__name__}; adaptable: Linear, Conv1D, Embedding")
-
-
-def linear_weight(module: nn.Module) -> torch.Tensor:
-    """The module's weight as an (out x in) view that shares storage (in-place edits write through)."""
-    return module.weight if _kind(module) == "linear" else module.weight.t()
-
-
-_GLOBAL_HOOKS = [getattr(nn_module, name) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
-                                                        "_global_backward_hooks", "_global_backward_pre_hooks")
-                 if hasattr(nn_module, name)]  # the dicts torch.nn.modules.module.register_module_*_hook fill
-
-
-def _hooked(module: nn.Module) -> bool:
-    """Whether calling the module runs hooks (its own, global module hooks, accelerate's device hooks)."""
-    own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
-    return any(own) or any(_GLOBAL_HOOKS) or hasattr(module, "_hf_hook")
-
-
-class AdaptedLayer(nn.Module):
+class AdaptedLayer(LayerWrapper):
     """A frozen layer plus named deltas. ``y = base(x) + sum_a delta_a(x)`` over active, unmerged adapters."""
 
     def __init__(self, base: nn.Module):
         super().__init__()
         self.base = base
-        self.kind = _kind(base)
+        self.layer_kind = kind_of(base)
+        self.kind = self.layer_kind.name
         self.deltas = nn.ModuleDict()
         self.active: tuple[str, ...] = ()
         self.merged: dict[str, float] = {}  # merged adapters in merge order, with the weight each was merged with
@@ -77,7 +51,7 @@ class AdaptedLayer(nn.Module):
         self._rows = None  # a deltatune.serving.Rows while a mixed-adapter batch runs
         # exactly nn.Linear / Conv1D (not quantized or other subclasses): its output is x W^T + b, so it may run
         # on 2-D inputs and a single live delta may compute the whole layer in one fused node (Delta.fuse)
-        self._plain = type(base) is nn.Linear or self.kind == "conv1d"
+        self._plain = self.layer_kind.fusable(base)
 
     # the wrapped layer still looks like its base to code that reads its attributes
     @property
@@ -97,11 +71,11 @@ class AdaptedLayer(nn.Module):
             return getattr(self.base, name)
 
     def linear_weight(self) -> torch.Tensor:
-        return linear_weight(self.base)
+        return self.layer_kind.weight(self.base)
 
     def base_bias(self) -> torch.Tensor | None:
-        """The bias a delta may update (embeddings have none)."""
-        return self.bias if self.kind != "embedding" else None
+        """The bias a delta may update (``None`` for kinds without one, e.g. embeddings)."""
+        return self.bias if self.layer_kind.has_bias else None
 
     def add(self, name: str, delta: Delta) -> None:
         w = self.linear_weight()
@@ -125,16 +99,11 @@ class AdaptedLayer(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self._rows is not None:
             return self._rows.forward(self, x, *args, **kwargs)
-        if self.kind == "embedding":
-            out = self._base_output(x, *args, **kwargs)
-            for d in self._live:
-                out = out + d.embed(x).to(out.dtype)
-            return out
-        if not self._plain or _hooked(self.base):
+        if not self._plain or hooked(self.base):
             # hooks and Linear subclasses see the layer as its callers do: original shapes, outputs left untouched
             out = self._base_output(x, *args, **kwargs)
             for d in self._live:
-                out = d.add_to(out, x, inplace=False)
+                out = self.layer_kind.add(d, out, x)
             return out
         # a plain linear map acts on the last dim: run it on a 2-D (tokens x features) view, so that its output
         # is a fresh tensor (not a view) that deltas can add into in place
@@ -151,7 +120,7 @@ class AdaptedLayer(nn.Module):
 
     def _base_output(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self._replacing is not None:
-            return self._replacing.replace(x, embedding=self.kind == "embedding")
+            return self.layer_kind.replace(self._replacing, x)
         return self.base(x, *args, **kwargs)
 
     def merge(self, name: str, weight: float = 1.0) -> None:
@@ -332,19 +301,6 @@ class Registry:
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's model inside DDP / FSDP / DataParallel / torch.compile wrappers, and the transformers model
-    inside a wrapper that exposes it as ``transformers_model`` (a ``SentenceTransformer``): adapters attach there,
-    so their module names are the transformers model's own (what PEFT and sentence-transformers load)."""
-    while not hasattr(model, REGISTRY_ATTR):
-        inner = (getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-                 or getattr(model, "transformers_model", None))
-        if not isinstance(inner, nn.Module):
-            break
-        model = inner
-    return model
-
-
 def registry(model: nn.Module, create: bool = False) -> Registry:
     model = unwrap(model)
     reg = model.__dict__.get(REGISTRY_ATTR)
@@ -369,41 +325,6 @@ def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
     for name, module in unwrap(model).named_modules():
         if isinstance(module, AdaptedLayer):
             yield name, module
-
-
-def base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``named_modules`` as if no layer were wrapped (a wrapped layer shows as its base; deltas are hidden)."""
-    hidden: list[str] = []
-    for name, module in unwrap(model).named_modules():
-        if any(name.startswith(h) for h in hidden):
-            continue
-        if isinstance(module, AdaptedLayer):
-            hidden.append(name + ".")
-            yield name, module.base
-        else:
-            yield name, module
-
-
-class _BaseView(nn.Module):
-    """Shows ``base_modules`` to target resolution (which calls ``named_modules``)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.__dict__["_model"] = model
-
-    def named_modules(self, *args, **kwargs):
-        return base_modules(self._model)
-
-    def get_output_embeddings(self):
-        m = self._model
-        out = m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None
-        return out.base if isinstance(out, AdaptedLayer) else out
-
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
 
 
 def _sync(model: nn.Module) -> None:
@@ -454,15 +375,15 @@ def attach(model: nn.Module, method: Method, name: str = "default", activate: bo
     check_can_activate(model, name, activate)
     model = unwrap(model)
 
-    view = _BaseView(model)
-    saved = resolve_targets(view, method.modules_to_save, kinds=linear_types() + (nn.Embedding,)) \
+    view = BaseView(model)
+    saved = resolve_targets(view, method.modules_to_save) \
         if method.modules_to_save else []
     targets = resolve_targets(view, method.targets, method.exclude, skip=saved, layers=method.layers)
     modules = dict(base_modules(model))
 
     def weights(mod_name: str):
         base = modules[mod_name]
-        return linear_weight(base), (getattr(base, "bias", None) if _kind(base) != "embedding" else None)
+        return linear_weight(base), base_bias(base)
 
     # build everything first: nothing changes on error
     built: dict[str, Delta] = method.build_all(model, {n: weights(n) for n in targets}, data)
@@ -498,7 +419,7 @@ def install(model: nn.Module, name: str, method: Method, built: dict[str, Delta]
         layer = model.get_submodule(mod_name)
         if not isinstance(layer, AdaptedLayer):
             layer = AdaptedLayer(layer)
-            _set_submodule(model, mod_name, layer)
+            set_submodule(model, mod_name, layer)
         layer.add(name, delta)
     reg.adapters[name] = AdapterInfo(method, list(built))
     reg.adapters[name].controller = method.controller(model, name)
@@ -651,7 +572,7 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
                 layer.unmerge(n)
     _merge_layers(model, keep)
     for name, layer in list(adapted_layers(model)):
-        _set_submodule(model, name, layer.base)
+        set_submodule(model, name, layer.base)
     model.__dict__.pop(REGISTRY_ATTR).close(model)
     return model
 
@@ -668,7 +589,7 @@ def delete(model: nn.Module, name: str) -> nn.Module:
         del layer.deltas[name]
         layer.__dict__.pop("_plan_cache", None)
         if not len(layer.deltas):
-            _set_submodule(model, mod_name, layer.base)
+            set_submodule(model, mod_name, layer.base)
     del reg.adapters[name]
     if reg.serving_merged == name:
         reg.serving_merged = None
@@ -691,12 +612,6 @@ def deltas(model: nn.Module, name: str) -> dict[str, Delta]:
 def method_of(model: nn.Module, name: str) -> Method:
     _check_names(model, name)
     return registry(model).adapters[name].method
-
-
-def base_parameter_count(model: nn.Module) -> int:
-    """Parameters of the model without its adapters (each shared tensor counted once)."""
-    seen = {id(p): p.numel() for _, m in base_modules(model) for p in m.parameters(recurse=False)}
-    return sum(seen.values())
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from . import model as M
+from .layers import hooked
 
 BASE = "base"
 
@@ -128,9 +129,9 @@ class Rows:
         plan = self._plans.get(id(layer))
         if plan is None:  # once per routing and layer: parameters do not change during inference
             present = [n for n in self.adapters if n in layer.deltas]
-            stack, grouped = (layer_plan(layer, present) if layer.kind != "embedding" else (None, present)) \
+            stack, grouped = (layer_plan(layer, present) if layer.layer_kind.stacked else (None, present)) \
                 if present else (None, [])
-            plan = self._plans[id(layer)] = (stack, grouped, layer._plain and not M._hooked(layer.base), {})
+            plan = self._plans[id(layer)] = (stack, grouped, layer._plain and not hooked(layer.base), {})
         stack, grouped, inplace, slots = plan
         n_rows = x.shape[0]
         if stack is not None:
@@ -155,7 +156,7 @@ class Rows:
                 continue
             xs = x.index_select(0, rows)
             delta = layer.deltas[n]
-            contrib = (delta.embed(xs) if layer.kind == "embedding" else delta(xs)).to(out.dtype)
+            contrib = layer.layer_kind.output(delta, xs).to(out.dtype)
             out = out.index_add_(0, rows, contrib) if inplace else out.index_add(0, rows, contrib)
         return out
 

@@ -26,30 +26,18 @@ import dataclasses
 import difflib
 import functools
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import regex
 import torch
 from torch import nn
 
-ADAPTABLE = (nn.Linear, nn.Embedding)
+from .layers import adaptable, is_linear, kinds
+
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
 
 TargetSpec = str | Sequence[str] | None
-
-
-def _conv1d_type():
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except Exception:  # transformers is optional
-        return None
-    return Conv1D
-
-
-def linear_types() -> tuple[type, ...]:
-    conv = _conv1d_type()
-    return (nn.Linear,) if conv is None else (nn.Linear, conv)
 
 
 #: CPU seconds one regular expression may take on one module name (a sane one takes microseconds; the first name
@@ -153,34 +141,33 @@ def resolve_targets(
     model: nn.Module,
     targets: TargetSpec,
     exclude: TargetSpec = None,
-    kinds: tuple[type, ...] | None = None,
+    accept: Callable[[nn.Module], bool] = adaptable,
     skip: Iterable[str] = (),
     layers: Iterable[int] | int | None = None,
 ) -> list[str]:
     """Module names selected by ``targets`` minus ``exclude``, restricted to the layer indices ``layers`` when given
     (see :func:`layer_index`). Errors say what is close when nothing matches."""
     skip = set(skip)
-    adaptable = kinds or (*linear_types(), nn.Embedding)
     named = [(n, m) for n, m in model.named_modules() if n and n not in skip]
     if targets == "all-linear":
         heads = head_names(model)
-        selected = [n for n, m in named if isinstance(m, linear_types()) and n not in heads]
+        selected = [n for n, m in named if is_linear(m) and n not in heads]
     else:
         if not isinstance(targets, str) and not targets:
             raise ValueError("no targets given: pass 'all-linear', a regex, or a list of module-name suffixes")
         match = spec_matcher(targets, "target")
         selected = [n for n, m in named if match(n)]
-        wrong = [n for n in selected if not isinstance(dict(named)[n], adaptable)]
+        wrong = [n for n in selected if not accept(dict(named)[n])]
         if wrong:
             kinds_found = sorted({type(dict(named)[n]).__name__ for n in wrong})
             raise ValueError(
                 f"targets {targets!r} select modules deltatune cannot adapt ({', '.join(kinds_found)}), e.g. "
-                f"{wrong[0]!r}; adaptable layers are Linear, Conv1D and Embedding. Narrow the pattern to leaf layers."
+                f"{wrong[0]!r}; adaptable layers are {', '.join(k.name for k in kinds())}. Narrow the pattern to leaf layers."
             )
         if not isinstance(targets, str):
             missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in selected)]
             if missing:
-                raise ValueError(_unknown_message(missing[0], named, adaptable))
+                raise ValueError(_unknown_message(missing[0], named, accept))
     excluded = spec_matcher(exclude, "exclude")
     selected = [n for n in selected if not excluded(n)]
     if layers is not None:
@@ -193,12 +180,12 @@ def resolve_targets(
         selected = kept
     if not selected:
         raise ValueError(_unknown_message(targets if isinstance(targets, str) else str(list(targets)), named,
-                                          adaptable, excluded=exclude))
+                                          accept, excluded=exclude))
     return selected
 
 
-def _unknown_message(target: str, named, adaptable, excluded=None) -> str:
-    names = [n for n, m in named if isinstance(m, adaptable)]
+def _unknown_message(target: str, named, accept, excluded=None) -> str:
+    names = [n for n, m in named if accept(m)]
     suffixes = sorted({n.split(".")[-1] for n in names})
     close = difflib.get_close_matches(str(target).split(".")[-1], suffixes + names, n=5, cutoff=0.4)
     hint = f"close names: {', '.join(close)}" if close else f"adaptable layer names end in: {', '.join(suffixes[:20])}"

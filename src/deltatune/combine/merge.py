@@ -24,7 +24,7 @@ import torch
 
 from ..deltas import DenseDelta, Delta, LowRankDelta
 from ..methods import Method
-from ..calibration import progress as progress_bar
+from ..util import progress as progress_bar
 from ..checks import export_rank_energy
 from ..svd import factored_svd, keep_count, svd_factors, tail_error
 from . import ops

@@ -27,7 +27,8 @@ from collections import Counter
 
 import torch
 
-from ..calibration import progress
+from ..layers import kind_named
+from ..util import progress
 from ..deltas import FrozenWeight, delta_from_spec
 from ..svd import svd_factors
 from ..targets import pattern_value
@@ -86,7 +87,7 @@ def _alpha(scale: float, r: int, rslora: bool) -> float:
 
 
 def _in_module_layout(t: torch.Tensor, kind: str) -> torch.Tensor:
-    return t if kind == "linear" else t.t().contiguous()
+    return kind_named(kind).from_linear(t, None).contiguous()
 
 
 def to_peft(record: AdapterRecord, rank: int | None = None, errors: dict[str, float] | None = None,

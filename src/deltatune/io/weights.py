@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from ..layers import kind_named
+
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
@@ -134,7 +136,7 @@ class WeightStore:
                              "adapter was trained on? (A module the adapter keeps whole, such as a new classification "
                              "head, must be in the base checkpoint too: save the base model with its head.)")
         W = self[key]
-        W = W if kind == "linear" else W.t()
+        W = kind_named(kind).to_linear(W)
         if shape is not None and tuple(W.shape) != tuple(shape):
             raise ValueError(f"{self.path}: {key} has shape {tuple(W.shape)}, but the adapter's {module!r} needs "
                              f"(out, in) = {tuple(shape)}: not the base model the adapter was trained on")

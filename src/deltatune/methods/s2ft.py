@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from ..budget.sync import broadcast_
-from ..calibration import progress, run_batch
+from ..layers import kind_of
+from ..util import progress, run_batch
 from ..deltas import SlicedDelta
 from ..targets import Block, UnitMap, find_blocks
 from .base import Method, adapter_dtype
@@ -45,8 +46,8 @@ SELECTIONS = ("random", "weight", "activation", "gradient")
 
 # -- pure tensor math -------------------------------------------------------------------------------------------
 def _linear(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
-    """``t`` (a weight or its gradient) in linear layout (out x in); GPT-2's Conv1D stores (in x out)."""
-    return t if isinstance(module, nn.Linear) else t.t()
+    """``t`` (a weight or its gradient) in linear layout (out x in), as the module's layer kind stores it."""
+    return kind_of(module).to_linear(t)
 
 
 def unit_norms_sq(W: torch.Tensor, axis: int, units: int) -> torch.Tensor:

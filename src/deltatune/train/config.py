@@ -50,6 +50,7 @@ from ..methods.base import ALIASES, Method, check_fields
 from ..targets import name_matches
 from .data import (TASKS, Collator, check_column_names, check_spec, describe_source, encode_classification,
                    encode_instructions, is_dataset, pad_id_of, read_rows)
+from ..util import resolve_path
 from .fields import typed_fields
 from .trainer import TrainArgs, set_seed, train
 
@@ -140,11 +141,7 @@ def parse_method(d: dict | None) -> Method:
     return method
 
 
-def _resolve(path: str | None, base: Path) -> str | None:
-    if path is None:
-        return None
-    p = Path(os.path.expanduser(str(path)))
-    return str(p if p.is_absolute() else base / p)
+_resolve = resolve_path
 
 
 def _resolve_source(source, base: Path, where: str):

@@ -1,0 +1,208 @@
+"""Layer kinds: the registry of the module types deltatune can adapt, and how each maps to the linear layout.
+
+Every delta works on a weight in *linear layout* ``W`` (out x in) and a bias ``b`` (or none). A :class:`LayerKind`
+says, for one family of modules:
+
+- ``weight(m)``: ``W`` as a view that shares the module's storage (in-place merges write through);
+- ``to_linear(t)`` / ``from_linear(t, like)``: a stored tensor (a checkpoint's or a file's) to and from that layout;
+- ``add(delta, out, x)``: the layer output plus one delta's contribution, for inputs ``x`` as the module takes them;
+- ``output(delta, x)``: one delta's contribution alone (for per-row serving and diagnostics);
+- ``replace(delta, x)``: the output of a delta that computes the whole layer (a full replacement);
+- ``stacked``: inputs are features on the last dimension, so mixed-adapter batches may apply stacked low-rank
+  factors to them (:mod:`deltatune.serving`);
+- ``fusable(m)``: the module computes exactly ``x W^T + b`` over the last dimension, so a delta may run it on a 2-D
+  view in one fused node (:meth:`deltatune.deltas.Delta.fuse`); ``has_bias``: deltas may update the bias.
+
+Adding a kind (e.g. ``nn.Conv2d``) is one :func:`register_kind` call plus its tests; nothing else in the library
+tests module types. This floor imports only torch.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.modules import module as nn_module
+
+#: the attribute under which an adapted model keeps its adapter registry (see :mod:`deltatune.registry`)
+REGISTRY_ATTR = "_deltatune"
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """How one family of modules maps to the linear layout (see the module docstring)."""
+
+    name: str
+    matches: Callable[[nn.Module], bool]
+    weight: Callable[[nn.Module], torch.Tensor]
+    to_linear: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+    from_linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = lambda t, like: t
+    add: Callable = lambda delta, out, x: delta.add_to(out, x, inplace=False)
+    output: Callable = lambda delta, x: delta(x)
+    replace: Callable = lambda delta, x: delta.replace(x, embedding=False)
+    fusable: Callable[[nn.Module], bool] = lambda m: False
+    has_bias: bool = True
+    stacked: bool = True
+    #: looked up in ``"all-linear"`` target resolution
+    linear: bool = True
+
+
+_KINDS: list[LayerKind] = []
+
+
+def register_kind(kind: LayerKind) -> LayerKind:
+    """Make modules that ``kind.matches`` adaptable (the first registered kind that matches wins)."""
+    if any(k.name == kind.name for k in _KINDS):
+        raise ValueError(f"a layer kind named {kind.name!r} is already registered")
+    _KINDS.append(kind)
+    return kind
+
+
+def kinds() -> tuple[LayerKind, ...]:
+    return tuple(_KINDS)
+
+
+def find_kind(module: nn.Module) -> LayerKind | None:
+    return next((k for k in _KINDS if k.matches(module)), None)
+
+
+def kind_of(module: nn.Module) -> LayerKind:
+    """The registered kind of ``module``; ``TypeError`` naming the adaptable kinds otherwise."""
+    kind = find_kind(module)
+    if kind is None:
+        raise TypeError(f"deltatune cannot adapt {type(module).__name__}; adaptable: "
+                        f"{', '.join(k.name for k in _KINDS)}")
+    return kind
+
+
+def kind_named(name: str) -> LayerKind:
+    """The kind called ``name`` (as stored in adapter files, e.g. ``"linear"``)."""
+    for k in _KINDS:
+        if k.name == name:
+            return k
+    raise ValueError(f"unknown layer kind {name!r}; known: {', '.join(k.name for k in _KINDS)}")
+
+
+def adaptable(module: nn.Module) -> bool:
+    return find_kind(module) is not None
+
+
+def is_linear(module: nn.Module) -> bool:
+    """A registered kind that ``"all-linear"`` selects (Linear, GPT-2 Conv1D)."""
+    kind = find_kind(module)
+    return kind is not None and kind.linear
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The module's weight as an (out x in) view that shares storage (in-place edits write through)."""
+    return kind_of(module).weight(module)
+
+
+def base_bias(module: nn.Module) -> torch.Tensor | None:
+    """The bias a delta may update (``None`` for kinds without one, e.g. embeddings)."""
+    return getattr(module, "bias", None) if kind_of(module).has_bias else None
+
+
+# -- the built-in kinds ---------------------------------------------------------------------------------------------
+def gpt2_conv1d_type() -> type | None:
+    """transformers' GPT-2 ``Conv1D`` (a linear layer that stores its weight in x out), if transformers is installed."""
+    try:
+        # optional third-party dependency: transformers is not required by the core
+        from transformers.pytorch_utils import Conv1D
+    except Exception:
+        return None
+    return Conv1D
+
+
+def _transpose(t: torch.Tensor, like=None) -> torch.Tensor:
+    return t.t()
+
+
+def _embedding_add(delta, out, x):
+    return out + delta.embed(x).to(out.dtype)
+
+
+register_kind(LayerKind(
+    "linear", matches=lambda m: isinstance(m, nn.Linear), weight=lambda m: m.weight,
+    fusable=lambda m: type(m) is nn.Linear))  # subclasses (quantized layers, ...) may compute something else
+register_kind(LayerKind(
+    "conv1d", matches=lambda m: (t := gpt2_conv1d_type()) is not None and isinstance(m, t),
+    weight=lambda m: m.weight.t(), to_linear=_transpose, from_linear=_transpose, fusable=lambda m: True))
+register_kind(LayerKind(
+    "embedding", matches=lambda m: isinstance(m, nn.Embedding), weight=lambda m: m.weight.t(),
+    to_linear=_transpose, from_linear=_transpose, add=_embedding_add, output=lambda delta, x: delta.embed(x),
+    replace=lambda delta, x: delta.replace(x, embedding=True), has_bias=False, stacked=False, linear=False))
+
+
+# -- module trees with wrapped layers -------------------------------------------------------------------------------
+class LayerWrapper(nn.Module):
+    """Marker base class of a module that wraps an adaptable layer as ``.base`` (:class:`deltatune.adapted.
+    AdaptedLayer`): code on this floor sees through it without importing the wrapper."""
+
+    base: nn.Module
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's model inside DDP / FSDP / DataParallel / torch.compile wrappers, and the transformers model
+    inside a wrapper that exposes it as ``transformers_model`` (a ``SentenceTransformer``): adapters attach there,
+    so their module names are the transformers model's own (what PEFT and sentence-transformers load)."""
+    while not hasattr(model, REGISTRY_ATTR):
+        inner = (getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+                 or getattr(model, "transformers_model", None))
+        if not isinstance(inner, nn.Module):
+            break
+        model = inner
+    return model
+
+
+def base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``named_modules`` as if no layer were wrapped (a wrapped layer shows as its base; deltas are hidden)."""
+    hidden: list[str] = []
+    for name, module in unwrap(model).named_modules():
+        if any(name.startswith(h) for h in hidden):
+            continue
+        if isinstance(module, LayerWrapper):
+            hidden.append(name + ".")
+            yield name, module.base
+        else:
+            yield name, module
+
+
+def base_parameter_count(model: nn.Module) -> int:
+    """Parameters of the model without its adapters (each shared tensor counted once)."""
+    seen = {id(p): p.numel() for _, m in base_modules(model) for p in m.parameters(recurse=False)}
+    return sum(seen.values())
+
+
+class BaseView(nn.Module):
+    """Shows :func:`base_modules` to code that calls ``named_modules`` (target resolution)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.__dict__["_model"] = model
+
+    def named_modules(self, *args, **kwargs):
+        return base_modules(self._model)
+
+    def get_output_embeddings(self):
+        m = self._model
+        out = m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None
+        return out.base if isinstance(out, LayerWrapper) else out
+
+
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+_GLOBAL_HOOKS = [getattr(nn_module, name) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                                        "_global_backward_hooks", "_global_backward_pre_hooks")
+                 if hasattr(nn_module, name)]  # the dicts torch.nn.modules.module.register_module_*_hook fill
+
+
+def hooked(module: nn.Module) -> bool:
+    """Whether calling the module runs hooks (its own, global module hooks, accelerate's device hooks)."""
+    own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+    return any(own) or any(_GLOBAL_HOOKS) or hasattr(module, "_hf_hook")
