@@ -31,7 +31,7 @@ from torch import nn
 from . import model as M
 from .calibration import Calibration, calibrate
 from .util import progress, run_batch
-from .layers import is_linear
+from .layers import is_linear, kind_of
 from .targets import resolve_targets
 
 METHODS = ("svd", "activation", "fisher")
@@ -155,7 +155,7 @@ def fisher_rows(model: nn.Module, data: Iterable, names: list[str], max_batches:
             loss.backward()
             for n, w in weights.items():
                 g = modules[n].weight.grad
-                g = g if M._kind(modules[n]) == "linear" else g.t()
+                g = kind_of(modules[n]).to_linear(g)
                 rows[n] += g.double().pow(2).sum(1)
     finally:
         model.zero_grad(set_to_none=True)

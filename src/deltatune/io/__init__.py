@@ -22,6 +22,7 @@ from torch import nn
 
 from .. import __version__
 from .. import model as M
+from ..layers import kind_of
 from ..checks import export_rank_energy, finite_number, positive_int
 from ..methods import Method
 from .files import (CONFIG_NAME, WEIGHTS_NAME, adapter_folders, check_output_folder, read_adapter, write_adapter,
@@ -102,7 +103,7 @@ def _parse(folder, config: dict, tensors: dict, name: str | None, model: nn.Modu
         if model is not None:
             for mod, base in M.base_modules(model):
                 try:
-                    kinds[mod] = M._kind(base)
+                    kinds[mod] = kind_of(base).name
                 except TypeError:
                     pass
         return from_peft(config, tensors, name or "default", kinds, source=str(Path(folder) / CONFIG_NAME))

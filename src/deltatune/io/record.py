@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .. import model as M
+from ..layers import kind_of
 from ..deltas import Delta, delta_from_spec
 from ..deltas.base import check_spec
 
@@ -82,7 +83,7 @@ def check_fits(model: nn.Module, record: AdapterRecord) -> dict[str, nn.Module]:
                 f"({record.base_model or 'unknown'})?"
             )
         try:
-            kind = M._kind(base)
+            kind = kind_of(base).name
         except TypeError:
             raise ValueError(f"adapter {record.name!r} does not fit this model: {mod_name!r} is a "
                              f"{type(base).__name__}, which deltatune cannot adapt") from None
