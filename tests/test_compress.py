@@ -42,7 +42,7 @@ def test_full_rank_factor_layers_reproduce_the_model(minilm_dir, sst2_rows):
             new.up.weight.copy_(up)
             new.down.weight.copy_(down)
             new.up.bias.copy_(layer.bias)
-        dt.model._set_submodule(model, name, new)
+        dt.layers.set_submodule(model, name, new)
     torch.testing.assert_close(_logits(model, batches), want, atol=1e-4, rtol=1e-4)
 
 

@@ -5,7 +5,7 @@
     ...train...
     dt.save(model, "out/sst2")
 """
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402,F401
 
 from .deltas import (  # noqa: E402
     Delta, FullDelta, GatedSVDDelta, LowRankDelta, NOLADelta, OrthogonalLowRankDelta, RotationDelta, SlicedDelta,
@@ -17,21 +17,17 @@ from .model import (  # noqa: E402
     AdaptedLayer,
     active_adapters,
     adapters,
-    after_backward,
     attach,
-    begin,
-    controller,
-    controller_metrics,
     delete,
     disabled,
     merge,
     print_trainable_parameters,
     set_active,
-    step,
     trainable_parameters,
     unload,
     unmerge,
 )
+from .control import after_backward, begin, controller, controller_metrics, step  # noqa: E402
 from .calibration import calibrate  # noqa: E402
 # combine, compress, deltas, extract, interference: modules that are also callable as their function (see _modules),
 # so dt.combine(model, ...) and dt.combine.ties / import deltatune.combine.ops both work
@@ -39,6 +35,7 @@ from . import combine, compress, deltas, extract, interference  # noqa: E402
 from .compress import load_compressed  # noqa: E402
 from .io import load, save  # noqa: E402
 from .serving import adapter_rows, set_serving  # noqa: E402
+from . import hf  # noqa: E402,F401  (registers save_pretrained on adapted transformers models)
 
 __all__ = [
     "AdaLoRA", "AdaptedLayer", "Controller", "Delta", "FullDelta", "GatedSVDDelta", "IncreLoRA", "LTSFT", "LoRA",

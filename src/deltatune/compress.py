@@ -31,7 +31,7 @@ from torch import nn
 from . import model as M
 from .calibration import Calibration, calibrate
 from .util import progress, run_batch
-from .layers import is_linear, kind_of
+from .layers import is_linear, kind_of, set_submodule
 from .targets import resolve_targets
 
 METHODS = ("svd", "activation", "fisher")
@@ -232,7 +232,7 @@ def compress(model: nn.Module, ratio: float, method: str = "activation", data: I
                 new.up.bias.copy_(base.bias)
         for p in new.parameters():
             p.requires_grad_(W.requires_grad)
-        M._set_submodule(model, n, new)
+        set_submodule(model, n, new)
     record = {n: k for n, k in ranks.items() if k >= 0}
     config = getattr(model, "config", None)
     if config is not None:
@@ -250,7 +250,7 @@ def apply_ranks(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
     for n, k in ranks.items():
         base = modules[n]
         W = M.linear_weight(base)
-        M._set_submodule(model, n, LowRankLinear(W.shape[1], W.shape[0], k, base.bias is not None, W.dtype, W.device))
+        set_submodule(model, n, LowRankLinear(W.shape[1], W.shape[0], k, base.bias is not None, W.dtype, W.device))
     return model
 
 

@@ -11,12 +11,17 @@ call it, so their folders hold adapters, not a full model under deltatune's modu
 """
 from __future__ import annotations
 
+import types
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import model as M
+from .io import NeedsBase, NotLowRank, load, read_record, save
+from .io.files import CONFIG_NAME, adapter_folders, read_json
+from .io.record import build_deltas
+from .registry import ON_CLOSE, ON_CREATE
 
 
 def save_pretrained(model: nn.Module, save_directory, *args, is_main_process: bool = True, format: str | None = None,
@@ -30,8 +35,6 @@ def save_pretrained(model: nn.Module, save_directory, *args, is_main_process: bo
     adapters go to one subfolder each. The other arguments of ``PreTrainedModel.save_pretrained``
     (``state_dict``, ``safe_serialization``, ...) are accepted and ignored: the files are always safetensors.
     """
-    from .io import NeedsBase, NotLowRank, save
-
     if not is_main_process:
         return
     if format is None:
@@ -45,18 +48,12 @@ def save_pretrained(model: nn.Module, save_directory, *args, is_main_process: bo
 
 def saved_names(folder: str | Path) -> list[str]:
     """Names of the adapters saved in ``folder`` (one adapter in the folder itself, or one per subfolder)."""
-    from .io.files import CONFIG_NAME, adapter_folders, read_json
-
     return [sub or read_json(Path(f) / CONFIG_NAME).get("name", "default") for sub, f in adapter_folders(folder).items()]
 
 
 def check_loadable(model: nn.Module, folder: str | Path) -> None:
     """Read and build every adapter in ``folder`` against ``model`` without touching it: a damaged or mismatched
     checkpoint raises here, before the adapters it would replace are deleted."""
-    from .io import read_record
-    from .io.files import adapter_folders
-    from .io.record import build_deltas
-
     for sub, f in adapter_folders(folder).items():
         build_deltas(model, read_record(f, sub or None, model))
 
@@ -80,7 +77,6 @@ def restore(model: nn.Module, folder: str | Path, optimizer=None, distributed: b
     ``distributed``: the parameters sit in a DDP wrapper that cannot be rebuilt from here, so they must stay the
     same tensors: values are copied into the old parameters where that is exact (same shapes, no controller that
     keeps per-parameter state); otherwise this raises before changing anything."""
-    from .io import load
 
     inner = M.unwrap(model)
     names = saved_names(folder)
@@ -123,3 +119,19 @@ def _copy_into_old(root: nn.Module, old: dict[str, nn.Parameter], new: dict[str,
 
 
 __all__ = ["restore", "save_pretrained", "saved_names"]
+
+
+# -- registered with the registry: an adapted transformers model saves its adapters -------------------------------
+def _give_save_pretrained(model: nn.Module, reg) -> None:
+    """An instance method: ``model.save_pretrained`` (and the HF Trainer's checkpoints) write the adapters."""
+    if callable(getattr(type(model), "save_pretrained", None)):
+        model.__dict__["save_pretrained"] = types.MethodType(save_pretrained, model)
+
+
+def _take_save_pretrained(model: nn.Module, reg) -> None:
+    if getattr(model.__dict__.get("save_pretrained"), "__func__", None) is save_pretrained:
+        del model.__dict__["save_pretrained"]
+
+
+ON_CREATE.append(_give_save_pretrained)
+ON_CLOSE.append(_take_save_pretrained)

@@ -23,6 +23,8 @@ from itertools import combinations
 import torch
 from torch import nn
 
+from .model import deltas, override_active
+from .registry import adapted_layers, check_names
 from .util import progress, run_batch
 from .deltas import Delta
 from .svd import energy_rank, factored_svd
@@ -70,18 +72,18 @@ def pair_overlaps(deltas: dict[str, dict[str, Delta]], energy: float = 0.99) -> 
 def crosstalk(model: nn.Module, names: list[str], inputs: dict[str, Iterable]) -> dict[tuple[str, str, str], float]:
     """``{(module, a, b): ||dW_b x_a|| / ||dW_a x_a||}`` with ``x_a`` the layer inputs while ``a`` alone is active
     on ``inputs[a]``. The model's active adapters, train/eval mode and gradient flags are restored afterwards."""
-    from . import model as M
-
-    reg = M.registry(model)
-    active, trainable, was_training = list(reg.active), reg.trainable, model.training
-    layers = dict(M.adapted_layers(model))
+    layers = dict(adapted_layers(model))
+    merged = sorted({n for layer in layers.values() for n in layer.merged})
+    if merged:
+        raise ValueError(f"adapters {merged} are merged into the weights; dt.unmerge(model) before measuring "
+                         "cross-talk")
+    was_training = model.training
     sums: dict[tuple[str, str, str], float] = {}
     try:
         model.eval()
         for a in names:
             if a not in inputs:
                 continue
-            M.set_active(model, [a])
             handles = []
             for mod, layer in layers.items():
                 if a not in layer.deltas:
@@ -96,13 +98,13 @@ def crosstalk(model: nn.Module, names: list[str], inputs: dict[str, Iterable]) -
                         sums[(mod, a, n)] = sums.get((mod, a, n), 0.0) + float(y.float().pow(2).sum())
                 handles.append(layer.register_forward_pre_hook(hook))
             try:
-                for batch in progress(inputs[a], f"interference: inputs of {a}"):
-                    run_batch(model, batch)
+                with override_active(model, [a]):
+                    for batch in progress(inputs[a], f"interference: inputs of {a}"):
+                        run_batch(model, batch)
             finally:
                 for h in handles:
                     h.remove()
     finally:
-        M.set_active(model, active, trainable=trainable)
         model.train(was_training)
     out = {}
     for (mod, a, b), v in sums.items():
@@ -119,12 +121,10 @@ def interference(model: nn.Module, names: list[str], inputs=None, energy: float 
     ``inputs``: calibration batches (dicts of model keyword arguments or tensors of input ids) used for every
     adapter, or ``{adapter: batches}`` to give each adapter its own task's inputs. The model is left as it was.
     """
-    from . import model as M
-
-    names = M._check_names(model, names)
+    names = check_names(model, names)
     if len(names) < 2:
         raise ValueError(f"interference compares two or more adapters, got {names}")
-    rows = pair_overlaps({n: M.deltas(model, n) for n in names}, energy)
+    rows = pair_overlaps({n: deltas(model, n) for n in names}, energy)
     if inputs is not None:
         if not isinstance(inputs, dict):
             inputs = {n: list(inputs) if not isinstance(inputs, list) else inputs for n in names}

@@ -1,359 +1,31 @@
-"""Attach deltas to any ``nn.Module``: the adapted-layer wrapper, the adapter registry and the public verbs.
+"""The public verbs on adapted models: attach, switch, merge, unmerge, unload, delete, inspect.
 
-A targeted layer ``m`` is replaced by ``AdaptedLayer(base=m)`` that holds one delta per adapter name::
-
-    y = base(x) + sum over active, unmerged adapters a of  delta_a(x)
-
-Everything here is generic: it only uses the :class:`~deltatune.deltas.Delta` and
-:class:`~deltatune.methods.Method` interfaces.
+Everything here is generic: it uses the :class:`~deltatune.deltas.Delta` and :class:`~deltatune.methods.Method`
+interfaces, the layer wrapper (:mod:`deltatune.adapted`) and the registry (:mod:`deltatune.registry`). Plugins such
+as serving hear about changes through the registry's listeners; this module never imports them.
 """
 from __future__ import annotations
 
 import contextlib
-import math
 import numbers
-import re
-import types
 import warnings
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
+from .adapted import AdaptedLayer
 from .checks import finite_number, finite_tensor
 from .deltas import Delta
-from .methods.base import Controller, Method, check_fields, full_replacement
-from .layers import (REGISTRY_ATTR, BaseView, LayerWrapper, base_bias, base_modules, hooked,
-                     kind_of, linear_weight, set_submodule, unwrap)
-from .layers import base_parameter_count  # noqa: F401  (re-exported: dt.model.base_parameter_count)
+from .layers import BaseView, base_bias, base_modules, linear_weight, set_submodule, unwrap
+from .layers import base_parameter_count, REGISTRY_ATTR  # noqa: F401  (re-exported for callers of dt.model)
+from .methods.base import Method, check_fields, full_replacement
+from .registry import (BEFORE_SWITCH, ON_DELETE, AdapterInfo, adapted_layers, adapter_names, check_install,
+                       check_names, check_new_name, close, notify, registry, sync)
 from .targets import resolve_targets
-_NAME_RE = re.compile(r"[A-Za-z0-9_\-]+")  # fullmatch: "$" would let a trailing newline through
 
-
-class AdaptedLayer(LayerWrapper):
-    """A frozen layer plus named deltas. ``y = base(x) + sum_a delta_a(x)`` over active, unmerged adapters."""
-
-    def __init__(self, base: nn.Module):
-        super().__init__()
-        self.base = base
-        self.layer_kind = kind_of(base)
-        self.kind = self.layer_kind.name
-        self.deltas = nn.ModuleDict()
-        self.active: tuple[str, ...] = ()
-        self.merged: dict[str, float] = {}  # merged adapters in merge order, with the weight each was merged with
-        self._undo: dict[str, tuple] = {}  # per merged adapter: what its inverse update would not restore exactly
-        self.enabled = True
-        self._live: tuple[Delta, ...] = ()
-        # the delta that computes the whole output, if any: a plain reference, never a registered submodule (it is
-        # already registered under ``deltas``; a second registration puts its tensors twice into ``state_dict``)
-        self.__dict__["_replacing"] = None
-        self._rows = None  # a deltatune.serving.Rows while a mixed-adapter batch runs
-        # exactly nn.Linear / Conv1D (not quantized or other subclasses): its output is x W^T + b, so it may run
-        # on 2-D inputs and a single live delta may compute the whole layer in one fused node (Delta.fuse)
-        self._plain = self.layer_kind.fusable(base)
-
-    # the wrapped layer still looks like its base to code that reads its attributes
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self):
-        return getattr(self.base, "bias", None)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base":
-                raise
-            return getattr(self.base, name)
-
-    def linear_weight(self) -> torch.Tensor:
-        return self.layer_kind.weight(self.base)
-
-    def base_bias(self) -> torch.Tensor | None:
-        """The bias a delta may update (``None`` for kinds without one, e.g. embeddings)."""
-        return self.bias if self.layer_kind.has_bias else None
-
-    def add(self, name: str, delta: Delta) -> None:
-        w = self.linear_weight()
-        if (delta.out_features, delta.in_features) != tuple(w.shape):
-            raise ValueError(f"delta of shape ({delta.out_features}, {delta.in_features}) does not fit a weight of "
-                             f"shape {tuple(w.shape)}")
-        delta.bind(self)
-        self.deltas[name] = delta
-        self.__dict__.pop("_plan_cache", None)  # mixed-batch factor stacks (deltatune.serving)
-        self.refresh()
-
-    def refresh(self) -> None:
-        """Recompute the tuple of deltas the forward applies (kept out of the hot path)."""
-        live = [self.deltas[n] for n in self.active if n in self.deltas and n not in self.merged]
-        live = live if self.enabled else []
-        replacing = [d for d in live if d.replaces_output]
-        # one replacing delta computes the whole output; several fall back to adding their dense updates
-        self.__dict__["_replacing"] = replacing[0] if len(replacing) == 1 and not self.merged else None
-        self._live = tuple(d for d in live if d is not self._replacing)
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self._rows is not None:
-            return self._rows.forward(self, x, *args, **kwargs)
-        if not self._plain or hooked(self.base):
-            # hooks and Linear subclasses see the layer as its callers do: original shapes, outputs left untouched
-            out = self._base_output(x, *args, **kwargs)
-            for d in self._live:
-                out = self.layer_kind.add(d, out, x)
-            return out
-        # a plain linear map acts on the last dim: run it on a 2-D (tokens x features) view, so that its output
-        # is a fresh tensor (not a view) that deltas can add into in place
-        lead = x.shape[:-1]
-        x = x.reshape(-1, x.shape[-1])
-        if len(self._live) == 1 and self._replacing is None:
-            out = self._live[0].fuse(x, self.linear_weight(), self.bias)
-            if out is not None:
-                return out.view(*lead, out.shape[-1])
-        out = self._base_output(x, *args, **kwargs)
-        for d in self._live:
-            out = d.add_to(out, x)
-        return out.view(*lead, out.shape[-1])
-
-    def _base_output(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self._replacing is not None:
-            return self.layer_kind.replace(self._replacing, x)
-        return self.base(x, *args, **kwargs)
-
-    def merge(self, name: str, weight: float = 1.0) -> None:
-        """``W <- W + weight * dW_name`` (a multiplicative delta: ``W <- W R(weight q)^T``), exactly."""
-        weight = finite_number(weight, "merge weight")
-        self.check_remerge(name, weight)
-        if name in self.merged or name not in self.deltas:
-            return
-        delta = self.deltas[name]
-        rotating = [n for n in self.active if n in self.deltas and n not in self.merged and n != name
-                    and self.deltas[n].multiplicative] if self.enabled else []
-        if rotating and not delta.multiplicative:
-            raise ValueError(f"cannot merge {name!r} while {rotating[0]!r} is live on the same layer: it multiplies "
-                             "the layer's current weight, so it would then act on the merged update too and the "
-                             f"output would change. Merge {rotating[0]!r} first (dt.merge merges in the order given) "
-                             "or deactivate it")
-        self._put_in(name, weight)
-        self.merged[name] = weight
-        self.refresh()
-
-    def check_remerge(self, name: str, weight: float) -> None:
-        """Merging an adapter again with the weight it is merged with does nothing; with another weight it is
-        refused (not ignored)."""
-        if name in self.merged and self.merged[name] != weight:
-            raise ValueError(f"adapter {name!r} is already merged with weight {self.merged[name]}; "
-                             f"dt.unmerge(model, {name!r}) first to merge it with weight {weight}")
-
-    def unmerge(self, name: str) -> None:
-        """Take ``name`` out of the weights exactly (bit for bit, see :func:`_undo_record`): the adapters merged after
-        it come out first (last in, first out) and go back in afterwards, so the result does not depend on the order
-        of unmerging."""
-        if name not in self.merged:
-            return
-        order = list(self.merged)
-        later = order[order.index(name) + 1:]
-        for n in [*reversed(later), name]:
-            self._take_out(n)
-        del self.merged[name]
-        for n in later:
-            self._put_in(n, self.merged[n])
-        self.refresh()
-
-    def _put_in(self, name: str, weight: float) -> None:
-        """Merge ``name`` into the weight and bias and record what its exact unmerge needs (:func:`_undo_record`)."""
-        W, b = self.linear_weight(), self.base_bias()
-        before = (W.detach().clone(), None if b is None else b.detach().clone())
-        self.deltas[name].merge_into(W, b, weight)
-        refuse_bad_merge(name, weight, (W, b), before)
-        self._undo[name] = _undo_record(self.deltas[name], W, b, before, weight)
-
-    def _take_out(self, name: str) -> None:
-        """Apply the inverse update of the last merged adapter ``name``, then restore the entries its record says
-        the inverse gets wrong: the weight and bias are bit for bit what they were before the merge."""
-        W, b = self.linear_weight(), self.base_bias()
-        fixes, invert = self._undo.pop(name, ((None, None), True))
-        if invert:  # else every tensor the merge changed comes back from its copy
-            self.deltas[name].merge_into(W, b, -self.merged[name])
-        for target, fix in zip((W, b), fixes):
-            _apply_fix(target, fix)
-
-    def extra_repr(self) -> str:
-        return f"active={list(self.active)}, merged={list(self.merged)}"
-
-
-@torch.no_grad()
-def refuse_bad_merge(name: str, scale: float, tensors: tuple, before: tuple) -> None:
-    """After ``W, b <- merge`` (``tensors``; ``before``: their copies from before the merge): put the copies back
-    and refuse when the merged weight or bias holds NaN/inf or ``max|W'| > max|W| / eps(dtype)``: past that,
-    unmerging leaves rounding errors as large as the base weights themselves, so the base would be lost for good."""
-    pairs = [(t, old) for t, old in zip(tensors, before) if t is not None]
-    W, W0 = pairs[0]
-    finite = all(bool(torch.isfinite(t).all()) for t, _ in pairs)
-    prior = float(W0.abs().amax()) if W0.numel() else 0.0
-    after = float(W.detach().abs().amax()) if finite and W.numel() else 0.0
-    limit = prior / torch.finfo(W.dtype).eps if W.is_floating_point() else math.inf
-    if finite and (prior == 0.0 or after <= limit):
-        return
-    for t, old in pairs:
-        t.copy_(old)
-    what = "NaN/inf weights" if not finite else f"weights {after / prior:.3g}x larger than the base"
-    raise ValueError(f"merging adapter {name!r} with weight {scale} would give {what} in a {tuple(W.shape)} "
-                     f"{W.dtype} layer, and unmerging could not restore the base; nothing was merged. Use a "
-                     "smaller merge weight (or check the adapter's values)")
-
-
-# -- exact unmerging ------------------------------------------------------------------------------------------------
-def _undo_record(delta: Delta, W: torch.Tensor, b: torch.Tensor | None, before: tuple, weight: float) -> tuple:
-    """What unmerging ``delta`` needs beyond its inverse update, for the weight and the bias just merged.
-
-    Floating-point ``(W + u) - u`` is not always ``W`` (an entry smaller than ``u`` loses bits; half-precision
-    weights round; a rotation's inverse is exact only up to rounding), and the error would add up over merge/unmerge
-    round trips. So the inverse is tried once on a copy, and the record keeps the original values where it is off:
-    nothing where it is exact, those entries (flat indices and values) where few are off, else a copy of the tensor.
-    Generic: no structure has to declare whether its merge inverts exactly.
-
-    Returns ``((weight fix, bias fix), invert)``; ``invert`` is False when every tensor the merge changed has a full
-    copy, so unmerging only copies back. A multiplicative delta (a rotation: its inverse is never exact in floating
-    point) keeps the copies without the trial."""
-    changed = [orig is not None and not torch.equal(_bits(orig), _bits(now)) for orig, now in zip(before, (W, b))]
-    if delta.multiplicative:
-        return tuple(orig.cpu() if c else None for orig, c in zip(before, changed)), False
-    trial = (W.clone(), None if b is None else b.clone())
-    delta.merge_into(trial[0], trial[1], -weight)
-    fixes = tuple(_fix(orig, got) for orig, got in zip(before, trial))
-    invert = any(c and not isinstance(f, torch.Tensor) for c, f in zip(changed, fixes))
-    return fixes, invert
-
-
-def _fix(original: torch.Tensor | None, restored: torch.Tensor | None):
-    """``None`` if ``restored`` equals ``original`` bit for bit, else ``(flat indices, values)`` of the entries that
-    differ, or the whole ``original`` when that is smaller than the index list. Records are kept in host memory
-    (int32 indices where they fit), so merging for inference does not take accelerator memory."""
-    if original is None:
-        return None
-    wrong = _bits(restored) != _bits(original)  # bits, so -0.0 vs 0.0 and NaN payloads count too
-    count = int(wrong.sum())
-    if count == 0:
-        return None
-    size, small = original.element_size(), original.numel() < 2 ** 31
-    if count * ((4 if small else 8) + size) >= original.numel() * size:
-        return original.cpu()
-    idx = wrong.reshape(-1).nonzero().squeeze(1)
-    values = original.reshape(-1)[idx]
-    return (idx.to(torch.int32) if small else idx).cpu(), values.cpu()
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's bit patterns as integers of its element size."""
-    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-    return t.view(ints[t.element_size()]) if t.is_floating_point() else t
-
-
-def _apply_fix(target: torch.Tensor | None, fix) -> None:
-    """Write a :func:`_fix` record back into ``target`` (in place; ``target`` may be a transposed view)."""
-    if fix is None or target is None:
-        return
-    with torch.no_grad():
-        if isinstance(fix, torch.Tensor):
-            target.copy_(fix)
-        else:
-            idx, values = (t.to(target.device) for t in fix)
-            target.index_put_(torch.unravel_index(idx.long(), target.shape), values)
-
-
-@dataclass
-class AdapterInfo:
-    method: Method
-    modules: list[str]
-    controller: Controller | None = None
-
-
-@dataclass
-class Registry:
-    """Per-model state: adapters by name (in attach order), the active ones, which of those train (``None``: all
-    active ones), the controller step counter."""
-
-    adapters: dict[str, AdapterInfo] = field(default_factory=dict)
-    active: list[str] = field(default_factory=list)
-    trainable: list[str] | None = None
-    step: int = 0
-    restored: bool = False  # ``step`` came from a checkpoint (dt.load) and no training step has run since
-    merge_single: bool = False  # serving: run a batch whose rows all use one adapter with it merged
-    serving_merged: str | None = None  # the adapter merged for that, if any
-    hooks: list = field(default_factory=list)  # model(..., adapter_names=[...])
-    resizable: bool = True  # what dt.begin decided: controllers may change parameter shapes
-
-    def close(self, model: nn.Module) -> None:
-        from .serving import close_hooks
-
-        close_hooks(model, self.hooks)
-        self.hooks = []
-        if model.__dict__.get("save_pretrained") is not None:  # the adapter-saving method attach gave it
-            del model.__dict__["save_pretrained"]
-
-    def training(self) -> list[str]:
-        """The active adapters whose parameters train."""
-        return list(self.active) if self.trainable is None else [n for n in self.active if n in self.trainable]
-
-
-# -- helpers ---------------------------------------------------------------------------------------------------
-def registry(model: nn.Module, create: bool = False) -> Registry:
-    model = unwrap(model)
-    reg = model.__dict__.get(REGISTRY_ATTR)
-    if reg is None:
-        if not create:
-            raise ValueError("this model has no deltatune adapters; attach one first with dt.attach(model, dt.LoRA())")
-        from .serving import install_hooks, reopen_hooks
-
-        reopen_hooks(model)
-        reg = Registry()
-        reg.hooks = install_hooks(model)
-        model.__dict__[REGISTRY_ATTR] = reg
-        if callable(getattr(type(model), "save_pretrained", None)):
-            from .hf import save_pretrained
-
-            # an instance method: model.save_pretrained (and the HF Trainer's checkpoints) write the adapters
-            model.__dict__["save_pretrained"] = types.MethodType(save_pretrained, model)
-    return reg
-
-
-def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
-    for name, module in unwrap(model).named_modules():
-        if isinstance(module, AdaptedLayer):
-            yield name, module
-
-
-def _sync(model: nn.Module) -> None:
-    """Push the registry's active list to every layer; ``requires_grad`` only on trainable adapters' parameters."""
-    reg = registry(model)
-    training = set(reg.training())
-    for _, layer in adapted_layers(model):
-        layer.active = tuple(reg.active)
-        layer.refresh()
-        for name, delta in layer.deltas.items():
-            for p in delta.parameters():
-                p.requires_grad_(name in training)
-
-
-def check_new_name(model: nn.Module, name: str) -> None:
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name == "base":
-        raise ValueError(f"adapter name {name!r} must be letters, digits, '_' or '-' (and not 'base')")
-    reg = unwrap(model).__dict__.get(REGISTRY_ATTR)
-    if reg is not None and name in reg.adapters:
-        raise ValueError(f"an adapter named {name!r} is already attached; pick another name or dt.delete() it first")
-
-
-def check_can_activate(model: nn.Module, name: str, activate: bool) -> None:
-    """A new adapter may become the only active one only while no other adapter is merged into the weights (they
-    would stay applied but inactive, and nothing could take them out consistently): refuse, saying what to do."""
-    merged = sorted({n for _, layer in adapted_layers(model) for n in layer.merged})
-    if activate and merged:
-        raise ValueError(f"adapters {merged} are merged into the weights; making {name!r} the only active adapter "
-                         f"would leave them applied but inactive. dt.unmerge(model) first, or pass activate=False")
+_check_names = check_names  # the old private names, used across the package
+_sync = sync
 
 
 # -- public verbs --------------------------------------------------------------------------------------------------
@@ -372,7 +44,7 @@ def attach(model: nn.Module, method: Method, name: str = "default", activate: bo
     check_new_name(model, name)
     check_fields(method)
     method.validate()
-    check_can_activate(model, name, activate)
+    check_install(model, name, activate)
     model = unwrap(model)
 
     view = BaseView(model)
@@ -408,9 +80,8 @@ def install(model: nn.Module, name: str, method: Method, built: dict[str, Delta]
 
     The caller has checked that every delta fits its module; this step cannot fail half-way.
     """
-    check_new_name(model, name)
+    check_install(model, name, activate)
     model = unwrap(model)
-    check_can_activate(model, name, activate)
     reg = registry(model, create=True)
     if not reg.adapters:
         for p in model.parameters():
@@ -425,26 +96,16 @@ def install(model: nn.Module, name: str, method: Method, built: dict[str, Delta]
     reg.adapters[name].controller = method.controller(model, name)
     if activate or not reg.active:
         reg.active, reg.trainable = [name], None
-    _sync(model)
+    sync(model)
 
 
 def adapters(model: nn.Module) -> list[str]:
     """Names of the attached adapters, in attach order."""
-    reg = unwrap(model).__dict__.get(REGISTRY_ATTR)
-    return list(reg.adapters) if reg else []
+    return adapter_names(model)
 
 
 def active_adapters(model: nn.Module) -> list[str]:
     return list(registry(model).active)
-
-
-def _check_names(model: nn.Module, names: Iterable[str]) -> list[str]:
-    reg = registry(model)
-    names = [names] if isinstance(names, str) else list(names)
-    for n in names:
-        if n not in reg.adapters:
-            raise ValueError(f"no adapter named {n!r}; attached adapters: {list(reg.adapters)}")
-    return names
 
 
 def set_active(model: nn.Module, names: str | Iterable[str],
@@ -452,24 +113,39 @@ def set_active(model: nn.Module, names: str | Iterable[str],
     """Make ``names`` (one or several; their outputs add) the active adapters. Only they get gradients, or only
     ``trainable`` among them: ``dt.set_active(model, ["lang", "task"], trainable="task")`` trains a task adapter on
     top of a frozen language adapter (composable sparse fine-tuning); controllers run for trainable adapters."""
-    names = _check_names(model, names)
+    names = check_names(model, names)
     reg = registry(model)
     if trainable is not None:
-        trainable = _check_names(model, trainable)
+        trainable = check_names(model, trainable)
         extra = [n for n in trainable if n not in names]
         if extra:
             raise ValueError(f"trainable adapters {extra} are not among the active ones {names}")
-    if reg.serving_merged is not None:  # merged for a single-adapter batch (dt.set_serving): take it out
-        from .serving import _release_serving_merge
-
-        _release_serving_merge(model)
+    notify(BEFORE_SWITCH, unwrap(model))  # e.g. serving takes out an adapter it merged for single-adapter batches
     for _, layer in adapted_layers(model):
         stale = [n for n in layer.merged if n not in names]
         if stale:
             raise ValueError(f"adapters {stale} are merged into the weights; dt.unmerge(model) before switching")
     reg.active, reg.trainable = names, trainable
-    _sync(model)
+    sync(model)
     return model
+
+
+@contextlib.contextmanager
+def override_active(model: nn.Module, names: Iterable[str]):
+    """Inside the block every adapted layer applies only ``names`` (none: the plain base), while the registry keeps
+    its active and trainable sets and gradient flags; the layers' own active sets come back afterwards. Shared by
+    :func:`disabled`, serving (single-adapter batches) and interference measurements."""
+    names = tuple(names)
+    saved = [(layer, layer.active) for _, layer in adapted_layers(model)]
+    for layer, _ in saved:
+        layer.active = names
+        layer.refresh()
+    try:
+        yield model
+    finally:
+        for layer, active in saved:
+            layer.active = active
+            layer.refresh()
 
 
 @contextlib.contextmanager
@@ -480,13 +156,11 @@ def disabled(model: nn.Module):
     for layer in layers:
         for n in reversed(merged[id(layer)]):
             layer.unmerge(n)
-        layer.enabled = False
-        layer.refresh()
     try:
-        yield model
+        with override_active(model, ()):
+            yield model
     finally:
         for layer in layers:
-            layer.enabled = True
             for n, w in merged[id(layer)].items():
                 layer.merge(n, w)
             layer.refresh()
@@ -506,7 +180,7 @@ def _untie(model: nn.Module, layers: list[AdaptedLayer]) -> None:
             layer.base.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
 
 
-def _merge_layers(model: nn.Module, names: list[str], weights: dict[str, float] | None = None) -> None:
+def merge_layers(model: nn.Module, names: list[str], weights: dict[str, float] | None = None) -> None:
     """Merge the not yet merged ``names`` on every layer; all or nothing (a refused layer takes the others out)."""
     todo = [layer for _, layer in adapted_layers(model) if any(n in layer.deltas and n not in layer.merged
                                                               for n in names)]
@@ -533,7 +207,7 @@ def merge(model: nn.Module, names: str | Iterable[str] | None = None,
     paper's ``lambda``; 1 by default). ``weights``: one number for all, one per name, or ``{name: weight}``. A
     rotation (OFT) multiplies instead, ``W <- W R^T``, and a weight ``w`` merges the rotation of ``w q``.
     :func:`unmerge` subtracts exactly what was merged."""
-    names = _check_names(model, registry(model).active if names is None else names)
+    names = check_names(model, registry(model).active if names is None else names)
     if weights is None or isinstance(weights, dict):
         table = {n: finite_number(w, f"merge weight of {n!r}") for n, w in (weights or {}).items()}
     elif isinstance(weights, (numbers.Real, torch.Tensor, str)):  # one number (a str is refused by name)
@@ -549,14 +223,14 @@ def merge(model: nn.Module, names: str | Iterable[str] | None = None,
     for _, layer in adapted_layers(model):  # before any layer changes
         for n in names:
             layer.check_remerge(n, table.get(n, 1.0))
-    _merge_layers(model, names, table)
+    merge_layers(model, names, table)
     return model
 
 
 def unmerge(model: nn.Module, names: str | Iterable[str] | None = None) -> nn.Module:
     """Subtract merged adapters from the base weights again (default: all merged adapters)."""
     for _, layer in adapted_layers(model):
-        for n in list(reversed(layer.merged)) if names is None else _check_names(model, names):
+        for n in list(reversed(layer.merged)) if names is None else check_names(model, names):
             layer.unmerge(n)
     return model
 
@@ -570,47 +244,44 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
         for n in list(reversed(layer.merged)):
             if n not in keep:
                 layer.unmerge(n)
-    _merge_layers(model, keep)
+    merge_layers(model, keep)
     for name, layer in list(adapted_layers(model)):
         set_submodule(model, name, layer.base)
-    model.__dict__.pop(REGISTRY_ATTR).close(model)
+    close(model)
     return model
 
 
 def delete(model: nn.Module, name: str) -> nn.Module:
     """Remove adapter ``name`` (unmerged first if needed); layers left without deltas are unwrapped."""
-    _check_names(model, name)
+    check_names(model, name)
     model = unwrap(model)
     reg = registry(model)
     for mod_name, layer in list(adapted_layers(model)):
         if name not in layer.deltas:
             continue
-        layer.unmerge(name)
-        del layer.deltas[name]
-        layer.__dict__.pop("_plan_cache", None)
+        layer.remove(name)
         if not len(layer.deltas):
             set_submodule(model, mod_name, layer.base)
     del reg.adapters[name]
-    if reg.serving_merged == name:
-        reg.serving_merged = None
+    notify(ON_DELETE, model, name)
     reg.active = [n for n in reg.active if n != name] or list(reg.adapters)[-1:]
     if reg.trainable is not None:
         reg.trainable = [n for n in reg.trainable if n != name] or None
     if not reg.adapters:
-        model.__dict__.pop(REGISTRY_ATTR).close(model)
+        close(model)
         return model
-    _sync(model)
+    sync(model)
     return model
 
 
 def deltas(model: nn.Module, name: str) -> dict[str, Delta]:
     """``{module name: delta}`` of adapter ``name``."""
-    _check_names(model, name)
+    check_names(model, name)
     return {mod: layer.deltas[name] for mod, layer in adapted_layers(model) if name in layer.deltas}
 
 
 def method_of(model: nn.Module, name: str) -> Method:
-    _check_names(model, name)
+    check_names(model, name)
     return registry(model).adapters[name].method
 
 
@@ -630,117 +301,9 @@ def print_trainable_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-# -- controllers -----------------------------------------------------------------------------------------------
-def _controllers(model: nn.Module) -> list[Controller]:
-    reg = registry(model)
-    return [reg.adapters[n].controller for n in reg.training() if reg.adapters[n].controller is not None]
+_merge_layers = merge_layers  # the old private name
 
 
-def distributed_wrapper(model: nn.Module) -> str | None:
-    """The name of the data-parallel wrapper around ``model`` whose parameters cannot change shape
-    (``DistributedDataParallel`` -- what ``accelerate.prepare`` returns in a multi-process run -- or FSDP), or
-    ``"torch.distributed"`` when a process group of several ranks is initialized; ``None`` otherwise."""
-    import torch.distributed as dist
-
-    fixed = (nn.parallel.DistributedDataParallel,)
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-        fixed += (FullyShardedDataParallel,)
-    except ImportError:  # pragma: no cover
-        pass
-    m = model
-    while m is not None and not hasattr(m, REGISTRY_ATTR):
-        if isinstance(m, fixed):
-            return type(m).__name__
-        m = getattr(m, "module", None)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return "torch.distributed"
-    return None
-
-
-_WARNED_FIXED: set[int] = set()
-
-
-def begin(model: nn.Module, total_steps: int | None = None, resizable: bool | None = None,
-          step: int | None = None) -> None:
-    """Call once before training: controllers learn how many optimizer steps follow (schedules such as AdaLoRA's
-    need it) and the step counter is set to ``step``: 0 starts afresh (controllers reset their state); a later step
-    continues a run (controllers keep the state ``dt.load`` restored). ``None`` (default): the step ``dt.load``
-    restored from a checkpoint, if no step has run since, else 0.
-
-    ``resizable=False`` keeps parameter shapes fixed (pruned components are masked instead of removed). Left unset
-    it is ``False`` for a model in a ``DistributedDataParallel`` / FSDP wrapper (e.g. from ``accelerate.prepare``)
-    or in a multi-rank ``torch.distributed`` run -- a wrapper whose parameters change shape fails at the next
-    backward -- and ``True`` otherwise. Pass ``True`` only if you rebuild the wrapper whenever :func:`step` returns
-    True (the deltatune trainer does)."""
-    reg = registry(model)
-    if resizable is None:
-        wrapper = distributed_wrapper(model)
-        resizable = wrapper is None
-        if wrapper is not None and _controllers(model) and id(reg) not in _WARNED_FIXED:
-            _WARNED_FIXED.add(id(reg))
-            warnings.warn(f"deltatune: the model runs under {wrapper}, whose parameters cannot change shape: "
-                          "controllers keep shapes fixed (pruned components are masked, not removed). Pass "
-                          "dt.begin(..., resizable=False) to silence this", stacklevel=2)
-    reg.step = (reg.step if reg.restored else 0) if step is None else int(step)
-    reg.restored = False
-    reg.resizable = bool(resizable)
-    controllers = _controllers(model)
-    if controllers and total_steps is not None and reg.step >= total_steps:
-        raise ValueError(f"training would continue at step {reg.step} (the adapters' saved step counter), but "
-                         f"total_steps={total_steps}: resume with more steps, or start a new schedule with "
-                         "dt.begin(model, total_steps, step=0) (or dt.load(..., controller_state=False))")
-    for c in controllers:
-        c.begin(unwrap(model), total_steps, bool(resizable))
-
-
-def after_backward(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
-    """After ``loss.backward()`` (and gradient clipping) and before ``optimizer.step()``, for controllers that act on
-    gradients before the update (SORSA's regularizer; the others need only :func:`step`). ``optimizer`` is made
-    available to them as ``controller.optimizer``."""
-    reg = registry(model)
-    for c in _controllers(model):
-        if optimizer is not None:
-            c.optimizer = optimizer
-        c.after_backward(unwrap(model), reg.step)
-
-
-def step(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> bool:
-    """Call once per optimizer step, after ``optimizer.step()`` and before ``optimizer.zero_grad()``: controllers
-    update importance, masks, ranks or sparsity, and the step counter advances. Returns True when a parameter
-    changed shape: the optimizer passed in follows by itself (param groups and per-entry state are moved to the new
-    tensors), a ``DistributedDataParallel`` wrapper must be rebuilt (the deltatune trainer does that)."""
-    reg = registry(model)
-    wrapper = distributed_wrapper(model) if model is not unwrap(model) else None
-    if reg.resizable and wrapper not in (None, "torch.distributed") and _controllers(model):
-        raise ValueError(f"dt.step got a model in a {wrapper} wrapper, but dt.begin let controllers change parameter "
-                         "shapes (resizable=True), which breaks the wrapper at the next backward. Call "
-                         "dt.begin(model, total_steps) with resizable unset or False, or pass the inner model to "
-                         "dt.step and rebuild the wrapper whenever it returns True")
-    changed = False
-    for c in _controllers(model):
-        if optimizer is not None:
-            c.optimizer = optimizer
-        changed = bool(c.after_step(unwrap(model), optimizer, reg.step)) or changed
-    reg.step += 1
-    reg.restored = False
-    return changed
-
-
-def controller(model: nn.Module, name: str = "default") -> Controller | None:
-    """The controller of adapter ``name`` (``None`` for methods without one): ``controller(...).state_dict()`` is
-    what ``dt.save`` stores with the adapter and ``dt.load`` restores."""
-    _check_names(model, name)
-    return registry(model).adapters[name].controller
-
-
-def controller_metrics(model: nn.Module) -> dict[str, float]:
-    """What the active adapters' controllers report (e.g. ``budget`` and ``rank``), prefixed by adapter name when
-    several adapters have controllers."""
-    reg = registry(model)
-    named = [(n, reg.adapters[n].controller) for n in reg.training() if reg.adapters[n].controller is not None]
-    out: dict[str, float] = {}
-    for n, c in named:
-        for k, v in c.metrics().items():
-            out[k if len(named) == 1 else f"{n}/{k}"] = v
-    return out
+# the controller verbs live in deltatune.control; these names keep ``deltatune.model.begin`` etc. working
+from .control import (after_backward, begin, controller, controller_metrics, distributed_wrapper,  # noqa: E402,F401
+                      step)

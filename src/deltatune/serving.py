@@ -36,9 +36,25 @@ import torch
 from torch import nn
 
 from . import model as M
-from .layers import hooked
+from .adapted import AdaptedLayer
+from .layers import hooked, unwrap
+from .registry import BEFORE_SWITCH, ON_CLOSE, ON_CREATE, ON_DELETE, adapted_layers, adapter_names, registry
 
 BASE = "base"
+
+
+class ServingState:
+    """Per-model serving state, kept in the registry's ``extras``: whether single-adapter batches run merged, the
+    adapter merged for that (if any), and the hook handles of ``model(..., adapter_names=[...])``."""
+
+    def __init__(self):
+        self.merge_single = False
+        self.merged: str | None = None
+        self.hooks: list = []
+
+
+def state(model: nn.Module) -> ServingState:
+    return registry(model).extras.setdefault("serving", ServingState())
 
 
 # -- pure tensor math -------------------------------------------------------------------------------------------------
@@ -123,7 +139,7 @@ class Rows:
             self._expanded[n] = expand_rows(self.index, n)
         return self._expanded[n]
 
-    def forward(self, layer: "M.AdaptedLayer", x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, layer: AdaptedLayer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The mixed-batch output of one adapted layer."""
         out = layer.base(x, *args, **kwargs)
         plan = self._plans.get(id(layer))
@@ -168,12 +184,12 @@ class Rows:
         return self._rows[key]
 
 
-def layer_plan(layer: "M.AdaptedLayer", names: list[str]):
+def layer_plan(layer: AdaptedLayer, names: list[str]):
     """``(stack, grouped)`` for the adapters ``names`` on ``layer``: ``stack = (A^T, B^T, [A^T | ...], {name: slot})``
     (:func:`stack_factors`, :func:`flat_A`) for the
     low-rank ones (``None`` when there are none) and ``grouped`` the names of the rest; cached on the layer until
     one of these adapters' parameters changes (their in-place version counters)."""
-    key = tuple((n, id(d), getattr(d, "scale", None), tuple((id(t), t._version, t.dtype, t.device)
+    key = (layer.generation,) + tuple((n, id(d), getattr(d, "scale", None), tuple((id(t), t._version, t.dtype, t.device)
                                                              for t in (*d.parameters(), *d.buffers())))
                 for n, d in ((n, layer.deltas[n]) for n in names))
     cache = layer.__dict__.get("_plan_cache")
@@ -195,7 +211,7 @@ def check_names(model: nn.Module, names) -> list[str | None]:
         raise ValueError(f"adapter_names must be a list with one adapter name (or None / 'base') per row, got {names!r}")
     if not names:
         raise ValueError("adapter_names is empty; give one adapter name (or None / 'base') per row")
-    known = M.adapters(model)
+    known = adapter_names(model)
     rows = [None if n in (None, BASE) else n for n in names]
     unknown = sorted({n for n in rows if n is not None and n not in known})
     if unknown:
@@ -209,86 +225,72 @@ def adapter_rows(model: nn.Module, names, merge_single: bool | None = None):
     """Inside the block, row ``i`` of every batch runs through adapter ``names[i]`` (``None`` / ``"base"``: the base
     model). ``merge_single``: when every row uses one adapter, run it merged (default: the model's setting,
     :func:`set_serving`)."""
-    model = M.unwrap(model)
+    model = unwrap(model)
     rows = check_names(model, names)
     if model.training:
         raise ValueError("mixed-adapter batches are for inference; call model.eval() first (train one adapter at a "
                          "time with dt.set_active)")
-    reg = M.registry(model)
-    merge_single = reg.merge_single if merge_single is None else merge_single
-    layers = [layer for _, layer in M.adapted_layers(model)]
+    serving = state(model)
+    merge_single = serving.merge_single if merge_single is None else merge_single
+    layers = [layer for _, layer in adapted_layers(model)]
     single = len(set(rows)) == 1
     keep = rows[0] if single and merge_single and rows[0] is not None else None
-    if reg.serving_merged not in (None, keep):
+    if serving.merged not in (None, keep):
         _release_serving_merge(model)
-    merged = sorted({n for layer in layers for n in layer.merged} - ({keep} if reg.serving_merged == keep else set()))
+    merged = sorted({n for layer in layers for n in layer.merged} - ({keep} if serving.merged == keep else set()))
     if merged:
         raise ValueError(f"adapters {merged} are merged into the weights, so no row could run without them; "
                          "dt.unmerge(model) before serving mixed batches")
     if single:
-        with _only(model, layers, rows[0], merge_single):
+        with _only(model, rows[0], merge_single):
             yield model
         return
     routing = Rows(rows)
-    previous = [(layer, layer._rows) for layer in layers]
+    previous = [(layer, layer.routing) for layer in layers]
     for layer in layers:
-        layer._rows = routing
+        layer.routing = routing
     try:
         yield model
     finally:
         for layer, before in previous:
-            layer._rows = before
+            layer.routing = before
 
 
 @contextlib.contextmanager
-def _only(model: nn.Module, layers: list, name: str | None, merge: bool):
+def _only(model: nn.Module, name: str | None, merge: bool):
     """Every row uses ``name`` (``None``: the base): the layers run as if only it were active (the fused
     single-adapter path); or, with ``merge``, it is merged into the weights and becomes the active adapter (so that
     calls without ``adapter_names`` see the same model), until a batch needs something else or
     :func:`set_serving` / ``dt.set_active`` takes it out."""
     if name is not None and merge:
-        reg = M.registry(model)
-        if reg.serving_merged != name:
-            for layer in layers:  # only this adapter is live while it goes in (a live rotation would refuse it)
-                layer.active = (name,)
-                layer.refresh()
+        serving = state(model)
+        if serving.merged != name:
+            M.set_active(model, [name])  # only this adapter is live while it goes in (a live rotation would refuse it)
             try:
-                M._merge_layers(model, [name])
+                M.merge_layers(model, [name])
             except Exception:
                 M.unmerge(model, [name])
-                M._sync(model)
                 raise
-            reg.serving_merged = name
-        reg.active, reg.trainable = [name], None
-        M._sync(model)
+            serving.merged = name
         yield
         return
-    saved = [(layer, layer.active) for layer in layers]
-    for layer in layers:
-        layer.active = () if name is None else (name,)
-        layer.refresh()
-    try:
+    with M.override_active(model, () if name is None else (name,)):
         yield
-    finally:
-        for layer, active in saved:
-            layer.active = active
-            layer.refresh()
 
 
 def _release_serving_merge(model: nn.Module) -> None:
     """Take the adapter merged by ``merge_single`` out of the weights again (exactly)."""
-    reg = M.registry(model)
-    if reg.serving_merged is not None:
-        name, reg.serving_merged = reg.serving_merged, None
-        if name in reg.adapters:
+    serving = state(model)
+    if serving.merged is not None:
+        name, serving.merged = serving.merged, None
+        if name in adapter_names(model):
             M.unmerge(model, [name])
 
 
 def set_serving(model: nn.Module, merge_single: bool = False) -> nn.Module:
     """Serving options: ``merge_single=True`` runs a batch whose rows all use one adapter with that adapter merged
     (kept merged across batches that use it). ``False`` takes such a merge out again."""
-    reg = M.registry(model)
-    reg.merge_single = bool(merge_single)
+    state(model).merge_single = bool(merge_single)
     if not merge_single:
         _release_serving_merge(model)
     return model
@@ -304,6 +306,8 @@ def _batch_size(args, kwargs) -> int | None:
 
 
 def _enter(module: nn.Module, args, kwargs):
+    """Forward pre-hook: with ``adapter_names=`` the call runs inside :func:`adapter_rows` (a one-shot forward hook
+    leaves it, also when the forward raises); without it the hook returns at once."""
     names = kwargs.pop("adapter_names", None)
     if names is None:
         return None
@@ -312,14 +316,17 @@ def _enter(module: nn.Module, args, kwargs):
         raise ValueError(f"adapter_names has {len(names)} entries for a batch of {n} rows; give one per row")
     ctx = adapter_rows(module, names)
     ctx.__enter__()
-    module.__dict__.setdefault("_deltatune_rows", []).append(ctx)
+    handle = module.register_forward_hook(_leave, with_kwargs=True, always_call=True)
+    module.__dict__.setdefault("_deltatune_rows", []).append((ctx, handle))
     return args, kwargs
 
 
 def _leave(module: nn.Module, args, kwargs, output=None):
     stack = module.__dict__.get("_deltatune_rows")
     if stack:
-        stack.pop().__exit__(None, None, None)
+        ctx, handle = stack.pop()
+        handle.remove()
+        ctx.__exit__(None, None, None)
     return None
 
 
@@ -329,22 +336,6 @@ def generate(self, *args, adapter_names=None, **kwargs):
         return type(self).generate(self, *args, **kwargs)
     with adapter_rows(self, adapter_names):
         return type(self).generate(self, *args, **kwargs)
-
-
-def install_hooks(model: nn.Module) -> list:
-    """Let ``model(**batch, adapter_names=[...])`` route rows (a forward pre-hook takes the argument out), and
-    ``model.generate(..., adapter_names=[...])`` when the model generates; returns the hook handles."""
-    if callable(getattr(type(model), "generate", None)):
-        model.__dict__["generate"] = types.MethodType(generate, model)
-    return [model.register_forward_pre_hook(_enter, with_kwargs=True),
-            model.register_forward_hook(_leave, with_kwargs=True, always_call=True)]
-
-
-def remove_hooks(model: nn.Module, hooks: list) -> None:
-    for h in hooks:
-        h.remove()
-    if getattr(model.__dict__.get("generate"), "__func__", None) is generate:
-        del model.__dict__["generate"]
 
 
 CLOSED_ATTR = "_deltatune_closed"  # the hook that refuses adapter_names once the last adapter is gone
@@ -357,15 +348,40 @@ def _refuse_names(module: nn.Module, args, kwargs):
                          "drop adapter_names")
 
 
-def close_hooks(model: nn.Module, hooks: list) -> None:
-    """Remove the routing hooks; from then on ``adapter_names=`` is refused instead of silently ignored (the
-    model's own forward may swallow unknown keyword arguments), until adapters are attached again."""
-    remove_hooks(model, hooks)
+# -- registered with the registry ---------------------------------------------------------------------------------
+def open_hooks(model: nn.Module, reg) -> None:
+    """A model gets its first adapter: ``model(**batch, adapter_names=[...])`` routes rows (one forward pre-hook
+    that takes the argument out; the hook that leaves the routing exists only while a routed call runs), and
+    ``model.generate(..., adapter_names=[...])`` when the model generates."""
+    handle = model.__dict__.pop(CLOSED_ATTR, None)
+    if handle is not None:
+        handle.remove()
+    if callable(getattr(type(model), "generate", None)):
+        model.__dict__["generate"] = types.MethodType(generate, model)
+    reg.extras.setdefault("serving", ServingState()).hooks = [
+        model.register_forward_pre_hook(_enter, with_kwargs=True)]
+
+
+def close_hooks(model: nn.Module, reg) -> None:
+    """The last adapter is gone: remove the routing hooks; from then on ``adapter_names=`` is refused instead of
+    silently ignored (the model's own forward may swallow unknown keyword arguments), until adapters are attached
+    again."""
+    serving = reg.extras.get("serving")
+    for h in serving.hooks if serving is not None else []:
+        h.remove()
+    if getattr(model.__dict__.get("generate"), "__func__", None) is generate:
+        del model.__dict__["generate"]
     if CLOSED_ATTR not in model.__dict__:
         model.__dict__[CLOSED_ATTR] = model.register_forward_pre_hook(_refuse_names, with_kwargs=True)
 
 
-def reopen_hooks(model: nn.Module) -> None:
-    handle = model.__dict__.pop(CLOSED_ATTR, None)
-    if handle is not None:
-        handle.remove()
+def _forget_deleted(model: nn.Module, name: str) -> None:
+    serving = registry(model).extras.get("serving")
+    if serving is not None and serving.merged == name:
+        serving.merged = None
+
+
+ON_CREATE.append(open_hooks)
+ON_CLOSE.append(close_hooks)
+BEFORE_SWITCH.append(_release_serving_merge)
+ON_DELETE.append(_forget_deleted)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import __version__
+from .._version import __version__
 from .. import model as M
 from ..layers import kind_of
 from ..checks import export_rank_energy, finite_number, positive_int
@@ -236,8 +236,7 @@ def load(model: nn.Module, path: str | Path, name: str | None = None, activate: 
     built = []
     for rec, folder in zip(records, folders.values()):
         try:
-            M.check_new_name(model, rec.name)
-            M.check_can_activate(model, rec.name, activate)
+            M.check_install(model, rec.name, activate)
             built.append(build_deltas(model, rec))
         except ValueError as e:
             raise ValueError(f"{folder}: {e}") from None
