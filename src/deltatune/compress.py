@@ -26,9 +26,11 @@ import math
 from collections.abc import Iterable
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from . import model as M
+from .io.weights import weight_files
 from .calibration import Calibration, calibrate
 from .util import progress, run_batch
 from .layers import is_linear, kind_of, set_submodule
@@ -257,10 +259,7 @@ def apply_ranks(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
 def load_compressed(path, model_class=None, **kwargs) -> nn.Module:
     """A model saved (``save_pretrained``) after :func:`compress`: built from its config, its compressed layers
     replaced by factor pairs of the recorded ranks, then its weights loaded."""
-    import transformers
-    from safetensors.torch import load_file
-
-    from .io.weights import weight_files
+    import transformers  # optional third-party dependency (the hf extra)
 
     config = transformers.AutoConfig.from_pretrained(path)
     info = getattr(config, CONFIG_KEY, None)
