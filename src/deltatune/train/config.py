@@ -52,7 +52,7 @@ from .data import (TASKS, Collator, check_column_names, check_spec, describe_sou
                    encode_instructions, is_dataset, pad_id_of, read_rows)
 from ..util import resolve_path
 from .fields import typed_fields
-from .trainer import TrainArgs, set_seed, train
+from .trainer import TrainArgs, last_checkpoint, set_seed, train
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # model.config keys that make from_pretrained run Python code shipped with the model folder: refused unless the
@@ -358,16 +358,6 @@ class CalibrationBatches:
         for i in range(len(self)):
             batch = self.collate(self.examples[i * self.size:(i + 1) * self.size])
             yield {k: v.to(self.device) for k, v in batch.items()}
-
-
-def last_checkpoint(output_dir: str | Path) -> Path:
-    """The newest ``checkpoint-<step>`` folder in ``output_dir`` (``train.save_every`` writes them)."""
-    found = sorted((int(p.name.split("-", 1)[1]), p) for p in Path(output_dir).glob("checkpoint-*")
-                   if p.is_dir() and p.name.split("-", 1)[1].isdigit())
-    if not found:
-        raise FileNotFoundError(f"no checkpoint-<step> folder in {output_dir} to resume from; set train.save_every "
-                                "to write them, or name a checkpoint folder")
-    return found[-1][1]
 
 
 def run_config(config: str | Path | dict, trust_remote_code: bool = False, resume_from: str | Path | None = None) -> dict:
