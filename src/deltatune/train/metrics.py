@@ -24,7 +24,7 @@ _TRAIN_KEYS = {"step", "loss", "lr", "epoch", "time"}
 def write_plot(records: list[dict], path: str | Path) -> Path | None:
     """Training loss, any ``eval_*`` metrics and any controller numbers (e.g. ``budget``, ``rank``) against step, as
     a PNG. ``None`` if matplotlib is missing."""
-    try:  # a Figure with its own Agg canvas: pyplot and the user's backend stay untouched
+    try:  # matplotlib is optional; a Figure with its own Agg canvas: pyplot and the user's backend stay untouched
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
