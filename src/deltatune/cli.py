@@ -4,22 +4,35 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from collections import Counter
 from pathlib import Path
 
-from .train.data import ColumnError
+import yaml
+from safetensors import SafetensorError
+
+from . import __version__
+from .combine.merge import combine_records
+from .compress import compress
+from .deltas import delta_from_spec, structure_class
+from .demo import run as run_demo
+from .extract import extract
+from .insight import plot_ranks
+from .interference import pair_overlaps, summarize
+from .io import NotLowRank, check_not_input, read_record, svd_error_summary, write_record
+from .io.files import write_generation
+from .io.weights import WeightStore
+from .train import run_config
+from .train.data import ColumnError, check_columns, read_rows
+from .train.specs import COMPRESS_EXAMPLE, MERGE_EXAMPLE, Calibration, compress_config, merge_config
 
 
 def _cmd_demo(args) -> int:
-    from .demo import run
-
-    run(args.out, steps=args.steps, progress=not args.no_progress)
+    run_demo(args.out, steps=args.steps, progress=not args.no_progress)
     return 0
 
 
 def _cmd_train(args) -> int:
-    from .train import run_config
-
     result = run_config(args.config, trust_remote_code=args.trust_remote_code, resume_from=args.resume)
     if result["metrics_path"] is not None:  # rank 0 (under torchrun every rank runs this)
         summary = {k: v for k, v in result.items() if k != "history"}
@@ -29,8 +42,6 @@ def _cmd_train(args) -> int:
 
 def describe(folder: str | Path) -> dict:
     """Summary of a saved adapter (either format): method, targets, per-module structure, shapes and parameters."""
-    from .io import read_record
-
     rec = read_record(folder)
     rows = []
     for mod, spec in rec.modules.items():
@@ -46,12 +57,15 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def print_table(header: list[str], rows: list[list]) -> None:
+    """``rows`` under ``header`` in left-aligned columns two spaces apart (trailing spaces stripped)."""
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    for row in [header, *rows]:
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
+
+
 def _interference(args) -> int:
     """``inspect A --interference B ...``: overlaps of the saved adapters' subspaces, per layer and on average."""
-    from .deltas import delta_from_spec, structure_class
-    from .interference import pair_overlaps, summarize
-    from .io import read_record
-
     folders = [args.adapter, *args.interference]
     deltas, skipped = {}, set()
     for folder in folders:
@@ -72,9 +86,7 @@ def _interference(args) -> int:
     for (a, b), m in summarize(rows).items():
         table.append(["mean", a, b, f"{m['rank_a']:.1f}", f"{m['rank_b']:.1f}", _fmt(m["input_overlap"]),
                       _fmt(m["output_overlap"])])
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *table)]
-    for row in [header, *table]:
-        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
+    print_table(header, table)
     if skipped:
         print(f"skipped {sorted(skipped)} modules: their update depends on the base weight; use "
               "dt.interference(model, names) on a model", file=sys.stderr)
@@ -86,9 +98,6 @@ def _cmd_inspect(args) -> int:
         return _interference(args)
     info = describe(args.adapter)
     if args.plot:
-        from .insight import plot_ranks
-        from .io import read_record
-
         rec = read_record(args.adapter)
         print(f"wrote {plot_ranks(rec.modules, args.plot, title=f'{rec.name}: rank per layer and module')}",
               file=sys.stderr)
@@ -107,9 +116,7 @@ def _cmd_inspect(args) -> int:
     header = ["module", "structure", "shape", *extra_keys, "params"]
     table = [[r["module"], r["structure"], "x".join(map(str, r["shape"])),
               *(_fmt(r.get(k, "")) for k in extra_keys), f"{r['params']:,}"] for r in info["modules"]]
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *table)]
-    for row in [header, *table]:
-        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
+    print_table(header, table)
     return 0
 
 
@@ -117,23 +124,17 @@ def _base_weights(path):
     """``base(module, spec)`` reading the base model's safetensors (``None`` without a path) and the store to close."""
     if path is None:
         return None, None
-    from .io.weights import WeightStore
-
     store = WeightStore(path)
     return (lambda mod, spec: store.module_weight(mod, spec.get("layer") or "linear",
                                                   (spec["out_features"], spec["in_features"]))), store
 
 
 def _report(errors: dict[str, float]) -> None:
-    from .io import svd_error_summary
-
     if errors:
         print(svd_error_summary(errors))
 
 
 def _cmd_export(args) -> int:
-    from .io import check_not_input, read_record, write_record
-
     if args.to != "peft":
         raise ValueError(f"unknown export target {args.to!r}; supported: peft")
     check_not_input(args.out, [args.adapter], "the adapter being exported")
@@ -150,84 +151,31 @@ def _cmd_export(args) -> int:
     return 0
 
 
-MERGE_KEYS = {"method", "adapters", "density", "rank", "energy", "seed", "name", "base", "output", "format"}
-
-
-def read_merge_config(path: str | Path) -> dict:
-    """A ``MERGE.yaml`` (see ``deltatune merge --help``) as a checked dict; paths are relative to the file."""
-    import yaml
-
-    from .train.config import _resolve
-
-    path = Path(path)
-    with open(path) as f:
-        cfg = yaml.safe_load(f) or {}
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: expected a mapping with keys {sorted(MERGE_KEYS)}")
-    unknown = set(cfg) - MERGE_KEYS
-    if unknown:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(MERGE_KEYS)}")
-    for key in ("adapters", "output"):
-        if key not in cfg:
-            raise ValueError(f"{path}: missing {key!r} (see deltatune merge --help for an example)")
-    if not isinstance(cfg["adapters"], list) or not cfg["adapters"]:
-        raise ValueError(f"{path}: 'adapters' must be a list of adapter folders (or {{path, weight}} mappings)")
-    adapters = []
-    for a in cfg["adapters"]:
-        entry = {"path": a, "weight": 1.0} if isinstance(a, str) else dict(a) if isinstance(a, dict) else {}
-        if not isinstance(entry.get("path"), str) or set(entry) - {"path", "weight"}:
-            raise ValueError(f"{path}: each adapter is a folder, or a mapping with 'path' and optional 'weight'; "
-                             f"got {a!r}")
-        entry["path"] = Path(_resolve(entry["path"], path.parent))
-        adapters.append(entry)
-    cfg["adapters"] = adapters
-    for key in ("output", "base"):
-        if cfg.get(key) is not None:
-            if not isinstance(cfg[key], str):
-                raise ValueError(f"{path}: {key!r} must be a path, got {cfg[key]!r}")
-            cfg[key] = Path(_resolve(cfg[key], path.parent))
-    if cfg.get("format", "deltatune") not in ("deltatune", "peft"):
-        raise ValueError(f"{path}: format must be 'deltatune' or 'peft', got {cfg['format']!r}")
-    if cfg.get("format") == "peft" and cfg.get("method", "sum") != "sum" and cfg.get("rank") is None \
-            and cfg.get("energy") is None:
-        raise ValueError(f"{path}: a {cfg['method']} merge is a dense update; format: peft needs 'rank:' or "
-                         "'energy:' to write it as a LoRA")
-    return cfg
-
-
-
 def _cmd_merge(args) -> int:
-    from .combine.merge import combine_records
-    from .io import NotLowRank, check_not_input, read_record, write_record
-
-    cfg = read_merge_config(args.config)
-    check_not_input(cfg["output"], [a["path"] for a in cfg["adapters"]], "an adapter being merged")
-    check_not_input(cfg["output"], [cfg.get("base")], "the base model")
-    records = [read_record(a["path"]) for a in cfg["adapters"]]
-    base, store = _base_weights(cfg.get("base"))
+    cfg = merge_config(args.config)
+    check_not_input(cfg.output, [a.path for a in cfg.adapters], "an adapter being merged")
+    check_not_input(cfg.output, [cfg.base], "the base model")
+    records = [read_record(a.path) for a in cfg.adapters]
+    base, store = _base_weights(cfg.base)
     try:
-        record, errors = combine_records(records, cfg.get("method", "sum"), [a.get("weight", 1.0) for a in
-                                         cfg["adapters"]], cfg.get("density"), cfg.get("rank"), cfg.get("energy"),
-                                         cfg.get("seed", 0), cfg.get("name", "merged"), base)
+        record, errors = combine_records(records, cfg.method, [a.weight for a in cfg.adapters], cfg.density,
+                                         cfg.rank, cfg.energy, cfg.seed, cfg.name, base)
     finally:
         if store is not None:
             store.close()
     try:
-        write_record(cfg["output"], record, format=cfg.get("format", "deltatune"))
+        write_record(cfg.output, record, format=cfg.format)
     except NotLowRank as e:
         raise ValueError(f"{e}; in MERGE.yaml: add 'rank:' or 'energy:' to write the merge as a LoRA") from None
     structures = Counter(spec["structure"] for spec in record.modules.values())
-    print(f"wrote {record.name!r} ({cfg.get('method', 'sum')} of {len(records)} adapters; " +
-          ", ".join(f"{n} {s}" for s, n in structures.items()) + f" modules) to {cfg['output']}")
-    if cfg.get("rank") is not None or cfg.get("energy") is not None:
+    print(f"wrote {record.name!r} ({cfg.method} of {len(records)} adapters; " +
+          ", ".join(f"{n} {s}" for s, n in structures.items()) + f" modules) to {cfg.output}")
+    if cfg.rank is not None or cfg.energy is not None:
         _report(errors)
     return 0
 
 
 def _cmd_extract(args) -> int:
-    from .extract import extract
-    from .io import check_not_input, write_record
-
     check_not_input(args.out, [args.base, args.tuned], "a model being read")
     record, report = extract(args.base, args.tuned, rank=args.rank, energy=args.energy, targets=args.targets,
                              exclude=args.exclude, name=args.name)
@@ -237,92 +185,46 @@ def _cmd_extract(args) -> int:
     return 0
 
 
-COMPRESS_KEYS = {"model", "ratio", "method", "calibration", "targets", "exclude", "output_dir"}
-COMPRESS_EXAMPLE = """example RUN.yaml (paths relative to the file):
-
-  model: {path: smollm2}          # minilm / smollm2 (packaged) or a model folder
-  ratio: 0.2                      # fraction of the model's parameters to remove
-  method: activation              # svd | activation | fisher
-  calibration: {data: ../../shared/data/alpaca/alpaca_5000.json, text: output, samples: 32, max_length: 256}
-  targets: all-linear
-  output_dir: smollm2-compressed  # save_pretrained folder; load it with dt.load_compressed(folder)
-"""
+def calibration_batches(cal: Calibration, tokenizer) -> list[dict]:
+    """The calibration rows as causal-LM batches of one text each (``labels`` = ``input_ids``)."""
+    rows = read_rows(cal.data, cal.samples)
+    check_columns(rows, [cal.text], "calibration data")
+    data = []
+    for row in rows:
+        b = dict(tokenizer(str(row[cal.text]), return_tensors="pt", truncation=True, max_length=cal.max_length))
+        b["labels"] = b["input_ids"].clone()
+        data.append(b)
+    return data
 
 
 def _cmd_compress(args) -> int:
-    import yaml
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # local: optional dependency, slow to import
 
-    from .compress import compress
-    from .io import check_not_input
-    from .io.files import write_generation
-    from .train.config import _resolve, model_path
-    from .train.data import check_columns, read_rows
-
-    path = Path(args.config)
-    with open(path, encoding="utf-8") as f:
-        cfg = yaml.safe_load(f) or {}  # parse errors name the file
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: expected a mapping with keys {sorted(COMPRESS_KEYS)}")
-    unknown = set(cfg) - COMPRESS_KEYS
-    if unknown:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(COMPRESS_KEYS)}")
-    for key in ("model", "ratio", "output_dir"):
-        if key not in cfg:
-            raise ValueError(f"{path}: missing {key!r} (see deltatune compress --help for an example)")
-    folder = model_path((cfg["model"] or {}).get("path", ""), path.parent)
-    out = Path(_resolve(cfg["output_dir"], path.parent))
-    check_not_input(out, [folder], "the model being compressed")
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    method = cfg.get("method", "activation")
+    cfg = compress_config(args.config)
+    check_not_input(cfg.output_dir, [cfg.model], "the model being compressed")
+    model = AutoModelForCausalLM.from_pretrained(cfg.model).eval()
     data = None
-    if method != "svd":
-        cal = cfg.get("calibration") or {}
-        if "data" not in cal:
-            raise ValueError(f"{path}: method {method!r} needs calibration: {{data: FILE, text: COLUMN}}")
-        tok = AutoTokenizer.from_pretrained(folder)
-        rows = read_rows(_resolve(cal["data"], path.parent), cal.get("samples", 32))
-        column = cal.get("text", "text")
-        check_columns(rows, [column], "calibration data")
-        data = []
-        for row in rows:
-            b = dict(tok(str(row[column]), return_tensors="pt", truncation=True, max_length=cal.get("max_length", 256)))
-            b["labels"] = b["input_ids"].clone()
-            data.append(b)
+    if cfg.calibration is not None:
+        data = calibration_batches(cfg.calibration, AutoTokenizer.from_pretrained(cfg.model))
     before = sum(p.numel() for p in model.parameters())
-    ranks = compress(model, ratio=float(cfg["ratio"]), method=method, data=data, targets=cfg.get("targets", "all-linear"),
-                     exclude=cfg.get("exclude"))
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ranks = compress(model, ratio=cfg.ratio, method=cfg.method, data=data, targets=cfg.targets, exclude=cfg.exclude)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)  # fresh: tokenizing sets a max_length that would be saved
 
     def fill(staging: Path) -> None:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-    write_generation(out, fill)  # the whole folder at once: a kill leaves the old one or the new one
+    write_generation(cfg.output_dir, fill)  # the whole folder at once: a kill leaves the old one or the new one
     after = sum(p.numel() for p in model.parameters())
     factored = [k for k in ranks.values() if k >= 0]
-    print(f"wrote {out}: {after:,} parameters ({after / before:.1%} of {before:,}); {len(factored)} of {len(ranks)} "
-          f"layers factored, ranks {min(factored, default=0)}..{max(factored, default=0)}")
+    print(f"wrote {cfg.output_dir}: {after:,} parameters ({after / before:.1%} of {before:,}); {len(factored)} of "
+          f"{len(ranks)} layers factored, ranks {min(factored, default=0)}..{max(factored, default=0)}")
     return 0
-
-
-MERGE_EXAMPLE = """example MERGE.yaml (paths relative to the file):
-
-  method: ties            # sum (task arithmetic) | ties | dare | dare_ties | magnitude
-  adapters:               # deltatune or PEFT adapter folders; weight defaults to 1
-    - {path: sst2, weight: 1.0}
-    - {path: mrpc, weight: 0.5}
-  density: 0.2            # kept fraction for ties / dare / magnitude
-  rank: 16                # re-factorize to a LoRA of this rank (or energy: 0.95); omit both for an exact merge
-  output: merged          # folder to write
-  format: peft            # deltatune (default) or peft
-  base: base_model_dir    # only for OFT rotations and kept-whole heads: the base model's safetensors
-"""
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deltatune", description="Fine-tune pretrained models with structured weight "
                                 "deltas; save, inspect and export the adapters.")
-    p.add_argument("--version", action="version", version=f"deltatune {__import__('deltatune').__version__}")
+    p.add_argument("--version", action="version", version=f"deltatune {__version__}")
     p.add_argument("--debug", action="store_true", help="show the traceback of errors too")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -401,9 +303,6 @@ def user_errors() -> tuple[type[BaseException], ...]:
     ``ValueError``s where the config is read), files and folders (``OSError``: missing, a file where a folder is
     wanted, permissions, a full disk), YAML syntax, unreadable safetensors, missing columns and missing optional
     packages. The CLI reports them in one line and exits 2; anything else is a bug (traceback, exit 1)."""
-    import yaml
-    from safetensors import SafetensorError
-
     return (ValueError, OSError, ColumnError, ModuleNotFoundError, yaml.YAMLError, SafetensorError)
 
 
@@ -420,8 +319,6 @@ def _one_line(e: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run one command. User errors: one line ``deltatune <cmd>: error: ...`` on stderr, exit 2 (with ``--debug``
     also the traceback); bugs: the traceback and a hint to report it, exit 1; Ctrl-C: exit 130."""
-    import traceback
-
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
@@ -436,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         traceback.print_exc()
         print(f"deltatune {args.command}: internal error: " +
-              BUG_HINT.format(version=__import__("deltatune").__version__), file=sys.stderr)
+              BUG_HINT.format(version=__version__), file=sys.stderr)
         return 1
 
 

@@ -21,7 +21,7 @@ from .trainer import TrainArgs, eval_loader, evaluate, lr_factor, set_seed, trai
 
 
 def __getattr__(name):
-    if name == "DeltatuneCallback":  # imports transformers
+    if name == "DeltatuneCallback":  # local: callback imports transformers, an optional dependency
         from .callback import DeltatuneCallback
 
         return DeltatuneCallback

@@ -29,10 +29,13 @@ import json
 import logging
 from pathlib import Path
 
-from transformers import TrainerCallback
+from safetensors import safe_open
+from transformers import Trainer, TrainerCallback
 
 from .. import model as M
 from ..hf import restore
+from ..io import save
+from ..io.files import write_tensors
 
 ADAPTER_SUBDIR = "deltatune"
 WEIGHTS_FILE = "model.safetensors"
@@ -50,17 +53,13 @@ def checkpoint_dir(args, state) -> Path:
 def write_checkpoint(model, folder: Path) -> None:
     """The adapters with their controller state in ``folder/deltatune``; a weights file with no tensors for the
     Trainer to read (unless it wrote one itself: a model that is not a ``PreTrainedModel``)."""
-    from ..io import save
-    from ..io.files import write_tensors
-
     save(model, folder / ADAPTER_SUBDIR)
     if not (folder / WEIGHTS_FILE).exists():
         write_tensors(folder / WEIGHTS_FILE, {}, metadata={"format": "pt", "deltatune": NOTE})
 
 
 def _holds_tensors(path: Path) -> bool:
-    from safetensors import safe_open
-
+    """Whether the safetensors file ``path`` exists and holds at least one tensor."""
     if not path.is_file():
         return False
     with safe_open(str(path), framework="pt") as f:
@@ -70,8 +69,6 @@ def _holds_tensors(path: Path) -> bool:
 def resumed_from() -> Path | None:
     """The checkpoint folder the running ``Trainer.train(resume_from_checkpoint=...)`` resumed from, read from the
     Trainer's frame on the call stack (the Trainer does not pass it to callbacks); ``None`` if not found."""
-    from transformers import Trainer
-
     frame = inspect.currentframe()
     while frame is not None:
         loc = frame.f_locals

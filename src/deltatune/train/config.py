@@ -41,18 +41,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import yaml
 from torch import nn
 
 from .. import model as M
+from .. import zoo
 from ..io.files import write_text
 from ..methods.base import ALIASES, Method, check_fields
 from ..targets import name_matches
+from ..util import resolve_path
 from .data import (TASKS, Collator, check_column_names, check_spec, describe_source, encode_classification,
                    encode_instructions, is_dataset, pad_id_of, read_rows)
-from ..util import resolve_path
 from .fields import typed_fields
-from .trainer import TrainArgs, set_seed, train
+from .trainer import TrainArgs, last_checkpoint, set_seed, train
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # model.config keys that make from_pretrained run Python code shipped with the model folder: refused unless the
@@ -141,8 +143,6 @@ def parse_method(d: dict | None) -> Method:
     return method
 
 
-_resolve = resolve_path
-
 
 def _resolve_source(source, base: Path, where: str):
     """A data source with relative paths resolved: a file path, a checked load_dataset-style mapping
@@ -152,19 +152,17 @@ def _resolve_source(source, base: Path, where: str):
     if isinstance(source, dict):
         return check_spec(source, base)
     if isinstance(source, (str, Path)):
-        return _resolve(source, base)
+        return resolve_path(source, base)
     raise ValueError(f"{where} must be a file path or a mapping {{dataset: csv|json|parquet, data_files: ...}} "
                      f"(Python: also a datasets.Dataset), got {type(source).__name__}")
 
 
 def model_path(path: str, base: Path) -> str:
     """A local model folder; ``minilm`` and ``smollm2`` name the packaged models of :mod:`deltatune.zoo`."""
-    from .. import zoo
-
     named = {"minilm": zoo.minilm_path, "smollm2": zoo.smollm2_path}
     if str(path) in named:
         return str(named[str(path)]())
-    folder = Path(_resolve(path, base))
+    folder = Path(resolve_path(path, base))
     if not folder.is_dir():
         raise FileNotFoundError(f"model.path {str(folder)!r} is not a folder; give a local model folder or one of "
                                 f"{sorted(named)} (models are never downloaded)")
@@ -222,7 +220,7 @@ def load_config(config: str | Path | dict, trust_remote_code: bool = False) -> R
     if model.dtype is not None and model.dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {model.dtype!r}")
     if model.path not in ("minilm", "smollm2"):
-        model.path = _resolve(model.path, base)
+        model.path = resolve_path(model.path, base)
 
     data = _section(DataConfig, raw["data"], "data")
     data.train, data.eval = _resolve_source(data.train, base, "data.train"), _resolve_source(data.eval, base, "data.eval")
@@ -244,7 +242,7 @@ def load_config(config: str | Path | dict, trust_remote_code: bool = False) -> R
 
     if not isinstance(raw["output_dir"], str) or not raw["output_dir"].strip():
         raise ValueError(f"output_dir must be a folder path, got {raw['output_dir']!r}")
-    output_dir = Path(_resolve(raw["output_dir"], base))
+    output_dir = Path(resolve_path(raw["output_dir"], base))
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"output_dir {output_dir} is an existing file; give a folder (it is created if missing)")
     return RunConfig(model=model, data=data, method=parse_method(raw.get("method")),
@@ -301,7 +299,7 @@ def _read(source, limit: int | None, columns: list | None) -> list[dict]:
 
 def load_model(cfg: ModelConfig, path: str, label2id: dict | None, pad_id: int) -> nn.Module:
     """The transformers model for the task, from a local folder only."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification  # optional (deltatune[hf])
 
     kwargs = {"local_files_only": True, **cfg.config}
     if cfg.dtype:
@@ -324,8 +322,6 @@ def load_model(cfg: ModelConfig, path: str, label2id: dict | None, pad_id: int) 
 
 def _init_distributed() -> bool:
     """Initialize the default process group under torchrun if nobody has; True if this call did."""
-    import torch.distributed as dist
-
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
         return False
     if torch.cuda.is_available():
@@ -360,16 +356,6 @@ class CalibrationBatches:
             yield {k: v.to(self.device) for k, v in batch.items()}
 
 
-def last_checkpoint(output_dir: str | Path) -> Path:
-    """The newest ``checkpoint-<step>`` folder in ``output_dir`` (``train.save_every`` writes them)."""
-    found = sorted((int(p.name.split("-", 1)[1]), p) for p in Path(output_dir).glob("checkpoint-*")
-                   if p.is_dir() and p.name.split("-", 1)[1].isdigit())
-    if not found:
-        raise FileNotFoundError(f"no checkpoint-<step> folder in {output_dir} to resume from; set train.save_every "
-                                "to write them, or name a checkpoint folder")
-    return found[-1][1]
-
-
 def run_config(config: str | Path | dict, trust_remote_code: bool = False, resume_from: str | Path | None = None) -> dict:
     """Load model and data, attach the method, train, save the adapter to ``output_dir/adapter``.
 
@@ -382,7 +368,7 @@ def run_config(config: str | Path | dict, trust_remote_code: bool = False, resum
     resolved config) and ``results.json``. Returns the :func:`~deltatune.train.trainer.train` result plus
     ``label2id``, ``output_dir`` and ``trainable_parameters``.
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # optional dependency (deltatune[hf])
 
     cfg = load_config(config, trust_remote_code=trust_remote_code)
     created_group = _init_distributed()
@@ -416,9 +402,9 @@ def run_config(config: str | Path | dict, trust_remote_code: bool = False, resum
         return result
     finally:
         if created_group:
-            import torch.distributed as dist
             dist.destroy_process_group()
 
 
-__all__ = ["CODE_KEYS", "LOADING_KEYS", "DataConfig", "ModelConfig", "check_model_config", "RunConfig", "head_modules", "load_config", "load_data", "load_model",
-           "model_path", "parse_method", "run_config", "with_head"]
+__all__ = ["CODE_KEYS", "LOADING_KEYS", "DataConfig", "ModelConfig", "RunConfig", "check_model_config", "head_modules",
+           "last_checkpoint", "load_config", "load_data", "load_model", "model_path", "parse_method", "run_config",
+           "with_head"]

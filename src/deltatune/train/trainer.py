@@ -31,9 +31,7 @@ changes parameter shapes (AdaLoRA shrinking, IncreLoRA growing) the DDP wrapper 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -49,16 +47,15 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 from .. import model as M
 from ..hf import restore
 from ..io import save
-from ..io.files import (fsync_dir, read_json, read_tensors, write_file,
-                        write_generation, write_json, write_tensors)
+from ..io.files import read_json, read_tensors, write_generation, write_json, write_tensors
 from ..io.state import join_state, split_state
+from ..layers import REGISTRY_ATTR, unwrap
 from ..runtime import freed_memory_retained
 from .data import IGNORE_INDEX, TASKS, Collator
 from .fields import typed_fields
+from .metrics import METRICS_NAME, PLOT_NAME, RUN_START, MetricsLog, read_metrics, write_plot
 
 SCHEDULES = ("linear", "cosine", "constant")
-METRICS_NAME = "metrics.jsonl"
-PLOT_NAME = "metrics.png"
 
 
 @dataclass
@@ -142,7 +139,7 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str = "linear") -> f
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Trainable parameters in two AdamW groups: matrices decay, vectors (biases, norms) do not."""
-    params = [p for p in M.unwrap(model).parameters() if p.requires_grad]
+    params = [p for p in unwrap(model).parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters; attach an adapter first: dt.attach(model, dt.LoRA())")
     decay = [p for p in params if p.ndim >= 2]
@@ -199,7 +196,7 @@ def _all_sum(values: Sequence[float], device: torch.device) -> list[float]:
 
 
 def _device(model: nn.Module) -> torch.device:
-    p = next(M.unwrap(model).parameters(), None)
+    p = next(unwrap(model).parameters(), None)
     return p.device if p is not None else torch.device("cpu")
 
 
@@ -211,7 +208,7 @@ def evaluate(model: nn.Module, loader: DataLoader, task: str) -> dict[str, float
     shard and the sums are combined, so every rank returns the metrics of the whole set."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
-    inner = M.unwrap(model)
+    inner = unwrap(model)
     was_training = inner.training
     inner.eval()
     device = _device(inner)
@@ -238,104 +235,6 @@ def eval_loader(data: Sequence, batch_size: int, collate_fn: Callable) -> DataLo
     rank, world = _dist()
     shard = [data[i] for i in range(rank, len(data), world)]
     return DataLoader(shard, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
-
-
-# -- logging -------------------------------------------------------------------------------------------------------
-_TRAIN_KEYS = {"step", "loss", "lr", "epoch", "time"}
-
-
-def write_plot(records: list[dict], path: str | Path) -> Path | None:
-    """Training loss, any ``eval_*`` metrics and any controller numbers (e.g. ``budget``, ``rank``) against step, as
-    a PNG. ``None`` if matplotlib is missing."""
-    try:  # a Figure with its own Agg canvas: pyplot and the user's backend stay untouched
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        return None
-    train = [r for r in records if "loss" in r]
-    evals = [r for r in records if any(k.startswith("eval_") for k in r)]
-    keys = sorted({k for r in evals for k in r if k.startswith("eval_")})
-    extra = sorted({k for r in train for k in r} - _TRAIN_KEYS)
-    panels = 1 + len(keys) + (1 if extra else 0)
-    fig = Figure(figsize=(5 * panels, 3.5))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, panels, squeeze=False)[0]
-    ax = axes[0]
-    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
-    if "eval_loss" in keys:
-        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval")
-    ax.set(xlabel="step", ylabel="loss", title="loss")
-    ax.legend()
-    for ax, key in zip(axes[1:], keys):
-        ax.plot([r["step"] for r in evals if key in r], [r[key] for r in evals if key in r], "o-")
-        ax.set(xlabel="step", title=key)
-    if extra:
-        ax = axes[-1]
-        for key in extra:
-            ax.plot([r["step"] for r in train if key in r], [r[key] for r in train if key in r], label=key)
-        ax.set(xlabel="step", title="controllers")
-        ax.legend()
-    fig.tight_layout()
-    return write_file(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
-
-
-class _Log:
-    """Metric records in memory; rank 0 also appends them to ``metrics.jsonl``.
-
-    The file is never truncated: a run appends a ``{"run_start": ...}`` record and then one JSON line per record,
-    written (and the file closed) as it comes, so a kill loses at most the line being written (a partial last line,
-    which :func:`read_metrics` skips). A run into a folder with an earlier ``metrics.jsonl`` keeps the earlier runs'
-    lines before its own.
-    """
-
-    def __init__(self, output_dir: Path | None, write: bool, records: Sequence[dict] = ()):
-        self.records: list[dict] = list(records)
-        self.path = output_dir / METRICS_NAME if output_dir is not None and write else None
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            created = not self.path.exists()
-            self._write({RUN_START: time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-            if created:
-                fsync_dir(self.path.parent)
-
-    def _write(self, record: dict) -> None:
-        """Append one line (opened per record: nothing to close, and nothing buffered when the process dies)."""
-        with open(self.path, "a+b") as f:
-            if f.tell() > 0:
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":  # a killed run's partial last line stays on a line of its own
-                    f.write(b"\n")
-            f.write((json.dumps(record) + "\n").encode("utf-8"))
-
-    def add(self, record: dict) -> None:
-        self.records.append(record)
-        if self.path is not None:
-            self._write(record)
-
-
-RUN_START = "run_start"
-
-
-def read_metrics(path: str | Path, runs: str = "last") -> list[dict]:
-    """The records of ``metrics.jsonl``: those of the last run (``runs="last"``) or of all runs (``"all"``, with
-    their ``run_start`` records). Lines that are not complete JSON objects (the last line of a killed run) are
-    skipped."""
-    if runs not in ("last", "all"):
-        raise ValueError(f"runs must be 'last' or 'all', got {runs!r}")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if not isinstance(record, dict):
-                continue
-            if runs == "last" and RUN_START in record:
-                records = []
-            else:
-                records.append(record)
-    return records
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------------------
@@ -371,7 +270,93 @@ def read_checkpoint(folder: str | Path) -> dict:
     return join_state(read_json(path), read_tensors(folder / f"{STATE_NAME}.safetensors"), where=str(folder))
 
 
-# -- the loop ------------------------------------------------------------------------------------------------------
+def last_checkpoint(output_dir: str | Path) -> Path:
+    """The newest ``checkpoint-<step>`` folder in ``output_dir`` (``train.save_every`` writes them)."""
+    steps = ((p.name[len(CHECKPOINT_PREFIX):], p) for p in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*"))
+    found = sorted((int(step), p) for step, p in steps if p.is_dir() and step.isdigit())
+    if not found:
+        raise FileNotFoundError(f"no checkpoint-<step> folder in {output_dir} to resume from; set train.save_every "
+                                "to write them, or name a checkpoint folder")
+    return found[-1][1]
+
+
+# -- the loop: data, optimizer, resuming ----------------------------------------------------------------------------
+def check_run(args: TrainArgs, task: str, train_data: Sequence, output_dir) -> None:
+    """Refuse a run that cannot start: invalid ``args``, an unknown ``task``, no training data, or ``save_every``
+    without an ``output_dir`` to write the checkpoints into."""
+    args.validate()
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
+    if not len(train_data):
+        raise ValueError("train_data is empty")
+    if args.save_every and output_dir is None:
+        raise ValueError("save_every writes checkpoints into output_dir: pass output_dir=...")
+
+
+def resume_adapters(model: nn.Module, resume_from: str | Path | None) -> dict | None:
+    """The trainer state of checkpoint ``resume_from`` (``None`` for a fresh run), after replacing the model's
+    adapters of the same names by the checkpoint's (with their controller state)."""
+    if resume_from is None:
+        return None
+    resumed = read_checkpoint(resume_from)
+    restore(model, Path(resume_from) / "adapter")
+    return resumed
+
+
+def train_loader(data: Sequence, args: TrainArgs, collate_fn: Callable) -> DataLoader:
+    """The training loader: this rank's shard through a ``DistributedSampler`` under ``torch.distributed``, else
+    a ``RandomSampler`` seeded with ``args.seed`` (its own generator) or, without ``shuffle``, the data in order."""
+    rank, world = _dist()
+    if world > 1:
+        sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=args.shuffle, seed=args.seed)
+    elif args.shuffle:
+        sampler = RandomSampler(data, generator=torch.Generator().manual_seed(args.seed))
+    else:
+        sampler = SequentialSampler(data)
+    return DataLoader(data, batch_size=args.batch_size, sampler=sampler, collate_fn=collate_fn,
+                      num_workers=args.num_workers)
+
+
+def total_steps(args: TrainArgs, batches_per_epoch: int) -> int:
+    """Optimizer steps of the run: ``max_steps``, else ``ceil(epochs * batches_per_epoch / grad_accum)`` (>= 1)."""
+    return args.max_steps or max(1, math.ceil(args.epochs * batches_per_epoch / args.grad_accum))
+
+
+def optimizer_and_schedule(model: nn.Module, args: TrainArgs, total: int):
+    """``(AdamW over param_groups, LambdaLR of lr_factor)``; warm-up: ``warmup_steps``, else
+    ``int(warmup_ratio * total)``."""
+    warmup = args.warmup_steps or int(args.warmup_ratio * total)
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, args.schedule))
+    return optimizer, scheduler
+
+
+def resume_optimizer(resumed: dict | None, resume_from, optimizer, scheduler, total: int) -> int:
+    """The first step of this run: 0 for a fresh run, else the checkpoint's step (``0 < step < total``) after
+    loading its optimizer and scheduler state."""
+    if resumed is None:
+        return 0
+    first = int(resumed["step"])
+    if not 0 < first < total:
+        raise ValueError(f"{resume_from} is at step {first}, but this run has {total} steps: nothing to resume")
+    try:
+        optimizer.load_state_dict(resumed["optimizer"])
+    except ValueError as e:
+        raise ValueError(f"{resume_from}: its optimizer state does not fit the adapters' parameters ({e}); "
+                         "resume with the same method and training arguments") from None
+    scheduler.load_state_dict(resumed["scheduler"])
+    return first
+
+
+def restore_rng(resumed: dict | None, device: torch.device) -> None:
+    """Put back the checkpoint's torch RNG state (and its CUDA one on a CUDA device); nothing for a fresh run."""
+    if resumed is None:
+        return
+    torch.set_rng_state(resumed["rng"])
+    if "cuda_rng" in resumed and device.type == "cuda":
+        torch.cuda.set_rng_state(resumed["cuda_rng"], device)
+
+
 def _batches(loader: DataLoader) -> Iterator[dict]:
     """The loader's batches, epoch after epoch (reshuffled per epoch)."""
     epoch = 0
@@ -382,6 +367,145 @@ def _batches(loader: DataLoader) -> Iterator[dict]:
         epoch += 1
 
 
+def batch_stream(loader: DataLoader, skip: int) -> Iterator[dict]:
+    """The loader's batches epoch after epoch, the first ``skip`` of them already drawn (now, not lazily: a resumed
+    run replays the uninterrupted run's data order, and its random draws, before its RNG state is restored)."""
+    stream = _batches(loader)
+    for _ in range(skip):
+        next(stream)
+    return stream
+
+
+# -- the loop: one optimizer step ------------------------------------------------------------------------------------
+class _Net:
+    """The module the forward pass runs: ``DistributedDataParallel(model)`` under ``torch.distributed`` (rebuilt
+    when parameters change shape), else the model itself."""
+
+    def __init__(self, model: nn.Module, world: int):
+        self.model, self.world, self.device = model, world, _device(model)
+        self.module = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+
+    def rebuild(self) -> None:
+        """After a controller changed parameter shapes: DDP's buckets must be rebuilt (nothing in one process)."""
+        if self.world > 1:
+            self.module = None  # drop the old wrapper first
+            self.module = nn.parallel.DistributedDataParallel(self.model)
+
+
+def step_items(micro: Sequence[dict], task: str, device: torch.device) -> float:
+    """Items (examples or response tokens) in the whole step: all micro-batches, all ranks."""
+    items = _all_sum([sum(count_items(b, task) for b in micro)], device)[0]
+    if items == 0:
+        raise ValueError("a training step has no items with labels (every response token masked?)")
+    return items
+
+
+def accumulate_gradients(net: _Net, micro: Sequence[dict], items: float, task: str) -> float:
+    """``backward(loss_sum * world / items)`` per micro-batch, so that DDP's mean over ranks is the gradient of the
+    mean loss over the step's items; DDP all-reduces on the last micro-batch only. Returns this rank's loss sum."""
+    step_loss = 0.0
+    for i, batch in enumerate(micro):
+        inputs, labels = _split(_to(batch, net.device))
+        defer_sync = net.world > 1 and i < len(micro) - 1
+        with net.module.no_sync() if defer_sync else contextlib.nullcontext():
+            loss, _ = loss_sum(_logits(net.module(**inputs)), labels, task)
+            (loss * (net.world / items)).backward()
+        step_loss += loss.item()
+    return step_loss
+
+
+def optimizer_step(net: _Net, micro: Sequence[dict], items: float, optimizer, scheduler, task: str,
+                   max_grad_norm: float | None, adapted: bool) -> tuple[float, float]:
+    """One optimizer step as the module docstring writes it (controllers only on a model with adapters); returns
+    ``(this rank's loss sum, the learning rate of the step)``."""
+    step_loss = accumulate_gradients(net, micro, items, task)
+    if max_grad_norm:  # read the groups each step: a controller may have changed them
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
+    if adapted:
+        M.after_backward(net.model, optimizer)
+    optimizer.step()
+    if adapted and M.step(net.model, optimizer):
+        net.rebuild()
+    lr = scheduler.get_last_lr()[0]
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss, lr
+
+
+# -- the loop: reporting -------------------------------------------------------------------------------------------
+def progress_bar(show: bool, total: int, first: int):
+    """A tqdm bar over the run's steps from ``first``; ``None`` when not shown."""
+    if not show:
+        return None
+    from tqdm.auto import tqdm  # third-party, imported when a bar is drawn
+
+    return tqdm(total=total, initial=first, desc="train", dynamic_ncols=True)
+
+
+class _Report:
+    """What follows each optimizer step: a training record every ``log_every`` steps (mean loss over them, lr,
+    epoch, time, controller numbers), evaluation every ``eval_every`` steps, a checkpoint every ``save_every``
+    steps (rank 0, not at the last step), and the progress bar. The last step always logs and evaluates."""
+
+    def __init__(self, log: MetricsLog, args: TrainArgs, total: int, first: int, *, main: bool, model: nn.Module,
+                 adapted: bool, task: str, evals: DataLoader | None, batches_per_epoch: int,
+                 optimizer, scheduler, output_dir: Path | None):
+        self.log, self.args, self.total, self.main = log, args, total, main
+        self.model, self.adapted, self.task, self.evals = model, adapted, task, evals
+        self.batches_per_epoch, self.optimizer, self.scheduler = batches_per_epoch, optimizer, scheduler
+        self.output_dir = output_dir
+        self.bar = progress_bar(main and args.progress, total, first)
+        self.start, self.window, self.last_eval = time.perf_counter(), [], None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def after_step(self, done: int, loss: float, lr: float) -> None:
+        """Report optimizer step ``done`` (1-based) with its mean loss per item and learning rate."""
+        self.window.append(loss)
+        if done % self.args.log_every == 0 or done == self.total:
+            self.log_training(done, lr)
+        if self.evals is not None and ((self.args.eval_every and done % self.args.eval_every == 0)
+                                       or done == self.total):
+            self.last_eval = evaluate(self.model, self.evals, self.task)
+            self.log.add({"step": done, **self.last_eval, "time": self.elapsed()})
+        if self.main and self.args.save_every and done % self.args.save_every == 0 and done < self.total:
+            save_checkpoint(self.output_dir / f"{CHECKPOINT_PREFIX}{done}", self.model, self.optimizer,
+                            self.scheduler, done, self.log.records)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}")
+
+    def log_training(self, done: int, lr: float) -> None:
+        """One training record: the mean loss since the last one, lr, epoch, time and the controllers' numbers."""
+        self.log.add({"step": done, "loss": sum(self.window) / len(self.window), "lr": lr,
+                      "epoch": done * self.args.grad_accum / self.batches_per_epoch, "time": self.elapsed(),
+                      **(M.controller_metrics(self.model) if self.adapted else {})})
+        self.window = []
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def write_outputs(report: _Report, world: int) -> dict:
+    """The result of :func:`train`; rank 0 with an ``output_dir`` also writes the plot and the adapters."""
+    log, args, out = report.log, report.args, report.output_dir
+    result = {"steps": report.total,
+              "train_loss": next((r["loss"] for r in reversed(log.records) if "loss" in r), None),
+              "eval": report.last_eval, "history": log.records, "time": report.elapsed(), "world_size": world,
+              "metrics_path": None, "plot_path": None, "adapter_path": None}
+    if report.main and out is not None:
+        result["metrics_path"] = str(log.path)
+        if args.plot:
+            plot = write_plot(log.records, out / PLOT_NAME)
+            result["plot_path"] = str(plot) if plot else None
+        if args.save_adapter and report.adapted:
+            result["adapter_path"] = str(save(report.model, out / "adapter"))
+    return result
+
+
+# -- the loop ------------------------------------------------------------------------------------------------------
 def train(
     model: nn.Module,
     train_data: Sequence[dict],
@@ -406,134 +530,50 @@ def train(
     "metrics_path", "plot_path", "adapter_path"}`` (paths ``None`` when not written).
     """
     args = args or TrainArgs()
-    args.validate()
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
-    if not len(train_data):
-        raise ValueError("train_data is empty")
-    if args.save_every and output_dir is None:
-        raise ValueError("save_every writes checkpoints into output_dir: pass output_dir=...")
-    resumed = read_checkpoint(resume_from) if resume_from is not None else None
-    if resumed is not None:
-        restore(model, Path(resume_from) / "adapter")
-    adapted = M.REGISTRY_ATTR in M.unwrap(model).__dict__  # controllers run only on models with adapters
+    check_run(args, task, train_data, output_dir)
+    resumed = resume_adapters(model, resume_from)
+    adapted = REGISTRY_ATTR in unwrap(model).__dict__  # controllers run only on models with adapters
     rank, world = _dist()
-    main = rank == 0
     collate_fn = collate_fn or Collator()
     output_dir = Path(output_dir) if output_dir is not None else None
     set_seed(args.seed)
 
-    inner = M.unwrap(model)
+    inner = unwrap(model)
     device = _device(inner)
     retain = device.type == "cpu" and args.retain_freed_memory
     with freed_memory_retained() if retain else contextlib.nullcontext():
-        if world > 1:
-            sampler = DistributedSampler(train_data, num_replicas=world, rank=rank, shuffle=args.shuffle,
-                                         seed=args.seed)
-        elif args.shuffle:
-            sampler = RandomSampler(train_data, generator=torch.Generator().manual_seed(args.seed))
-        else:
-            sampler = SequentialSampler(train_data)
-        loader = DataLoader(train_data, batch_size=args.batch_size, sampler=sampler, collate_fn=collate_fn,
-                            num_workers=args.num_workers)
+        loader = train_loader(train_data, args, collate_fn)
         evals = eval_loader(eval_data, args.eval_batch_size or args.batch_size, collate_fn) if eval_data else None
-
-        total = args.max_steps or max(1, math.ceil(args.epochs * len(loader) / args.grad_accum))
-        warmup = args.warmup_steps or int(args.warmup_ratio * total)
-        optimizer = torch.optim.AdamW(param_groups(inner, args.weight_decay), lr=args.lr)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, args.schedule))
-        first = 0
-        if resumed is not None:
-            first = int(resumed["step"])
-            if not 0 < first < total:
-                raise ValueError(f"{resume_from} is at step {first}, but this run has {total} steps: nothing to resume")
-            try:
-                optimizer.load_state_dict(resumed["optimizer"])
-            except ValueError as e:
-                raise ValueError(f"{resume_from}: its optimizer state does not fit the adapters' parameters ({e}); "
-                                 "resume with the same method and training arguments") from None
-            scheduler.load_state_dict(resumed["scheduler"])
-        net = nn.parallel.DistributedDataParallel(inner) if world > 1 else inner
-        if adapted:  # shapes may change: this loop rebuilds its DDP wrapper when they do
+        total = total_steps(args, len(loader))
+        optimizer, scheduler = optimizer_and_schedule(inner, args, total)
+        first = resume_optimizer(resumed, resume_from, optimizer, scheduler, total)
+        net = _Net(inner, world)
+        if adapted:  # shapes may change: _Net rebuilds the DDP wrapper when they do
             M.begin(inner, total, resizable=True, step=first)
-
-        log = _Log(output_dir, main, resumed["history"] if resumed is not None else ())
-        bar = None
-        if main and args.progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=total, initial=first, desc="train", dynamic_ncols=True)
+        log = MetricsLog(output_dir, rank == 0, resumed["history"] if resumed is not None else ())
 
         was_training = inner.training
         inner.train()
-        stream = _batches(loader)
-        for _ in range(first * args.grad_accum):  # the same data order as the uninterrupted run
-            next(stream)
-        if resumed is not None:
-            torch.set_rng_state(resumed["rng"])
-            if "cuda_rng" in resumed and device.type == "cuda":
-                torch.cuda.set_rng_state(resumed["cuda_rng"], device)
-        start, window, last_eval = time.perf_counter(), [], None
+        stream = batch_stream(loader, skip=first * args.grad_accum)  # the same data order as the uninterrupted run
+        restore_rng(resumed, device)
+        report = _Report(log, args, total, first, main=rank == 0, model=inner, adapted=adapted, task=task,
+                         evals=evals, batches_per_epoch=len(loader), optimizer=optimizer, scheduler=scheduler,
+                         output_dir=output_dir)
         for step in range(first, total):
             micro = [next(stream) for _ in range(args.grad_accum)]
-            items = _all_sum([sum(count_items(b, task) for b in micro)], device)[0]
-            if items == 0:
-                raise ValueError("a training step has no items with labels (every response token masked?)")
-            step_loss = 0.0
-            for i, batch in enumerate(micro):
-                inputs, labels = _split(_to(batch, device))
-                defer_sync = world > 1 and i < len(micro) - 1  # DDP all-reduces on the last micro-batch only
-                with net.no_sync() if defer_sync else contextlib.nullcontext():
-                    loss, _ = loss_sum(_logits(net(**inputs)), labels, task)
-                    (loss * (world / items)).backward()
-                step_loss += loss.item()
-            if args.max_grad_norm:  # read the groups each step: a controller may have changed them
-                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                               args.max_grad_norm)
-            if adapted:
-                M.after_backward(inner, optimizer)
-            optimizer.step()
-            if adapted and M.step(inner, optimizer) and world > 1:
-                del net  # parameters changed shape: DDP's buckets must be rebuilt
-                net = nn.parallel.DistributedDataParallel(inner)
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-
-            step_loss = _all_sum([step_loss], device)[0] / items
-            window.append(step_loss)
-            done = step + 1
-            if done % args.log_every == 0 or done == total:
-                log.add({"step": done, "loss": sum(window) / len(window), "lr": lr,
-                         "epoch": done * args.grad_accum / len(loader), "time": time.perf_counter() - start,
-                         **(M.controller_metrics(inner) if adapted else {})})
-                window = []
-            if evals is not None and ((args.eval_every and done % args.eval_every == 0) or done == total):
-                last_eval = evaluate(inner, evals, task)
-                log.add({"step": done, **last_eval, "time": time.perf_counter() - start})
-            if main and args.save_every and done % args.save_every == 0 and done < total:
-                save_checkpoint(output_dir / f"{CHECKPOINT_PREFIX}{done}", inner, optimizer, scheduler, done,
-                                log.records)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{step_loss:.4f}")
-        if bar is not None:
-            bar.close()
+            items = step_items(micro, task, device)
+            loss, lr = optimizer_step(net, micro, items, optimizer, scheduler, task, args.max_grad_norm, adapted)
+            report.after_step(step + 1, _all_sum([loss], device)[0] / items, lr)
+        report.close()
         inner.train(was_training)
 
-        result = {"steps": total, "train_loss": next((r["loss"] for r in reversed(log.records) if "loss" in r), None),
-                  "eval": last_eval, "history": log.records, "time": time.perf_counter() - start, "world_size": world,
-                  "metrics_path": None, "plot_path": None, "adapter_path": None}
-        if main and output_dir is not None:
-            result["metrics_path"] = str(log.path)
-            if args.plot:
-                plot = write_plot(log.records, output_dir / PLOT_NAME)
-                result["plot_path"] = str(plot) if plot else None
-            if args.save_adapter and adapted:
-                result["adapter_path"] = str(save(inner, output_dir / "adapter"))
+        result = write_outputs(report, world)
         if world > 1:
             dist.barrier()
         return result
 
 
-__all__ = ["TrainArgs", "evaluate", "eval_loader", "loss_sum", "lr_factor", "param_groups", "read_checkpoint",
-           "read_metrics", "save_checkpoint", "set_seed", "train", "write_plot"]
+# METRICS_NAME, PLOT_NAME, RUN_START, read_metrics, write_plot: from .metrics, importable from here as before
+__all__ = ["METRICS_NAME", "PLOT_NAME", "RUN_START", "TrainArgs", "evaluate", "eval_loader", "last_checkpoint",
+           "loss_sum", "lr_factor", "param_groups", "read_checkpoint", "read_metrics", "save_checkpoint", "set_seed",
+           "train", "write_plot"]
