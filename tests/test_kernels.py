@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_minilm, randomize
+from helpers import make_minilm, randomize
 
 import deltatune as dt
 from deltatune.deltas.lowrank import lowrank_apply, lowrank_linear

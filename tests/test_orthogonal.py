@@ -10,8 +10,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import logits, make_minilm
-from test_budget import _batches, _loop
+from helpers import logits, make_minilm, sst2_batches, train_loop
 
 import deltatune as dt
 from deltatune import bases
@@ -217,7 +216,7 @@ def test_oft_forward_equals_peft_oft_for_identical_parameters(minilm_dir, minilm
 def test_oft_radius_keeps_every_block_inside_its_ball(minilm_dir, sst2_rows):
     model = make_minilm(minilm_dir)
     dt.attach(model, dt.OFT(block_size=32, radius=1e-2, targets=["query", "value"], modules_to_save=["classifier"]))
-    _loop(model, _batches(minilm_dir, sst2_rows, n=2), steps=3, lr=0.1)
+    train_loop(model, sst2_batches(minilm_dir, sst2_rows, n=2), steps=3, lr=0.1)
     for d in dt.deltas(model, "default").values():
         if isinstance(d, dt.RotationDelta):
             norms = d.skew().detach().flatten(1).norm(dim=1)
@@ -248,7 +247,7 @@ def test_sorsa_is_exact_at_init_and_its_regularizer_matches_the_formula(minilm_d
     auto = torch.autograd.grad(expected, [m for d in deltas for m in (d.P, d.Q)])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.5)
     model.train()
-    model(**_batches(minilm_dir, sst2_rows, n=1)[0]).loss.backward()
+    model(**sst2_batches(minilm_dir, sst2_rows, n=1)[0]).loss.backward()
     task = [m.grad.clone() for d in deltas for m in (d.P, d.Q)]
     dt.after_backward(model, opt)
     for t, a, m in zip(task, auto, [m for d in deltas for m in (d.P, d.Q)]):
@@ -256,7 +255,7 @@ def test_sorsa_is_exact_at_init_and_its_regularizer_matches_the_formula(minilm_d
     # training pulls the factors back toward orthonormal (the regularizer's share of the step dominates here)
     before = float(ctrl.regularizer())
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
-    for batch in _batches(minilm_dir, sst2_rows, n=3):
+    for batch in sst2_batches(minilm_dir, sst2_rows, n=3):
         opt.zero_grad()
         model(**batch).loss.backward()
         dt.after_backward(model, opt)
