@@ -217,11 +217,16 @@ def test_oft_radius_keeps_every_block_inside_its_ball(minilm_dir, sst2_rows):
     model = make_minilm(minilm_dir)
     dt.attach(model, dt.OFT(block_size=32, radius=1e-2, targets=["query", "value"], modules_to_save=["classifier"]))
     train_loop(model, sst2_batches(minilm_dir, sst2_rows, n=2), steps=3, lr=0.1)
-    for d in dt.deltas(model, "default").values():
-        if isinstance(d, dt.RotationDelta):
-            norms = d.skew().detach().flatten(1).norm(dim=1)
-            assert float(norms.max()) <= 1e-2 / d.blocks ** 0.5 * (1 + 1e-4)
-            assert float(norms.min()) > 0.9 * 1e-2 / d.blocks ** 0.5  # lr 0.1 pushes every block to the boundary
+    rotations = [d for d in dt.deltas(model, "default").values() if isinstance(d, dt.RotationDelta)]
+    assert len(rotations) == 12  # query and value in each of the 6 blocks: the checks below are not vacuous
+    for d in rotations:
+        limit = 1e-2 / d.blocks ** 0.5
+        norms = d.skew().detach().flatten(1).norm(dim=1)
+        assert float(norms.max()) <= limit * (1 + 1e-4)
+        assert float(norms.min()) > 0.9 * limit  # lr 0.1 pushes every block to the boundary
+        assert float(norms.max()) >= limit * (1 - 1e-4)  # the constraint bites: blocks were projected onto it
+        R = cayley(d.skew().detach())
+        assert float((R - torch.eye(R.shape[-1])).abs().max()) > 1e-4  # real rotations, not the identity
 
 
 # -- SORSA -----------------------------------------------------------------------------------------------------
