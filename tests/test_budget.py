@@ -2,8 +2,10 @@
 checkpoints and PEFT interop, on real MiniLM weights and SST-2 sentences."""
 from __future__ import annotations
 
+import inspect
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from helpers import DATA, ROOT, logits, make_minilm, randomize, sst2_batches, tr
 from torch import nn
 
 import deltatune as dt
+from deltatune.budget import schedule
 from deltatune.budget import (
     Sensitivity,
     cubic_budget,
@@ -414,6 +417,50 @@ def test_import_peft_adalora_checkpoint(minilm_dir, sst2_rows, minilm_batch, tmp
 
 
 # -- IncreLoRA and SoRA --------------------------------------------------------------------------------------------
+def _adalora_live_ranks(monkeypatch, phase=None, T=10):
+    """Live ranks after each of ``T`` steps of AdaLoRA (t_init=5, t_final=2, masking every step) on a small MLP;
+    with ``phase``, ``deltatune.budget.schedule.masking_phase`` is replaced by it wherever deltatune holds it."""
+    real = schedule.masking_phase
+    if phase is not None:
+        holders = [m for name, m in sorted(sys.modules.items())
+                   if name.startswith("deltatune") and getattr(m, "masking_phase", None) is real]
+        for m in holders:
+            monkeypatch.setattr(m, "masking_phase", phase)
+    torch.manual_seed(0)
+    net = dt.attach(nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 8)),
+                    dt.AdaLoRA(init_r=4, target_r=1, targets=["0", "2"], t_init=5, t_final=2, delta_t=1))
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+    x, y = torch.randn(8, 16), torch.randn(8, 8)
+    dt.begin(net, T)
+    live = []
+    for _ in range(T):
+        ((net(x) - y) ** 2).mean().backward()
+        opt.step()
+        dt.step(net, opt)
+        opt.zero_grad()
+        live.append(sum(int((d.lam.detach() != 0).sum()) for d in dt.deltas(net, "default").values()))
+    return live
+
+
+def test_adalora_masking_follows_masking_phase(monkeypatch):
+    """The controller asks ``budget.schedule.masking_phase`` which phase a step is in, and acts on the answer."""
+    real = schedule.masking_phase
+    assert _adalora_live_ranks(monkeypatch)[:6] == [8] * 6  # warm-up: t <= t_init masks nothing
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(inspect.signature(real).bind(*args, **kwargs).arguments)
+        return real(*args, **kwargs)
+
+    normal = _adalora_live_ranks(monkeypatch, spy)
+    assert min(normal) < 8  # the schedule masks (and the spy changed nothing)
+    assert {c["t"] for c in calls} >= set(range(8)) and {(c["t_init"], c["t_final"], c["total"]) for c in calls} \
+        == {(5, 2, 10)}  # consulted at every step before the final pattern, with the method's schedule
+    assert _adalora_live_ranks(monkeypatch, lambda *a, **k: schedule.WARMUP) == [8] * 10  # never masks
+    early = _adalora_live_ranks(monkeypatch, lambda *a, **k: schedule.BUDGETING)
+    assert min(early[:5]) < 8  # masks inside what the real schedule calls warm-up
+
+
 def test_increlora_grows_to_the_budget_and_trains_new_components(minilm_dir, sst2_rows):
     model = make_minilm(minilm_dir)
     dt.attach(model, dt.IncreLoRA(init_r=1, target_r=2, targets=QV, top_h=4, incre_interval=2, alpha=4))
