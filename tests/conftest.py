@@ -1,4 +1,5 @@
-"""Shared fixtures: real pretrained models from PyPI packages and real data from ../shared/data."""
+"""Shared fixtures: real pretrained models from PyPI packages and real data from ../shared/data (helpers that are
+not fixtures live in helpers.py)."""
 from __future__ import annotations
 
 import os
@@ -6,13 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import DATA
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(2)
-
-SHARED = Path(os.environ.get("DELTATUNE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-DATA = SHARED / "data"
 
 
 @pytest.fixture(scope="session")
@@ -40,19 +39,6 @@ def sst2_rows() -> list[tuple[str, int]]:
     return rows
 
 
-def make_minilm(path, num_labels=2, seed=0):
-    from transformers import AutoModelForSequenceClassification
-
-    torch.manual_seed(seed)  # the classification head is freshly initialized: seed it
-    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels).eval()
-
-
-def make_smollm(path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
 @pytest.fixture(scope="session")
 def minilm_batch(minilm_dir, sst2_rows):
     from transformers import AutoTokenizer
@@ -72,18 +58,3 @@ def smollm_batch(smollm_dir):
         tok.pad_token = tok.eos_token
     return dict(tok(texts, padding=True, return_tensors="pt"))
 
-
-def logits(model, batch):
-    with torch.no_grad():
-        return model(**batch).logits
-
-
-def randomize(model, name, std=0.02, seed=1):
-    """Give adapter ``name`` non-zero trainable factors so tests see its effect."""
-    import deltatune as dt
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for d in dt.deltas(model, name).values():
-            for p in d.parameters():
-                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)

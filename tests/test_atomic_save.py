@@ -15,6 +15,7 @@ from torch import nn
 import deltatune as dt
 from deltatune.io import adapter_folders, read_record
 from deltatune.io import files as F
+from helpers import make_minilm
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the kill tests fork")
 
@@ -421,7 +422,6 @@ def test_saving_into_the_working_folder_keeps_it_usable(tmp_path, monkeypatch):
 def test_saving_into_the_base_model_folder_is_refused(minilm_dir, tmp_path):
     import shutil
 
-    from conftest import make_minilm
 
     base = tmp_path / "base"
     shutil.copytree(minilm_dir, base)

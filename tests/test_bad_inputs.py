@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import logits, make_minilm, randomize
+from helpers import logits, make_minilm, randomize
 from safetensors.torch import load_file, save_file
 
 import deltatune as dt

@@ -2,15 +2,18 @@
 checkpoints and PEFT interop, on real MiniLM weights and SST-2 sentences."""
 from __future__ import annotations
 
+import inspect
 import json
 import math
+import sys
 
 import pytest
 import torch
-from conftest import logits, make_minilm, randomize
+from helpers import DATA, ROOT, logits, make_minilm, randomize, sst2_batches, train_loop
 from torch import nn
 
 import deltatune as dt
+from deltatune.budget import schedule
 from deltatune.budget import (
     Sensitivity,
     cubic_budget,
@@ -24,37 +27,6 @@ from deltatune.budget import (
 from deltatune.methods.adaptive import soft_threshold_
 
 QV = ["query", "value"]
-
-
-def _batches(minilm_dir, sst2_rows, n=4, size=8, offset=0):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(minilm_dir)
-    out = []
-    for i in range(n):
-        rows = sst2_rows[offset + i * size: offset + (i + 1) * size]
-        b = dict(tok([t for t, _ in rows], padding=True, truncation=True, max_length=48, return_tensors="pt"))
-        b["labels"] = torch.tensor([y for _, y in rows])
-        out.append(b)
-    return out
-
-
-def _loop(model, batches, steps, lr=5e-3, opt=None, clip=None, after=None):
-    """A bare PyTorch loop: the only deltatune call is dt.step after optimizer.step."""
-    opt = opt or torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    model.train()
-    for t in range(steps):
-        loss = model(**batches[t % len(batches)]).loss
-        loss.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip)
-        opt.step()
-        dt.step(model, opt)
-        if after:
-            after(t)
-        opt.zero_grad(set_to_none=True)
-    model.eval()
-    return opt
 
 
 def _random_gated(out_f: int, in_f: int, r: int, scale: float) -> dt.GatedSVDDelta:
@@ -246,7 +218,7 @@ def test_adalora_masks_match_peft_step_by_step(minilm_dir, sst2_rows):
     opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=5e-3) for m in (ours, ref)]
     ours.eval(), ref.eval()  # no dropout: both see identical activations (gradients still flow)
     masked_steps = 0
-    for t, batch in enumerate(_batches(minilm_dir, sst2_rows, n=12)):
+    for t, batch in enumerate(sst2_batches(minilm_dir, sst2_rows, n=12)):
         for model, opt in zip((ours, ref), opts):
             model(**batch).loss.backward()
             opt.step()
@@ -277,7 +249,7 @@ def test_adalora_live_components_follow_the_budget(minilm_dir, sst2_rows):
             seen.append(live)
         assert dt.controller_metrics(model)["rank"] == live
 
-    _loop(model, _batches(minilm_dir, sst2_rows), 14, after=check)
+    train_loop(model, sst2_batches(minilm_dir, sst2_rows), 14, after=check)
     assert len(seen) == 4 and seen == sorted(seen, reverse=True) and seen[0] < 48
     ranks = [d.r for d in dt.deltas(model, "ada").values()]
     assert sum(ranks) == 24 and len(set(ranks)) > 1  # physically shrunk, unevenly
@@ -287,14 +259,14 @@ def test_adalora_live_components_follow_the_budget(minilm_dir, sst2_rows):
 
 def test_shrinking_changes_no_output(minilm_dir, sst2_rows, minilm_batch):
     """The same run with shrink='final' (components removed) and shrink='never' (masked) gives the same model."""
-    batches = _batches(minilm_dir, sst2_rows)
+    batches = sst2_batches(minilm_dir, sst2_rows)
     models = {}
     for shrink in ("final", "never"):
         model = make_minilm(minilm_dir)
         torch.manual_seed(0)
         dt.attach(model, dt.AdaLoRA(init_r=4, target_r=2, targets=QV, t_init=1, t_final=3, total_step=8,
                                     orth_reg_weight=0.0, shrink=shrink))
-        _loop(model, batches, 8)
+        train_loop(model, batches, 8)
         models[shrink] = model
     shrunk, masked = (dt.deltas(models[k], "default") for k in ("final", "never"))
     assert sum(d.r for d in shrunk.values()) == 24 and sum(d.r for d in masked.values()) == 48
@@ -338,7 +310,7 @@ def test_regularizer_applies_to_a_model_returning_a_plain_tensor():
 def test_misuse_gives_clear_errors(minilm_dir, sst2_rows):
     model = make_minilm(minilm_dir)
     dt.attach(model, dt.AdaLoRA(init_r=4, target_r=2, targets=QV))
-    batch = _batches(minilm_dir, sst2_rows, n=1)[0]
+    batch = sst2_batches(minilm_dir, sst2_rows, n=1)[0]
     model(**batch).loss.backward()
     with pytest.raises(ValueError, match="total_step"):
         dt.step(model)  # no total_step and no dt.begin
@@ -393,7 +365,7 @@ def test_unequal_ranks_round_trip_and_export_to_peft(minilm_dir, sst2_rows, mini
     model = make_minilm(minilm_dir)
     dt.attach(model, dt.AdaLoRA(init_r=4, target_r=2, targets=QV, t_init=1, t_final=2, total_step=6,
                                 modules_to_save=["classifier"]), name="ada")
-    _loop(model, _batches(minilm_dir, sst2_rows), 6)
+    train_loop(model, sst2_batches(minilm_dir, sst2_rows), 6)
     want = logits(model, minilm_batch)
     ranks = {k: d.r for k, d in dt.deltas(model, "ada").items() if isinstance(d, dt.GatedSVDDelta)}
     assert len(set(ranks.values())) > 1
@@ -427,7 +399,7 @@ def test_import_peft_adalora_checkpoint(minilm_dir, sst2_rows, minilm_batch, tmp
         init_r=4, target_r=2, lora_alpha=8, target_modules=QV, total_step=6, tinit=1, tfinal=2, deltaT=1))
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=5e-3)
     peft_model.train()
-    for t, batch in enumerate(_batches(minilm_dir, sst2_rows, n=6)):
+    for t, batch in enumerate(sst2_batches(minilm_dir, sst2_rows, n=6)):
         peft_model(**batch).loss.backward()
         opt.step()
         peft_model.base_model.update_and_allocate(t)
@@ -445,12 +417,56 @@ def test_import_peft_adalora_checkpoint(minilm_dir, sst2_rows, minilm_batch, tmp
 
 
 # -- IncreLoRA and SoRA --------------------------------------------------------------------------------------------
+def _adalora_live_ranks(monkeypatch, phase=None, T=10):
+    """Live ranks after each of ``T`` steps of AdaLoRA (t_init=5, t_final=2, masking every step) on a small MLP;
+    with ``phase``, ``deltatune.budget.schedule.masking_phase`` is replaced by it wherever deltatune holds it."""
+    real = schedule.masking_phase
+    if phase is not None:
+        holders = [m for name, m in sorted(sys.modules.items())
+                   if name.startswith("deltatune") and getattr(m, "masking_phase", None) is real]
+        for m in holders:
+            monkeypatch.setattr(m, "masking_phase", phase)
+    torch.manual_seed(0)
+    net = dt.attach(nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 8)),
+                    dt.AdaLoRA(init_r=4, target_r=1, targets=["0", "2"], t_init=5, t_final=2, delta_t=1))
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+    x, y = torch.randn(8, 16), torch.randn(8, 8)
+    dt.begin(net, T)
+    live = []
+    for _ in range(T):
+        ((net(x) - y) ** 2).mean().backward()
+        opt.step()
+        dt.step(net, opt)
+        opt.zero_grad()
+        live.append(sum(int((d.lam.detach() != 0).sum()) for d in dt.deltas(net, "default").values()))
+    return live
+
+
+def test_adalora_masking_follows_masking_phase(monkeypatch):
+    """The controller asks ``budget.schedule.masking_phase`` which phase a step is in, and acts on the answer."""
+    real = schedule.masking_phase
+    assert _adalora_live_ranks(monkeypatch)[:6] == [8] * 6  # warm-up: t <= t_init masks nothing
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(inspect.signature(real).bind(*args, **kwargs).arguments)
+        return real(*args, **kwargs)
+
+    normal = _adalora_live_ranks(monkeypatch, spy)
+    assert min(normal) < 8  # the schedule masks (and the spy changed nothing)
+    assert {c["t"] for c in calls} >= set(range(8)) and {(c["t_init"], c["t_final"], c["total"]) for c in calls} \
+        == {(5, 2, 10)}  # consulted at every step before the final pattern, with the method's schedule
+    assert _adalora_live_ranks(monkeypatch, lambda *a, **k: schedule.WARMUP) == [8] * 10  # never masks
+    early = _adalora_live_ranks(monkeypatch, lambda *a, **k: schedule.BUDGETING)
+    assert min(early[:5]) < 8  # masks inside what the real schedule calls warm-up
+
+
 def test_increlora_grows_to_the_budget_and_trains_new_components(minilm_dir, sst2_rows):
     model = make_minilm(minilm_dir)
     dt.attach(model, dt.IncreLoRA(init_r=1, target_r=2, targets=QV, top_h=4, incre_interval=2, alpha=4))
     dt.begin(model, total_steps=16)
     history = []
-    opt = _loop(model, _batches(minilm_dir, sst2_rows), 16,
+    opt = train_loop(model, sst2_batches(minilm_dir, sst2_rows), 16,
                 after=lambda t: history.append(dt.controller_metrics(model)["rank"]))
     ds = dt.deltas(model, "default")
     assert history[0] == 12 and history[-1] == 24 and history == sorted(history)
@@ -468,8 +484,8 @@ def test_sora_soft_threshold_and_zero_gates_dropped_at_the_end(minilm_dir, sst2_
     model = make_minilm(minilm_dir)
     dt.attach(model, dt.SoRA(r=4, targets=QV, threshold=0.15))
     dt.begin(model, total_steps=8)
-    batches = _batches(minilm_dir, sst2_rows)
-    opt = _loop(model, batches, 6, lr=1e-3)
+    batches = sst2_batches(minilm_dir, sst2_rows)
+    opt = train_loop(model, batches, 6, lr=1e-3)
     ds = dt.deltas(model, "default")
     zeros = sum(int((d.lam == 0).sum()) for d in ds.values())
     assert 0 < zeros < 4 * 12  # the proximal step zeroed some gates, not all
@@ -478,7 +494,7 @@ def test_sora_soft_threshold_and_zero_gates_dropped_at_the_end(minilm_dir, sst2_
     assert ctrl.drop_zero_gates(opt)
     assert sum(d.r for d in ds.values()) == 4 * 12 - zeros
     torch.testing.assert_close(logits(model, minilm_batch), before)  # zero gates contributed nothing
-    _loop(model, batches, 2, lr=1e-3, opt=opt)  # steps 7 and 8: the last one drops zero gates by itself
+    train_loop(model, batches, 2, lr=1e-3, opt=opt)  # steps 7 and 8: the last one drops zero gates by itself
     assert all(bool((d.lam != 0).all()) for d in ds.values())
     assert dt.controller_metrics(model)["rank"] == sum(d.r for d in ds.values())
 
@@ -524,12 +540,10 @@ def test_hf_trainer_callback_drives_adalora(minilm_dir, sst2_rows, tmp_path):
 
 def test_adalora_example_config_runs_from_the_cli(tmp_path):
     import yaml
-    from conftest import DATA
 
     from deltatune.cli import main
 
-    root = __import__("pathlib").Path(__file__).resolve().parents[1]
-    config = yaml.safe_load((root / "examples" / "sst2_adalora.yaml").read_text())
+    config = yaml.safe_load((ROOT / "examples" / "sst2_adalora.yaml").read_text())
     sst2 = DATA / "glue" / "SST-2"
     config["data"].update(train=str(sst2 / "train.tsv"), eval=str(sst2 / "dev.tsv"), max_train_rows=96,
                           max_eval_rows=32)

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_minilm, randomize
+from helpers import make_minilm, randomize, sst2_batches
 
 import deltatune as dt
 from deltatune.calibration import calibrate, load_calibration
+
+TEXTS = {"size": 4, "labels": False, "max_length": None}  # batches of 4 sentences, untruncated, unlabelled
 
 
 def _direct(model, batches, layer):
@@ -20,17 +22,9 @@ def _direct(model, batches, layer):
     return C / n, s / n
 
 
-def _batches(minilm_dir, sst2_rows, n=3):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(minilm_dir)
-    texts = [t for t, _ in sst2_rows[: 4 * n]]
-    return [dict(tok(texts[4 * i: 4 * i + 4], padding=True, return_tensors="pt")) for i in range(n)]
-
-
 def test_covariance_from_hooks_equals_a_direct_computation(minilm_dir, sst2_rows, tmp_path, capsys):
     model = make_minilm(minilm_dir)
-    batches = _batches(minilm_dir, sst2_rows)
+    batches = sst2_batches(minilm_dir, sst2_rows, n=3, **TEXTS)
     assert any(int(b["attention_mask"].sum()) < b["attention_mask"].numel() for b in batches)  # padding present
     cal = calibrate(model, batches, targets=["query", "key", "value", "intermediate.dense"], stats=("cov", "mean"),
                     cache=tmp_path / "cal.safetensors")
@@ -59,7 +53,7 @@ def test_covariance_from_hooks_equals_a_direct_computation(minilm_dir, sst2_rows
 
 def test_corda_statistic_scales_each_sample_by_its_signed_maximum(minilm_dir, sst2_rows):
     model = make_minilm(minilm_dir)
-    batches = _batches(minilm_dir, sst2_rows, n=1)
+    batches = sst2_batches(minilm_dir, sst2_rows, n=1, **TEXTS)
     cal = calibrate(model, batches, targets=["layer.1.attention.self.query"], stats=("corda",), verbose=False)
     stat = cal["bert.encoder.layer.1.attention.self.query"]
     with torch.no_grad():
@@ -84,7 +78,7 @@ def test_corda_decomposition_reconstructs_the_weight_and_initializes_a_residual(
     torch.testing.assert_close(U @ torch.diag(S) @ Vt, W)  # exact before truncation (Vt is not orthonormal)
     model = make_minilm(minilm_dir)
     before = model(**minilm_batch).logits.detach()
-    batches = _batches(minilm_dir, sst2_rows)
+    batches = sst2_batches(minilm_dir, sst2_rows, n=3, **TEXTS)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for mode in ("ipa", "kpa"):
@@ -112,7 +106,7 @@ def test_eva_takes_converged_principal_directions_and_redistributes_ranks(minilm
 
     model = make_minilm(minilm_dir)
     before = model(**minilm_batch).logits.detach()
-    batches = _batches(minilm_dir, sst2_rows, n=16)
+    batches = sst2_batches(minilm_dir, sst2_rows, n=16, **TEXTS)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the needed components converge on this fixed data set
         dt.attach(model, dt.EVA(r=4, targets=["query", "key", "value", "intermediate.dense"]), data=batches)

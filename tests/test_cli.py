@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import torch
-from conftest import logits, make_minilm, randomize
+from helpers import SHARED, logits, make_minilm, randomize
 
 import deltatune as dt
 from deltatune.cli import main
@@ -52,7 +52,6 @@ def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
 
 def test_train_from_a_yaml_run_config(minilm_dir, minilm_batch, tmp_path, capsys):
     import yaml
-    from conftest import SHARED
 
     sst2 = SHARED / "data" / "glue" / "SST-2"
     config = {"model": {"path": "minilm", "task": "classification"},
@@ -98,7 +97,6 @@ def test_train_resumes_from_a_checkpoint_on_the_command_line(minilm_dir, tmp_pat
     import shutil
 
     import yaml
-    from conftest import SHARED
 
     sst2 = SHARED / "data" / "glue" / "SST-2"
     config = {"model": {"path": "minilm", "task": "classification"},

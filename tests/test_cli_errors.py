@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import SHARED
+from helpers import SHARED
 from torch import nn
 
 import deltatune as dt

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import deltatune as dt
-from conftest import DATA, make_minilm
+from helpers import DATA, make_minilm
 
 HERE = Path(__file__).resolve().parent
 SST2 = DATA / "glue" / "SST-2"

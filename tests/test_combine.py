@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from deltatune.combine import dare, dare_drop, disjoint_mean, elect_sign, magnitude_prune, task_arithmetic, ties
+from helpers import logits, make_minilm
 
 
 def test_task_arithmetic_and_magnitude_pruning_by_hand():
@@ -58,8 +59,6 @@ def test_dare_drops_at_the_given_rate_rescales_and_combines():
 
 # -- dt.combine on real MiniLM adapters ------------------------------------------------------------------------------
 def _model_with_adapters(minilm_dir):
-    from conftest import make_minilm
-
     import deltatune as dt
 
     model = make_minilm(minilm_dir)
@@ -79,8 +78,6 @@ def _model_with_adapters(minilm_dir):
 
 
 def test_combine_sums_mixed_structures_exactly_with_any_ranks_and_signs(minilm_dir, minilm_batch, tmp_path):
-    from conftest import logits, make_minilm
-
     import deltatune as dt
     from deltatune.deltas import DenseDelta, LowRankDelta
 

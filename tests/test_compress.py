@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_minilm
+from helpers import make_minilm, sst2_batches
 
 import deltatune as dt
 from deltatune.compress import (LowRankLinear, allocate, compress, damped_cholesky, factors_from, load_compressed,
@@ -29,7 +29,7 @@ def test_full_rank_factors_reproduce_the_weight_in_every_metric():
 
 def test_full_rank_factor_layers_reproduce_the_model(minilm_dir, sst2_rows):
     model = make_minilm(minilm_dir)
-    batches = _batches(minilm_dir, sst2_rows, n=1)
+    batches = sst2_batches(minilm_dir, sst2_rows, n=1, labels=False, max_length=None)
     want = _logits(model, batches)
     cov = dt.calibrate(model, batches, targets=["intermediate.dense"], verbose=False)
     for name in [n for n in cov if n.endswith("intermediate.dense")]:
@@ -54,34 +54,20 @@ def test_allocation_meets_the_budget_and_favours_flat_spectra():
     assert ranks["flat"] > ranks["steep"] > 0
 
 
-def _batches(minilm_dir, sst2_rows, n=2, labels=False):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(minilm_dir)
-    out = []
-    for i in range(n):
-        rows = sst2_rows[8 * i: 8 * i + 8]
-        b = dict(tok([t for t, _ in rows], padding=True, return_tensors="pt"))
-        if labels:
-            b["labels"] = torch.tensor([y for _, y in rows])
-        out.append(b)
-    return out
-
-
 def _logits(model, batches):
     with torch.no_grad():
         return torch.cat([model(**b).logits for b in batches])
 
 
 def test_compression_meets_the_ratio_and_activation_aware_is_closer(minilm_dir, sst2_rows, tmp_path):
-    batches = _batches(minilm_dir, sst2_rows)
+    batches = sst2_batches(minilm_dir, sst2_rows, n=2, labels=False, max_length=None)
     ref_model = make_minilm(minilm_dir)
     want = _logits(ref_model, batches)
     total = sum(p.numel() for p in ref_model.parameters())
     errors = {}
     for method in ("svd", "activation", "fisher"):
         model = make_minilm(minilm_dir)
-        data = _batches(minilm_dir, sst2_rows, labels=True) if method == "fisher" else batches
+        data = sst2_batches(minilm_dir, sst2_rows, n=2, max_length=None) if method == "fisher" else batches
         ranks = compress(model, ratio=0.1, method=method, data=data, targets=["intermediate.dense", "output.dense"])
         now = sum(p.numel() for p in model.parameters())
         assert 0.895 * total <= now <= 0.9 * total, method  # the budget is met, and used

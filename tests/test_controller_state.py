@@ -22,7 +22,7 @@ from deltatune.io.state import CONTROLLER_PREFIX, join_state, split_state
 from deltatune.train import TrainArgs, train
 from deltatune.train.data import encode_classification
 
-from conftest import make_minilm
+from helpers import make_minilm
 
 QV = ["query", "value"]
 T = 12

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import logits, make_minilm, randomize
+from helpers import logits, make_minilm, randomize
 
 import deltatune as dt
 from deltatune.methods.lora import lora_scale, svd_triplets

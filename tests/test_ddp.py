@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from helpers import SHARED, make_minilm
 
 HERE = Path(__file__).resolve().parent
-SHARED = Path(os.environ.get("DELTATUNE_SHARED", HERE.parents[1] / "shared"))
 SST2_TRAIN = SHARED / "data" / "glue" / "SST-2" / "train.tsv"
 
 
@@ -76,7 +76,6 @@ def test_spiel_two_ranks_regrow_the_same_entries(tmp_path):
     """SpIEL under DDP: each rank sees different gradients, so its regrowth candidates differ; rank 0's decision is
     broadcast, and every rank ends with the same indices and values."""
     import deltatune as dt
-    from conftest import make_minilm
 
     worker = [str(HERE / "ddp_worker.py"), "--data", str(SST2_TRAIN), "--steps", "7", "--method", "spiel"]
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *worker,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from conftest import logits, make_minilm, randomize
+from helpers import logits, make_minilm, randomize
 from safetensors.torch import save_file
 
 import deltatune as dt

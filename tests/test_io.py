@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import logits, make_minilm, randomize
+from helpers import logits, make_minilm, randomize
 
 import deltatune as dt
 from deltatune.io import files as F

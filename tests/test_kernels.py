@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_minilm, randomize
+from helpers import make_minilm, randomize
 
 import deltatune as dt
 from deltatune.deltas.lowrank import lowrank_apply, lowrank_linear
@@ -99,14 +99,31 @@ def test_hooked_base_layers_are_called_as_they_are(minilm_dir, minilm_batch):
     assert len(grads) == 1 and len(grads[0]) == 3  # backward hooks fire too (accelerate, user hooks)
 
 
+def _graph_nodes(out: torch.Tensor) -> list[str]:
+    """The type names of every autograd node ``out`` was computed through."""
+    seen, todo, names = set(), [out.grad_fn], []
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        todo.extend(n for n, _ in node.next_functions)
+    return names
+
+
 def test_autocast_takes_the_generic_path(minilm_dir, minilm_batch):
     model = make_minilm(minilm_dir)
     dt.attach(model, dt.LoRA(r=4, alpha=8, targets="all-linear", modules_to_save=["classifier"]))
     randomize(model, "default")
     with torch.no_grad():
         ref = model(**minilm_batch).logits
+    assert any("LowRankLinear" in n for n in _graph_nodes(model(**minilm_batch).logits))  # fused without autocast
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(**minilm_batch).logits
+    nodes = _graph_nodes(out)
+    assert not any("LowRank" in n for n in nodes)  # no fused node under autocast: every layer ran base(x) + delta(x)
+    assert any("Mm" in n or "Addmm" in n for n in nodes)  # (the walk does see the graph's matrix products)
     out.float().sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     torch.testing.assert_close(out.float(), ref, atol=0.15, rtol=0.05)  # bf16 rounding, same function

@@ -15,9 +15,8 @@ import torch
 
 import deltatune as dt
 
-from conftest import DATA, make_minilm
+from helpers import DATA, ROOT, make_minilm
 
-ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 
 

@@ -10,8 +10,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import logits, make_minilm
-from test_budget import _batches, _loop
+from helpers import logits, make_minilm, sst2_batches, train_loop
 
 import deltatune as dt
 from deltatune import bases
@@ -217,12 +216,17 @@ def test_oft_forward_equals_peft_oft_for_identical_parameters(minilm_dir, minilm
 def test_oft_radius_keeps_every_block_inside_its_ball(minilm_dir, sst2_rows):
     model = make_minilm(minilm_dir)
     dt.attach(model, dt.OFT(block_size=32, radius=1e-2, targets=["query", "value"], modules_to_save=["classifier"]))
-    _loop(model, _batches(minilm_dir, sst2_rows, n=2), steps=3, lr=0.1)
-    for d in dt.deltas(model, "default").values():
-        if isinstance(d, dt.RotationDelta):
-            norms = d.skew().detach().flatten(1).norm(dim=1)
-            assert float(norms.max()) <= 1e-2 / d.blocks ** 0.5 * (1 + 1e-4)
-            assert float(norms.min()) > 0.9 * 1e-2 / d.blocks ** 0.5  # lr 0.1 pushes every block to the boundary
+    train_loop(model, sst2_batches(minilm_dir, sst2_rows, n=2), steps=3, lr=0.1)
+    rotations = [d for d in dt.deltas(model, "default").values() if isinstance(d, dt.RotationDelta)]
+    assert len(rotations) == 12  # query and value in each of the 6 blocks: the checks below are not vacuous
+    for d in rotations:
+        limit = 1e-2 / d.blocks ** 0.5
+        norms = d.skew().detach().flatten(1).norm(dim=1)
+        assert float(norms.max()) <= limit * (1 + 1e-4)
+        assert float(norms.min()) > 0.9 * limit  # lr 0.1 pushes every block to the boundary
+        assert float(norms.max()) >= limit * (1 - 1e-4)  # the constraint bites: blocks were projected onto it
+        R = cayley(d.skew().detach())
+        assert float((R - torch.eye(R.shape[-1])).abs().max()) > 1e-4  # real rotations, not the identity
 
 
 # -- SORSA -----------------------------------------------------------------------------------------------------
@@ -248,7 +252,7 @@ def test_sorsa_is_exact_at_init_and_its_regularizer_matches_the_formula(minilm_d
     auto = torch.autograd.grad(expected, [m for d in deltas for m in (d.P, d.Q)])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.5)
     model.train()
-    model(**_batches(minilm_dir, sst2_rows, n=1)[0]).loss.backward()
+    model(**sst2_batches(minilm_dir, sst2_rows, n=1)[0]).loss.backward()
     task = [m.grad.clone() for d in deltas for m in (d.P, d.Q)]
     dt.after_backward(model, opt)
     for t, a, m in zip(task, auto, [m for d in deltas for m in (d.P, d.Q)]):
@@ -256,7 +260,7 @@ def test_sorsa_is_exact_at_init_and_its_regularizer_matches_the_formula(minilm_d
     # training pulls the factors back toward orthonormal (the regularizer's share of the step dominates here)
     before = float(ctrl.regularizer())
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
-    for batch in _batches(minilm_dir, sst2_rows, n=3):
+    for batch in sst2_batches(minilm_dir, sst2_rows, n=3):
         opt.zero_grad()
         model(**batch).loss.backward()
         dt.after_backward(model, opt)

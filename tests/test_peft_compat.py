@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import logits, make_minilm, randomize
+from helpers import ROOT, logits, make_minilm, randomize
 from safetensors.torch import load_file, save_file
 
 import deltatune as dt
@@ -24,7 +24,7 @@ peft = pytest.importorskip("peft")
 
 HERE = Path(__file__).resolve().parent
 #: the oldest transformers + PEFT pair we claim, installed by .ci/run (pip install --target)
-OLDEST = Path(os.environ.get("DELTATUNE_OLD_PEFT", HERE.parent / ".ci" / "peft-oldest"))
+OLDEST = Path(os.environ.get("DELTATUNE_OLD_PEFT", ROOT / ".ci" / "peft-oldest"))
 
 
 def _rich_lora(minilm_dir):

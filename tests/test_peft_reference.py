@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import logits, make_minilm, make_smollm, randomize
+from helpers import logits, make_minilm, make_smollm, randomize
 
 import deltatune as dt
 

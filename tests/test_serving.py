@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import logits, make_minilm, make_smollm, randomize
+from helpers import logits, make_minilm, make_smollm, randomize
 
 import deltatune as dt
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import logits, make_minilm, make_smollm
-from test_budget import _batches, _loop
+from helpers import DATA, ROOT, logits, make_minilm, make_smollm, sst2_batches, train_loop
 
 import deltatune as dt
 from deltatune.deltas.sliced import sliced_linear
@@ -164,7 +163,7 @@ def test_s2ft_selection_strategies_and_allocation(minilm_dir, sst2_rows):
     assert all(torch.equal(x.idx, y.idx) for x, y in zip(dt.deltas(a, "default").values(),
                                                         dt.deltas(b, "default").values()))
     # activation and gradient selection use calibration batches and differ from random
-    data = _batches(minilm_dir, sst2_rows, n=2)
+    data = sst2_batches(minilm_dir, sst2_rows, n=2)
     with pytest.raises(ValueError, match="calibration"):
         dt.attach(make_minilm(minilm_dir), dt.S2FT(selection="gradient"))
     picks = {}
@@ -180,7 +179,7 @@ def test_s2ft_trains_merges_saves_and_exports(minilm_dir, sst2_rows, minilm_batc
     model = make_minilm(minilm_dir)
     dt.attach(model, dt.S2FT(v_ratio=0.1, o_ratio=0.1, u_ratio=0.02, d_ratio=0.02, modules_to_save=["classifier"]))
     base = {n: p.detach().clone() for n, p in model.named_parameters() if "deltas" not in n}
-    _loop(model, _batches(minilm_dir, sst2_rows), 4)
+    train_loop(model, sst2_batches(minilm_dir, sst2_rows), 4)
     out = logits(model, minilm_batch)
     assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)  # base untouched
     dt.merge(model)
@@ -246,7 +245,7 @@ def test_spiel_budget_regrowth_and_optimizer_reset(minilm_dir, sst2_rows, minilm
             if isinstance(d, dt.SparseDelta):
                 assert d.idx.numel() == budget[n] and torch.unique(d.idx).numel() == budget[n]
                 history.append((t, n, d.idx.clone(), d.values.detach().clone(), opt.state[d.values]["exp_avg"].clone()))
-    _loop(model, _batches(minilm_dir, sst2_rows), 12, opt=opt, after=check)
+    train_loop(model, sst2_batches(minilm_dir, sst2_rows), 12, opt=opt, after=check)
     assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)
     by_step = {(t, n): (i, v, m) for t, n, i, v, m in history}
     name = next(iter(budget))
@@ -281,7 +280,7 @@ def test_spiel_regrows_the_largest_accumulated_gradients(minilm_dir, sst2_rows):
     dt.attach(model, dt.SpIEL(num_params=600, targets=["layer.0.attention.self.query"], reselection_steps=3,
                               accumulation_steps=3, replace_rate=0.5))
     d = next(iter(dt.deltas(model, "default").values()))
-    batches = _batches(minilm_dir, sst2_rows, n=3)
+    batches = sst2_batches(minilm_dir, sst2_rows, n=3)
 
     def reference():
         """Candidates (the top-k |G| of the first backward among inactive entries) and their summed gradient."""
@@ -297,7 +296,7 @@ def test_spiel_regrows_the_largest_accumulated_gradients(minilm_dir, sst2_rows):
         return cand, sum(g.reshape(-1)[cand] for g in grads)
 
     cand, _ = reference()  # first reselection replaces every entry by the candidates (lr = 0: values stay 0)
-    _loop(model, batches, 3, lr=0.0)
+    train_loop(model, batches, 3, lr=0.0)
     assert set(d.idx.tolist()) == set(cand.tolist()) and (d.values == 0).all()
     with torch.no_grad():
         d.values.copy_(torch.randn(600, generator=torch.Generator().manual_seed(0)) * 1e-3)
@@ -306,7 +305,7 @@ def test_spiel_regrows_the_largest_accumulated_gradients(minilm_dir, sst2_rows):
     expected = d.idx.clone()
     expected[drop] = cand[torch.topk(acc.abs(), 300).indices]
     kept = d.values.detach().clone()
-    _loop(model, batches, 3, lr=0.0)
+    train_loop(model, batches, 3, lr=0.0)
     assert torch.equal(d.idx, expected)
     assert (d.values[drop] == 0).all() and int(d.values.count_nonzero()) == 300
     keep_mask = torch.ones(600, dtype=torch.bool)
@@ -318,12 +317,12 @@ def test_sparse_composition_adds_and_trains_on_top_of_a_frozen_adapter(minilm_di
     model = make_minilm(minilm_dir)
     targets = ["query", "value"]
     dt.attach(model, dt.SpIEL(density=0.001, targets=targets, regrow="none", seed=1), name="lang")
-    _loop(model, _batches(minilm_dir, sst2_rows), 3)
+    train_loop(model, sst2_batches(minilm_dir, sst2_rows), 3)
     lang = {n: d.values.detach().clone() for n, d in dt.deltas(model, "lang").items()}
     dt.attach(model, dt.SpIEL(density=0.001, targets=targets, seed=2), name="task")
     dt.set_active(model, ["lang", "task"], trainable="task")
     assert not any(d.values.requires_grad for d in dt.deltas(model, "lang").values())
-    _loop(model, _batches(minilm_dir, sst2_rows, offset=40), 3)
+    train_loop(model, sst2_batches(minilm_dir, sst2_rows, offset=40), 3)
     assert all(torch.equal(d.values, lang[n]) for n, d in dt.deltas(model, "lang").items())
     # both active: the output is the base weights plus the sum of the two dense deltas
     both = logits(model, minilm_batch)
@@ -365,12 +364,10 @@ def test_s2ft_example_config_runs_from_the_cli_and_exports(tmp_path, capsys):
     import json as _json
 
     import yaml
-    from conftest import DATA
 
     from deltatune.cli import main
 
-    root = __import__("pathlib").Path(__file__).resolve().parents[1]
-    config = yaml.safe_load((root / "examples" / "gsm8k_s2ft.yaml").read_text())
+    config = yaml.safe_load((ROOT / "examples" / "gsm8k_s2ft.yaml").read_text())
     config["data"].update(train=str(DATA / "gsm8k" / "train.jsonl"), eval=str(DATA / "gsm8k" / "test.jsonl"),
                           max_train_rows=16, max_eval_rows=4, max_length=96)
     config["train"].update(batch_size=4, max_steps=2, eval_every=None, progress=False)
@@ -397,7 +394,7 @@ def test_ltsft_keeps_the_entries_that_moved_most_and_retrains_them_from_zero(min
     with pytest.raises(ValueError, match="full_steps"):
         dt.step(model, opt)  # neither full_steps nor dt.begin: phase 1 has no end
     dt.begin(model, 6)  # phase 1 = the first 3 steps
-    batches = _batches(minilm_dir, sst2_rows)
+    batches = sst2_batches(minilm_dir, sst2_rows)
     model.train()
     for t in range(6):
         model(**batches[t % len(batches)]).loss.backward()

@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +29,8 @@ from deltatune.train import (
     train,
 )
 from deltatune.train.config import with_head
+from helpers import DATA, ROOT
 
-DATA = Path(os.environ.get("DELTATUNE_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "data"
 SST2 = DATA / "glue" / "SST-2"
 ALPACA = DATA / "alpaca" / "alpaca_5000.json"
 ROWS = [{"text": "a fine, warm film", "label": "pos"}, {"text": 'flat "jokes"', "label": "neg"},
@@ -297,7 +296,7 @@ def test_config_validation(tmp_path):
 
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(good))
     assert load_config(tmp_path / "run.yaml").data.train == str(tmp_path / "train.tsv")  # relative to the file
-    example = load_config(Path(__file__).resolve().parents[1] / "examples" / "sst2_lora.yaml")
+    example = load_config(ROOT / "examples" / "sst2_lora.yaml")
     assert Path(example.data.train).is_file() and Path(example.data.eval).is_file()
 
 
@@ -331,7 +330,7 @@ def test_run_config_causal_lm_end_to_end(smollm_dir, tmp_path):
 
 
 def test_run_config_classification_from_the_example(tmp_path):
-    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "examples" / "sst2_lora.yaml").read_text())
+    config = yaml.safe_load((ROOT / "examples" / "sst2_lora.yaml").read_text())
     config["data"].update(train=str(SST2 / "train.tsv"), eval=str(SST2 / "dev.tsv"), max_train_rows=64,
                           max_eval_rows=32)
     config["train"].update(batch_size=16, epochs=0.5, eval_every=None, progress=False)
