@@ -23,7 +23,7 @@ from torch import nn
 
 from .checks import finite_number, finite_tensor
 from .deltas import Delta
-from .methods.base import Controller, Method, check_fields, full_replacement
+from .methods.base import Controller, Method, StepInfo, check_fields, full_replacement
 from .layers import (REGISTRY_ATTR, BaseView, LayerWrapper, base_bias, base_modules, hooked,
                      kind_of, linear_weight, set_submodule, unwrap)
 from .layers import base_parameter_count  # noqa: F401  (re-exported: dt.model.base_parameter_count)
@@ -286,6 +286,8 @@ class Registry:
     serving_merged: str | None = None  # the adapter merged for that, if any
     hooks: list = field(default_factory=list)  # model(..., adapter_names=[...])
     resizable: bool = True  # what dt.begin decided: controllers may change parameter shapes
+    total_steps: int | None = None  # what dt.begin was told
+    optimizer: torch.optim.Optimizer | None = None  # the last one passed to dt.step / dt.after_backward
 
     def close(self, model: nn.Module) -> None:
         from .serving import close_hooks
@@ -422,7 +424,7 @@ def install(model: nn.Module, name: str, method: Method, built: dict[str, Delta]
             set_submodule(model, mod_name, layer)
         layer.add(name, delta)
     reg.adapters[name] = AdapterInfo(method, list(built))
-    reg.adapters[name].controller = method.controller(model, name)
+    reg.adapters[name].controller = method.controller(deltas(model, name), model)
     if activate or not reg.active:
         reg.active, reg.trainable = [name], None
     _sync(model)
@@ -685,24 +687,32 @@ def begin(model: nn.Module, total_steps: int | None = None, resizable: bool | No
     reg.step = (reg.step if reg.restored else 0) if step is None else int(step)
     reg.restored = False
     reg.resizable = bool(resizable)
+    reg.total_steps = total_steps
     controllers = _controllers(model)
     if controllers and total_steps is not None and reg.step >= total_steps:
         raise ValueError(f"training would continue at step {reg.step} (the adapters' saved step counter), but "
                          f"total_steps={total_steps}: resume with more steps, or start a new schedule with "
                          "dt.begin(model, total_steps, step=0) (or dt.load(..., controller_state=False))")
     for c in controllers:
-        c.begin(unwrap(model), total_steps, bool(resizable))
+        c.begin(_step_info(reg))
+
+
+def _step_info(reg: Registry, optimizer: torch.optim.Optimizer | None = None, last: bool = True) -> StepInfo:
+    """What the controller hooks see. ``optimizer``: this call's, kept on the registry; ``last``: when it is
+    ``None``, pass the last one given instead (``dt.step`` passes exactly its own: a step that resizes refuses to
+    run without it)."""
+    if optimizer is not None:
+        reg.optimizer = optimizer
+    return StepInfo(reg.step, reg.total_steps, reg.optimizer if last else optimizer, reg.resizable)
 
 
 def after_backward(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
     """After ``loss.backward()`` (and gradient clipping) and before ``optimizer.step()``, for controllers that act on
-    gradients before the update (SORSA's regularizer; the others need only :func:`step`). ``optimizer`` is made
-    available to them as ``controller.optimizer``."""
-    reg = registry(model)
+    gradients before the update (SORSA's regularizer; the others need only :func:`step`). ``optimizer`` (or the last
+    one passed) reaches them as ``StepInfo.optimizer``."""
+    info = _step_info(registry(model), optimizer)
     for c in _controllers(model):
-        if optimizer is not None:
-            c.optimizer = optimizer
-        c.after_backward(unwrap(model), reg.step)
+        c.after_backward(info)
 
 
 def step(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> bool:
@@ -718,10 +728,9 @@ def step(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> bo
                          "dt.begin(model, total_steps) with resizable unset or False, or pass the inner model to "
                          "dt.step and rebuild the wrapper whenever it returns True")
     changed = False
+    info = _step_info(reg, optimizer, last=False)
     for c in _controllers(model):
-        if optimizer is not None:
-            c.optimizer = optimizer
-        changed = bool(c.after_step(unwrap(model), optimizer, reg.step)) or changed
+        changed = bool(c.after_step(info)) or changed
     reg.step += 1
     reg.restored = False
     return changed
