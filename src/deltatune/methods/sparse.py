@@ -115,6 +115,16 @@ class GrowthTracker:
         self.grad_sum: torch.Tensor | None = None
         self.count = 0
 
+    def snapshot(self) -> tuple:
+        """``(cand, grad_sum, count)``, copied."""
+        return self.cand, None if self.grad_sum is None else self.grad_sum.clone(), self.count
+
+    @classmethod
+    def restored(cls, delta: SparseDelta, snap: tuple) -> "GrowthTracker":
+        tracker = cls(delta)
+        tracker.cand, tracker.grad_sum, tracker.count = snap
+        return tracker
+
     def __call__(self, G: torch.Tensor) -> None:
         if self.cand is None:
             self.cand = candidates(G, self.delta.idx, self.delta.idx.numel())
@@ -138,6 +148,7 @@ class SpIELController(Controller):
         self.last_fraction = 0.0
         self.trackers: dict[str, GrowthTracker] = {}
         self._loaded = False
+        self._unsure: dict | None = None  # after load_state_dict: the trackers as loaded (see _arm)
         self._arm(0)  # watch from the first step even when dt.begin is never called
 
     def _watching(self, step: int) -> bool:
@@ -146,14 +157,25 @@ class SpIELController(Controller):
         return step % self.m.reselection_steps < self.m.accumulation_steps and (self.total is None or step < self.total)
 
     def _arm(self, step: int | None) -> None:
-        """Install the trackers as observers for the backward of ``step`` (``None``: the step is not known, as
-        right after :meth:`load_state_dict`; watch exactly when the loaded state is in the middle of a watch)."""
-        watch = bool(self.trackers) if step is None else self._watching(step)
+        """Install the trackers as observers for the backward of ``step``. ``None``: the step is not known (right
+        after :meth:`load_state_dict`, before ``begin``): watch, and keep a copy of the trackers that
+        :meth:`_settle` puts back once the step turns out not to be watched."""
+        self._unsure = None if step is not None else {n: t.snapshot() for n, t in self.trackers.items()}
+        watch = step is None or self._watching(step)
         for name, d in self.deltas.items():
             d.observer = self.trackers.setdefault(name, GrowthTracker(d)) if watch else None
 
+    def _settle(self, step: int) -> None:
+        """Now that the step watched without knowing it is known: undo what its backward added if it was not a
+        watch step."""
+        if self._unsure is not None and not self._watching(step):
+            self.trackers = {n: GrowthTracker.restored(self.deltas[n], snap) for n, snap in self._unsure.items()}
+        self._unsure = None
+
     def begin(self, info: StepInfo) -> None:
         step = info.step  # 0, or where a resumed run continues
+        if self._unsure is not None:  # no backward ran since load_state_dict: the trackers are as loaded
+            self.trackers = {n: GrowthTracker.restored(self.deltas[n], snap) for n, snap in self._unsure.items()}
         self.total = info.total_steps if info.total_steps is not None or step == 0 else self.total
         if step == 0:
             self.trackers, self.selections = {}, 0
@@ -170,8 +192,8 @@ class SpIELController(Controller):
                 "trackers": trackers}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore the state; the trackers watch the next backward only if they hold candidates (a period's watch
-        was under way): ``begin`` arms them for its exact step (a resumed run calls ``dt.begin``)."""
+        """Restore the state. The step it continues from comes with the next ``begin`` or ``after_step``
+        (:meth:`_arm` with ``None``)."""
         self.total = state.get("total", self.total)
         self.selections = int(state.get("selections", self.selections))
         self.last_fraction = float(state.get("last_fraction", self.last_fraction))
@@ -185,14 +207,13 @@ class SpIELController(Controller):
             if cand.shape != grad_sum.shape or cand.numel() > d.out_features * d.in_features:
                 raise ValueError(f"controller state of {name!r}: {cand.numel()} candidates with "
                                  f"{grad_sum.numel()} accumulated gradients do not fit its weight")
-            tracker = GrowthTracker(d)
-            tracker.cand, tracker.grad_sum, tracker.count = cand, grad_sum, int(t["count"])
-            trackers[name] = tracker
+            trackers[name] = GrowthTracker.restored(d, (cand, grad_sum, int(t["count"])))
         self.trackers, self._loaded = trackers, True
         self._arm(None)
 
     def after_step(self, info: StepInfo) -> bool:
         step = info.step
+        self._settle(step)
         if step % self.m.reselection_steps == self.m.accumulation_steps - 1 and self.trackers:
             self._reselect(info.optimizer, step)
         self._arm(step + 1)
