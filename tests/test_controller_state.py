@@ -435,3 +435,36 @@ def test_format_version_is_2_only_with_controller_state(tmp_path):
                for n in ("state", "plain")}
     assert version == {"state": 2, "plain": 1}
     assert dt.adapters(dt.load(_net(), tmp_path / "state")) == ["default"]
+
+
+def test_spiel_resumed_without_begin_watches_the_right_steps(tmp_path):
+    """``dt.load`` then ``dt.step`` alone (no ``dt.begin``): the controller learns the step only at the first
+    ``after_step``, yet every resume point, inside a watch (k % 4 < 2) or not, ends with the full run's entries."""
+    method = dict(num_params=60, targets=["0", "2"], reselection_steps=4, accumulation_steps=2, replace_rate=0.5)
+    total = 12
+    torch.manual_seed(1)
+    data = [(torch.randn(8, 16), torch.randn(8, 8)) for _ in range(total)]
+
+    def run(net, opt, start, stop, save=False):
+        saved = {}
+        for t in range(start, stop):
+            ((net(data[t][0]) - data[t][1]) ** 2).mean().backward()
+            opt.step()
+            dt.step(net, opt)
+            opt.zero_grad()
+            if save:
+                dt.save(net, tmp_path / f"k{t + 1}")
+                saved[t + 1] = copy.deepcopy(opt.state_dict())
+        return saved
+
+    net = dt.attach(_net(), dt.SpIEL(**method))
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+    dt.begin(net, total)
+    states = run(net, opt, 0, total, save=True)
+    want = _snapshot(net)
+    for k in range(1, total):
+        resumed = dt.load(_net(), tmp_path / f"k{k}")
+        opt = torch.optim.AdamW([p for p in resumed.parameters() if p.requires_grad], lr=1e-2)
+        opt.load_state_dict(copy.deepcopy(states[k]))
+        run(resumed, opt, k, total)
+        _assert_same(_snapshot(resumed), want)

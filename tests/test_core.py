@@ -264,16 +264,19 @@ def test_controller_protocol_is_driven(minilm_dir, minilm_batch):
     calls = []
 
     class Counting(dt.Controller):
-        def after_backward(self, model, step):
-            assert any(p.grad is not None for p in model.parameters() if p.requires_grad)
-            calls.append(("backward", step))
+        def __init__(self, model):
+            self.model = model
 
-        def after_step(self, model, optimizer, step):
-            calls.append(("step", step))
+        def after_backward(self, info):
+            assert any(p.grad is not None for p in self.model.parameters() if p.requires_grad)
+            calls.append(("backward", info.step))
+
+        def after_step(self, info):
+            calls.append(("step", info.step))
 
     class CountingLoRA(dt.LoRA):
-        def controller(self, model, adapter_name):
-            return Counting()
+        def controller(self, deltas, model):
+            return Counting(model)
 
     model = make_minilm(minilm_dir).train()
     dt.attach(model, CountingLoRA(r=2, targets=["query"]))

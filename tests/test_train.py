@@ -228,20 +228,23 @@ class CountingLoRA(dt.LoRA):
 
     name = "counting_lora"
 
-    def controller(self, model, adapter_name):
-        return Counter()
+    def controller(self, deltas, model):
+        return Counter(model)
 
 
 class Counter(dt.Controller):
     calls: list = []
 
-    def after_backward(self, model, step):
-        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
-        Counter.calls.append(("after_backward", step))
+    def __init__(self, model):
+        self.model = model
 
-    def after_step(self, model, optimizer, step):
-        assert optimizer is not None
-        Counter.calls.append(("step", step))
+    def after_backward(self, info):
+        assert all(p.grad is not None for p in self.model.parameters() if p.requires_grad)
+        Counter.calls.append(("after_backward", info.step))
+
+    def after_step(self, info):
+        assert info.optimizer is not None
+        Counter.calls.append(("step", info.step))
 
 
 def test_hf_trainer_callback_drives_controllers(minilm_dir, sst2, tmp_path):

@@ -12,7 +12,7 @@ from .deltas import (  # noqa: E402
     SparseDelta, VeRADelta)
 from .methods import (  # noqa: E402
     LTSFT, NOLA, OFT, S2FT, SORSA, AdaLoRA, Controller, IncreLoRA, LoRA, Method, MiLoRA, OLoRA, OrthogonalAdaptation,
-    PiSSA, SoRA, SpIEL, VeRA, CorDA, EVA)
+    PiSSA, SoRA, SpIEL, StepInfo, VeRA, CorDA, EVA)
 from .model import (  # noqa: E402
     AdaptedLayer,
     active_adapters,
@@ -40,7 +40,7 @@ from . import hf  # noqa: E402,F401  (registers save_pretrained on adapted trans
 __all__ = [
     "AdaLoRA", "AdaptedLayer", "Controller", "Delta", "FullDelta", "GatedSVDDelta", "IncreLoRA", "LTSFT", "LoRA",
     "LowRankDelta", "Method", "MiLoRA", "NOLA", "NOLADelta", "OFT", "OLoRA", "OrthogonalAdaptation",
-    "OrthogonalLowRankDelta", "PiSSA", "CorDA", "EVA", "RotationDelta", "S2FT", "SORSA", "SlicedDelta", "SoRA", "SparseDelta", "SpIEL",
+    "OrthogonalLowRankDelta", "PiSSA", "CorDA", "EVA", "RotationDelta", "S2FT", "SORSA", "SlicedDelta", "SoRA", "SparseDelta", "SpIEL", "StepInfo",
     "VeRA", "VeRADelta", "active_adapters", "adapter_rows", "adapters", "after_backward", "attach", "calibrate", "combine", "compress", "interference", "begin", "controller", "controller_metrics", "deltas", "delete", "disabled", "extract", "load", "load_compressed", "merge", "print_trainable_parameters", "save", "set_active", "set_serving",
     "step", "trainable_parameters", "unload", "unmerge",
 ]

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from .layers import REGISTRY_ATTR, unwrap
-from .methods.base import Controller
-from .registry import check_names, registry
+from .methods.base import Controller, StepInfo
+from .registry import Registry, check_names, registry
 
 
 def _controllers(model: nn.Module) -> list[Controller]:
@@ -71,24 +71,32 @@ def begin(model: nn.Module, total_steps: int | None = None, resizable: bool | No
     reg.step = (reg.step if reg.restored else 0) if step is None else int(step)
     reg.restored = False
     reg.resizable = bool(resizable)
+    reg.total_steps = total_steps
     controllers = _controllers(model)
     if controllers and total_steps is not None and reg.step >= total_steps:
         raise ValueError(f"training would continue at step {reg.step} (the adapters' saved step counter), but "
                          f"total_steps={total_steps}: resume with more steps, or start a new schedule with "
                          "dt.begin(model, total_steps, step=0) (or dt.load(..., controller_state=False))")
     for c in controllers:
-        c.begin(unwrap(model), total_steps, bool(resizable))
+        c.begin(step_info(reg))
+
+
+def step_info(reg: Registry, optimizer: torch.optim.Optimizer | None = None, last: bool = True) -> StepInfo:
+    """What the controller hooks see. ``optimizer``: this call's, kept on the registry; ``last``: when it is
+    ``None``, pass the last one given instead (``dt.step`` passes exactly its own: a step that resizes refuses to
+    run without it)."""
+    if optimizer is not None:
+        reg.optimizer = optimizer
+    return StepInfo(reg.step, reg.total_steps, reg.optimizer if last else optimizer, reg.resizable)
 
 
 def after_backward(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
     """After ``loss.backward()`` (and gradient clipping) and before ``optimizer.step()``, for controllers that act on
-    gradients before the update (SORSA's regularizer; the others need only :func:`step`). ``optimizer`` is made
-    available to them as ``controller.optimizer``."""
-    reg = registry(model)
+    gradients before the update (SORSA's regularizer; the others need only :func:`step`). ``optimizer`` (or the last
+    one passed) reaches them as ``StepInfo.optimizer``."""
+    info = step_info(registry(model), optimizer)
     for c in _controllers(model):
-        if optimizer is not None:
-            c.optimizer = optimizer
-        c.after_backward(unwrap(model), reg.step)
+        c.after_backward(info)
 
 
 def step(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> bool:
@@ -104,10 +112,9 @@ def step(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> bo
                          "dt.begin(model, total_steps) with resizable unset or False, or pass the inner model to "
                          "dt.step and rebuild the wrapper whenever it returns True")
     changed = False
+    info = step_info(reg, optimizer, last=False)
     for c in _controllers(model):
-        if optimizer is not None:
-            c.optimizer = optimizer
-        changed = bool(c.after_step(unwrap(model), optimizer, reg.step)) or changed
+        changed = bool(c.after_step(info)) or changed
     reg.step += 1
     reg.restored = False
     return changed

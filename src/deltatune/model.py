@@ -93,7 +93,8 @@ def install(model: nn.Module, name: str, method: Method, built: dict[str, Delta]
             set_submodule(model, mod_name, layer)
         layer.add(name, delta)
     reg.adapters[name] = AdapterInfo(method, list(built))
-    reg.adapters[name].controller = method.controller(model, name)
+    # the controller receives this adapter's deltas (in module order) and never looks them up itself
+    reg.adapters[name].controller = method.controller(deltas(model, name), model)
     if activate or not reg.active:
         reg.active, reg.trainable = [name], None
     sync(model)

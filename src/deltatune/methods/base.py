@@ -35,29 +35,50 @@ from ..deltas import Delta, FullDelta
 _METHODS: dict[str, type["Method"]] = {}
 
 
+@dataclass(frozen=True)
+class StepInfo:
+    """Where training stands, handed to every controller hook.
+
+    ``step``: optimizer steps done so far (0 before the first); ``total_steps``: what ``dt.begin`` was told
+    (``None``: unknown); ``optimizer``: in :meth:`Controller.after_step`, the optimizer passed to this ``dt.step``
+    call (``None`` when none was: a step that must resize then refuses); in the other hooks, the one passed to this
+    call or else the last one passed to ``dt.step`` / ``dt.after_backward``; ``resizable=False``: parameters must keep their shapes (mask
+    instead of remove, e.g. under a DDP wrapper that cannot be rebuilt)."""
+
+    step: int
+    total_steps: int | None
+    optimizer: torch.optim.Optimizer | None
+    resizable: bool = True
+
+    @property
+    def resumed(self) -> bool:
+        """Whether training continues from a later step: controllers then keep the state
+        :meth:`Controller.load_state_dict` restored instead of starting afresh in :meth:`Controller.begin`."""
+        return self.step > 0
+
+
 class Controller:
-    """Acts on one adapter during training. Every hook is optional; the default does nothing. ``optimizer`` is the
-    optimizer last passed to ``dt.after_backward`` or ``dt.step`` (``None`` before that).
+    """Acts on one adapter during training. Every hook is optional; the default does nothing. A controller gets its
+    adapter's deltas when :meth:`Method.controller` builds it and keeps them; each hook receives a
+    :class:`StepInfo`.
 
     State: :meth:`state_dict` returns everything a resumed run needs to make the same decisions (EMAs, masks,
     schedule progress) as a nested dict of JSON values and tensors, keyed by module name where it is per layer;
     ``dt.save`` stores it with the adapter (tensors in the adapter's safetensors file under ``@controller/``, the
     rest in ``adapter_config.json``) and ``dt.load`` hands it to :meth:`load_state_dict` of the new adapter's
-    controller. :meth:`begin` at step 0 starts afresh; at a later step (a resumed run) it keeps the loaded state."""
+    controller. :meth:`begin` at step 0 starts afresh; at a later step (``info.resumed``) it keeps the loaded
+    state."""
 
-    optimizer: torch.optim.Optimizer | None = None
+    def begin(self, info: StepInfo) -> None:
+        """Called once before training: ``info.total_steps`` optimizer steps will follow, from ``info.step``."""
 
-    def begin(self, model: nn.Module, total_steps: int | None, resizable: bool = True) -> None:
-        """Called once before training: ``total_steps`` optimizer steps will follow (``None``: unknown).
-        ``resizable=False`` when parameters must keep their shapes (e.g. a DDP wrapper that cannot be rebuilt).
-        ``resumed(model)`` tells whether training continues from a later step (keep the state then)."""
-
-    def after_backward(self, model: nn.Module, step: int) -> None:
+    def after_backward(self, info: StepInfo) -> None:
         """Called after ``loss.backward()`` and before ``optimizer.step()``; gradients are present."""
 
-    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, step: int) -> bool:
-        """Called after ``optimizer.step()`` and before ``zero_grad()``; may change parameters, their shapes and
-        the optimizer's state. Returns True when a parameter changed shape (a DDP wrapper must then be rebuilt)."""
+    def after_step(self, info: StepInfo) -> bool:
+        """Called after ``optimizer.step()`` and before ``zero_grad()`` of step ``info.step``; may change parameters,
+        their shapes and the optimizer's state. Returns True when a parameter changed shape (a DDP wrapper must
+        then be rebuilt)."""
         return False
 
     def metrics(self) -> dict[str, float]:
@@ -71,14 +92,6 @@ class Controller:
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`'s output onto this controller's (freshly loaded) adapter; raise ``ValueError``
         naming the module when it does not fit."""
-
-
-def resumed(model: nn.Module) -> bool:
-    """Whether training continues from a later step (the model's step counter is past 0): controllers then keep
-    the state :meth:`Controller.load_state_dict` restored instead of starting afresh in ``begin``."""
-    from ..model import registry
-
-    return registry(model).step > 0
 
 
 #: PEFT's names for fields that mean the same here: ``dt.LoRA(lora_alpha=16, target_modules=["query"])`` works
@@ -156,11 +169,15 @@ class Method(metaclass=_MethodType):
         """The deltas for all target layers ``{module name: (weight, bias)}`` at once (a layer may be left out).
         The default builds each layer on its own with :meth:`build`; methods that decide across layers (which heads
         of which block, how many entries each matrix gets) override this. ``model`` is the model being adapted
-        (see :func:`deltatune.model.base_modules` for its layers without adapter wrappers); ``data``: the
+        (see :func:`deltatune.layers.base_modules` for its layers without adapter wrappers); ``data``: the
         calibration batches given to ``dt.attach`` (``None`` when there are none)."""
         return {name: self.build(name, w, b) for name, (w, b) in layers.items()}
 
-    def controller(self, model: nn.Module, adapter_name: str) -> Controller | None:
+    def controller(self, deltas: dict[str, Delta], model: nn.Module) -> Controller | None:
+        """The controller that acts on this adapter during training (``None``: it needs none). ``deltas``:
+        ``{module name: delta}`` of this adapter as installed on the model (its ``modules_to_save`` entries
+        included), which the controller keeps; ``model``: the model without wrappers, for read-only needs such as
+        :func:`deltatune.layers.base_parameter_count`."""
         return None
 
     def validate(self) -> None:
@@ -264,4 +281,4 @@ def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
 
 
-__all__ = ["Controller", "Method", "resumed", "adapter_dtype", "check_dropout", "check_fields", "field", "full_replacement", "methods"]
+__all__ = ["Controller", "Method", "StepInfo", "adapter_dtype", "check_dropout", "check_fields", "field", "full_replacement", "methods"]

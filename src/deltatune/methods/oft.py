@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..deltas import Delta
 from ..deltas.rotation import CAYLEY, RotationDelta
-from .base import Controller, Method, adapter_dtype
+from .base import Controller, Method, StepInfo, adapter_dtype
 
 
 def project_radius_(q: torch.Tensor, limit: float) -> None:
@@ -37,7 +38,7 @@ class RadiusController(Controller):
         self.deltas, self.radius = deltas, radius
 
     @torch.no_grad()
-    def after_step(self, model: nn.Module, optimizer, step: int) -> bool:
+    def after_step(self, info: StepInfo) -> bool:
         for d in self.deltas:
             project_radius_(d.q, self.radius / d.blocks ** 0.5)
         return False
@@ -74,9 +75,7 @@ class OFT(Method):
         return RotationDelta(out_f, in_f, self.block_size, self.cayley, self.terms, dtype=adapter_dtype(weight),
                              device=weight.device)
 
-    def controller(self, model: nn.Module, adapter_name: str) -> Controller | None:
+    def controller(self, deltas: dict[str, Delta], model: nn.Module) -> Controller | None:
         if self.radius is None:
             return None
-        from .. import model as M
-        return RadiusController([d for d in M.deltas(model, adapter_name).values() if isinstance(d, RotationDelta)],
-                                self.radius)
+        return RadiusController([d for d in deltas.values() if isinstance(d, RotationDelta)], self.radius)

@@ -10,8 +10,8 @@ adapter ``i``'s inputs, ``dW_j x_i``, is small but not zero; :func:`deltatune.in
 
 - ``slot=k`` takes columns ``[k r, (k+1) r)``: slots are mutually orthogonal by construction; a layer with
   ``in < (k+1) r`` inputs has no room and attach fails with the layer's name;
-- ``slot="random"`` draws ``r`` columns per layer from ``slot_seed``; left at ``None``, a fresh seed is drawn at attach
-  and recorded in the config, so independent users do not collide (two random slots overlap in about ``r^2 / in``
+- ``slot="random"`` draws ``r`` columns per layer from ``slot_seed``; left at ``None``, a fresh seed is drawn when the config
+  is made and recorded in it, so independent users do not collide (two random slots overlap in about ``r^2 / in``
   columns: unlikely only when ``r << in``);
 - ``basis_seed`` must be the same for every adapter meant to be merged (it is public: the default 0 is fine);
 - the layer key is the module name *as seen by attach* (``bert.encoder.layer.0...`` differs from
@@ -69,11 +69,17 @@ class OrthogonalAdaptation(Method):
     slot_seed: int | None = None
     dropout: float = 0.0
 
+    def __post_init__(self) -> None:
+        """``slot="random"`` without ``slot_seed``: draw a fresh seed now, so the config records it."""
+        if self.slot == "random" and self.slot_seed is None:
+            self.slot_seed = fresh_seed()
+
     def validate(self) -> None:
         _check_positive(r=self.r)
         check_dropout(self.dropout)
-        if self.slot == "random" and self.slot_seed is None:
-            self.slot_seed = fresh_seed()  # recorded in the saved config
+        if self.slot == "random" and self.slot_seed is None:  # slot changed to "random" after construction
+            raise ValueError("OrthogonalAdaptation(slot='random') needs slot_seed: give one, or leave it unset when "
+                             "constructing the config and a fresh one is drawn")
 
     def build(self, module_name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> OrthogonalLowRankDelta:
         out_f, in_f = weight.shape

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..budget.sync import broadcast_
-from ..layers import kind_of
+from ..layers import base_modules, kind_of
 from ..util import progress, run_batch
 from ..deltas import SlicedDelta
 from ..targets import Block, UnitMap, find_blocks
@@ -195,8 +195,6 @@ class S2FT(Method):
         return found
 
     def build_all(self, model, layers, data=None):
-        from ..model import base_modules
-
         modules = dict(base_modules(model))
         unit_map = UnitMap(**self.unit_map) if isinstance(self.unit_map, dict) else self.unit_map
         blocks = find_blocks(model, unit_map, modules)

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from ..budget import orthogonality, orthogonality_grads
-from ..deltas import GatedSVDDelta
-from .base import Controller, Method, adapter_dtype, check_dropout
+from ..deltas import Delta, GatedSVDDelta
+from .base import Controller, Method, StepInfo, adapter_dtype, check_dropout
 from .lora import svd_triplets
 
 
@@ -51,8 +51,8 @@ class SORSAController(Controller):
         return orthogonality([d.P for d in self.deltas], [d.Q for d in self.deltas])
 
     @torch.no_grad()
-    def after_backward(self, model: nn.Module, step: int) -> None:
-        lr = self.lr if self.lr is not None else (peak_lr(self.optimizer) if self.optimizer is not None else None)
+    def after_backward(self, info: StepInfo) -> None:
+        lr = self.lr if self.lr is not None else (peak_lr(info.optimizer) if info.optimizer is not None else None)
         if lr is None or self.gamma == 0:
             return
         live = [d for d in self.deltas if d.P.requires_grad]
@@ -105,7 +105,5 @@ class SORSA(Method):
         delta.anchor_()
         return delta
 
-    def controller(self, model: nn.Module, adapter_name: str) -> Controller | None:
-        from .. import model as M
-        return SORSAController([d for d in M.deltas(model, adapter_name).values() if isinstance(d, GatedSVDDelta)],
-                               self.gamma, self.lr)
+    def controller(self, deltas: dict[str, Delta], model: nn.Module) -> Controller | None:
+        return SORSAController([d for d in deltas.values() if isinstance(d, GatedSVDDelta)], self.gamma, self.lr)

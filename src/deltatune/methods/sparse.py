@@ -36,7 +36,6 @@ Sparse adapters compose by addition: train a task adapter on top of a frozen lan
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -44,8 +43,9 @@ from torch import nn
 
 from ..budget.resize import keep_components_, reset_entries_
 from ..budget.sync import broadcast_exact_
-from ..deltas import SparseDelta
-from .base import Controller, Method, adapter_dtype
+from ..deltas import Delta, SparseDelta
+from ..layers import base_parameter_count
+from .base import Controller, Method, StepInfo, adapter_dtype
 
 
 # -- pure tensor math -------------------------------------------------------------------------------------------
@@ -115,6 +115,16 @@ class GrowthTracker:
         self.grad_sum: torch.Tensor | None = None
         self.count = 0
 
+    def snapshot(self) -> tuple:
+        """``(cand, grad_sum, count)``, copied."""
+        return self.cand, None if self.grad_sum is None else self.grad_sum.clone(), self.count
+
+    @classmethod
+    def restored(cls, delta: SparseDelta, snap: tuple) -> "GrowthTracker":
+        tracker = cls(delta)
+        tracker.cand, tracker.grad_sum, tracker.count = snap
+        return tracker
+
     def __call__(self, G: torch.Tensor) -> None:
         if self.cand is None:
             self.cand = candidates(G, self.delta.idx, self.delta.idx.numel())
@@ -123,41 +133,55 @@ class GrowthTracker:
         self.count += 1
 
 
+def sparse_deltas(deltas: dict[str, Delta]) -> dict[str, SparseDelta]:
+    """The sparse deltas among an adapter's ``{module name: delta}`` (its ``modules_to_save`` entries left out)."""
+    return {n: d for n, d in deltas.items() if isinstance(d, SparseDelta)}
+
+
 class SpIELController(Controller):
-    def __init__(self, method: "SpIEL", adapter_name: str, model: nn.Module | None = None):
-        self.m, self.adapter = method, adapter_name
+    """Watches gradients during the first ``A`` steps of every period of ``R`` and swaps entries at its end."""
+
+    def __init__(self, method: "SpIEL", deltas: dict[str, SparseDelta]):
+        self.m, self.deltas = method, deltas
         self.total: int | None = None
         self.selections = 0
         self.last_fraction = 0.0
         self.trackers: dict[str, GrowthTracker] = {}
-        self._model = weakref.ref(model) if model is not None else None  # to re-arm after load_state_dict
         self._loaded = False
+        self._unsure: dict | None = None  # after load_state_dict: the trackers as loaded (see _arm)
+        self._arm(0)  # watch from the first step even when dt.begin is never called
 
-    def _deltas(self, model: nn.Module) -> dict[str, SparseDelta]:
-        from ..model import deltas
+    def _watching(self, step: int) -> bool:
+        """Whether the backward of ``step`` feeds the trackers: the first ``A`` steps of each period, while steps
+        remain."""
+        return step % self.m.reselection_steps < self.m.accumulation_steps and (self.total is None or step < self.total)
 
-        return {n: d for n, d in deltas(model, self.adapter).items() if isinstance(d, SparseDelta)}
+    def _arm(self, step: int | None) -> None:
+        """Install the trackers as observers for the backward of ``step``. ``None``: the step is not known (right
+        after :meth:`load_state_dict`, before ``begin``): watch, and keep a copy of the trackers that
+        :meth:`_settle` puts back once the step turns out not to be watched."""
+        self._unsure = None if step is not None else {n: t.snapshot() for n, t in self.trackers.items()}
+        watch = step is None or self._watching(step)
+        for name, d in self.deltas.items():
+            d.observer = self.trackers.setdefault(name, GrowthTracker(d)) if watch else None
 
-    def _arm(self, model: nn.Module, step: int) -> None:
-        """Watch gradients during the first ``A`` steps of each period (and only while steps remain)."""
-        watch = step % self.m.reselection_steps < self.m.accumulation_steps and (
-            self.total is None or step < self.total)
-        for name, d in self._deltas(model).items():
-            if watch:
-                d.observer = self.trackers.setdefault(name, GrowthTracker(d))
-            else:
-                d.observer = None
+    def _settle(self, step: int) -> None:
+        """Now that the step watched without knowing it is known: undo what its backward added if it was not a
+        watch step."""
+        if self._unsure is not None and not self._watching(step):
+            self.trackers = {n: GrowthTracker.restored(self.deltas[n], snap) for n, snap in self._unsure.items()}
+        self._unsure = None
 
-    def begin(self, model, total_steps, resizable=True) -> None:
-        from ..model import registry
-
-        step = registry(model).step  # 0, or where a resumed run continues
-        self.total = total_steps if total_steps is not None or step == 0 else self.total
+    def begin(self, info: StepInfo) -> None:
+        step = info.step  # 0, or where a resumed run continues
+        if self._unsure is not None:  # no backward ran since load_state_dict: the trackers are as loaded
+            self.trackers = {n: GrowthTracker.restored(self.deltas[n], snap) for n, snap in self._unsure.items()}
+        self.total = info.total_steps if info.total_steps is not None or step == 0 else self.total
         if step == 0:
             self.trackers, self.selections = {}, 0
         elif not self._loaded:  # resumed without saved state: guess whether the first reselection happened
             self.trackers, self.selections = {}, int(step >= self.m.accumulation_steps)
-        self._arm(model, step)
+        self._arm(step)
 
     def state_dict(self) -> dict:
         """``total``, how many reselections happened (the first replaces everything), the last rate and, per module
@@ -168,18 +192,14 @@ class SpIELController(Controller):
                 "trackers": trackers}
 
     def load_state_dict(self, state: dict) -> None:
-        from ..model import registry
-
-        model = self._model() if self._model is not None else None
-        if model is None:
-            raise RuntimeError("this SpIEL controller was built without its model; use method.controller(model, name)")
+        """Restore the state. The step it continues from comes with the next ``begin`` or ``after_step``
+        (:meth:`_arm` with ``None``)."""
         self.total = state.get("total", self.total)
         self.selections = int(state.get("selections", self.selections))
         self.last_fraction = float(state.get("last_fraction", self.last_fraction))
-        found = self._deltas(model)
         trackers = {}
         for name, t in state.get("trackers", {}).items():
-            d = found.get(name)
+            d = self.deltas.get(name)
             if d is None:
                 raise ValueError(f"the controller state names module {name!r}, which this adapter has no sparse "
                                  "delta for")
@@ -187,23 +207,22 @@ class SpIELController(Controller):
             if cand.shape != grad_sum.shape or cand.numel() > d.out_features * d.in_features:
                 raise ValueError(f"controller state of {name!r}: {cand.numel()} candidates with "
                                  f"{grad_sum.numel()} accumulated gradients do not fit its weight")
-            tracker = GrowthTracker(d)
-            tracker.cand, tracker.grad_sum, tracker.count = cand, grad_sum, int(t["count"])
-            trackers[name] = tracker
+            trackers[name] = GrowthTracker.restored(d, (cand, grad_sum, int(t["count"])))
         self.trackers, self._loaded = trackers, True
-        self._arm(model, registry(model).step)
+        self._arm(None)
 
-    def after_step(self, model, optimizer, step) -> bool:
+    def after_step(self, info: StepInfo) -> bool:
+        step = info.step
+        self._settle(step)
         if step % self.m.reselection_steps == self.m.accumulation_steps - 1 and self.trackers:
-            self._reselect(model, optimizer, step)
-        self._arm(model, step + 1)
+            self._reselect(info.optimizer, step)
+        self._arm(step + 1)
         return False
 
-    def _reselect(self, model, optimizer, step: int) -> None:
+    def _reselect(self, optimizer, step: int) -> None:
         fraction = 1.0 if self.selections == 0 else replace_fraction(step, self.total, self.m.replace_rate,
                                                                      self.m.schedule)
-        found = self._deltas(model)
-        for name, d in found.items():
+        for name, d in self.deltas.items():
             tracker = self.trackers.get(name)
             if tracker is None or tracker.cand is None:
                 continue
@@ -212,7 +231,7 @@ class SpIELController(Controller):
                 d.idx[drop] = grow
                 d.values[drop] = 0.0
             reset_entries_(d.values, drop, optimizer)
-        broadcast_exact_([d.idx for d in found.values()])
+        broadcast_exact_([d.idx for d in self.deltas.values()])
         for t in self.trackers.values():
             t.reset()
         self.selections += 1
@@ -256,8 +275,6 @@ class SpIEL(Method):
             raise ValueError(f"replace_rate must be in [0, 1], got {self.replace_rate}")
 
     def build_all(self, model, layers, data=None):
-        from ..model import base_parameter_count
-
         total = self.num_params if self.num_params is not None else int(self.density * base_parameter_count(model))
         budgets = entry_budgets({n: w.numel() for n, (w, _) in layers.items()}, total)
         g = torch.Generator().manual_seed(self.seed)
@@ -270,29 +287,30 @@ class SpIEL(Method):
             built[name] = SparseDelta(w.shape[0], w.shape[1], idx, dtype=adapter_dtype(w), device=w.device)
         return built
 
-    def controller(self, model, adapter_name):
+    def controller(self, deltas: dict[str, Delta], model: nn.Module) -> SpIELController | None:
         if self.regrow == "none":
             return None
-        c = SpIELController(self, adapter_name, model)
-        c._arm(model, 0)  # watch from the first step even when dt.begin is never called
-        return c
+        return SpIELController(self, sparse_deltas(deltas))
 
 
 # -- LT-SFT -------------------------------------------------------------------------------------------------------
 class LotteryTicketController(Controller):
-    def __init__(self, method: "LTSFT", adapter_name: str, budget: int):
-        self.m, self.adapter, self.budget = method, adapter_name, budget
+    """Dense phase 1 until ``full_steps``; then the global top-``budget`` entries by ``|dW|``, reset to zero."""
+
+    def __init__(self, method: "LTSFT", deltas: dict[str, SparseDelta], budget: int):
+        self.m, self.deltas, self.budget = method, deltas, budget
         self.full_steps = method.full_steps
         self.selected = False
 
-    def begin(self, model, total_steps, resizable=True) -> None:
-        if self.m.full_steps is None and total_steps is not None:
-            self.full_steps = max(1, total_steps // 2)
-        if not resizable:
+    def begin(self, info: StepInfo) -> None:
+        if self.m.full_steps is None and info.total_steps is not None:
+            self.full_steps = max(1, info.total_steps // 2)
+        if not info.resizable:
             raise ValueError("LT-SFT drops the unselected entries after phase 1, which changes parameter shapes; "
                              "use the deltatune trainer (it rebuilds DDP) or a single process")
 
-    def after_step(self, model, optimizer, step) -> bool:
+    def after_step(self, info: StepInfo) -> bool:
+        step, optimizer = info.step, info.optimizer
         if self.selected:
             return False
         if self.full_steps is None:
@@ -300,9 +318,7 @@ class LotteryTicketController(Controller):
                              "dt.begin(model, total_steps) (phase 1 is then the first half)")
         if step < self.full_steps - 1:
             return False
-        from ..model import deltas
-
-        found = [d for d in deltas(model, self.adapter).values() if isinstance(d, SparseDelta)]
+        found = list(self.deltas.values())
         if optimizer is None:
             raise ValueError("LT-SFT's selection removes entries: pass the optimizer to dt.step(model, optimizer)")
         for d, keep in zip(found, global_top_entries([d.values for d in found], self.budget)):
@@ -347,19 +363,16 @@ class LTSFT(Method):
         if self.full_steps is not None and self.full_steps < 1:
             raise ValueError(f"full_steps must be >= 1, got {self.full_steps}")
 
-    def budget(self, model) -> int:
-        from ..model import base_parameter_count
-
+    def budget(self, model: nn.Module) -> int:
+        """``num_params``, or ``density`` times the model's parameter count without adapters."""
         return self.num_params if self.num_params is not None else int(self.density * base_parameter_count(model))
 
     def build_all(self, model, layers, data=None):
         return {name: SparseDelta(w.shape[0], w.shape[1], torch.arange(w.numel(), device=w.device),
                                   dtype=adapter_dtype(w), device=w.device) for name, (w, _) in layers.items()}
 
-    def controller(self, model, adapter_name):
-        from ..model import deltas
-
-        found = [d for d in deltas(model, adapter_name).values() if isinstance(d, SparseDelta)]
-        if found and all(d.idx.numel() < d.out_features * d.in_features for d in found):
+    def controller(self, deltas: dict[str, Delta], model: nn.Module) -> LotteryTicketController | None:
+        found = sparse_deltas(deltas)
+        if found and all(d.idx.numel() < d.out_features * d.in_features for d in found.values()):
             return None  # a loaded adapter, already past its selection: its entries simply train
-        return LotteryTicketController(self, adapter_name, self.budget(model))
+        return LotteryTicketController(self, found, self.budget(model))
