@@ -417,7 +417,7 @@ def test_import_peft_adalora_checkpoint(minilm_dir, sst2_rows, minilm_batch, tmp
 
 
 # -- IncreLoRA and SoRA --------------------------------------------------------------------------------------------
-def _adalora_live_ranks(monkeypatch, phase=None, T=10):
+def _adalora_live_ranks(monkeypatch, phase=None, T=10, with_sizes=False):
     """Live ranks after each of ``T`` steps of AdaLoRA (t_init=5, t_final=2, masking every step) on a small MLP;
     with ``phase``, ``deltatune.budget.schedule.masking_phase`` is replaced by it wherever deltatune holds it."""
     real = schedule.masking_phase
@@ -432,14 +432,15 @@ def _adalora_live_ranks(monkeypatch, phase=None, T=10):
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
     x, y = torch.randn(8, 16), torch.randn(8, 8)
     dt.begin(net, T)
-    live = []
+    live, sizes = [], []
     for _ in range(T):
         ((net(x) - y) ** 2).mean().backward()
         opt.step()
         dt.step(net, opt)
         opt.zero_grad()
         live.append(sum(int((d.lam.detach() != 0).sum()) for d in dt.deltas(net, "default").values()))
-    return live
+        sizes.append(sum(d.lam.numel() for d in dt.deltas(net, "default").values()))
+    return (live, sizes) if with_sizes else live
 
 
 def test_adalora_masking_follows_masking_phase(monkeypatch):
@@ -457,8 +458,14 @@ def test_adalora_masking_follows_masking_phase(monkeypatch):
     assert {c["t"] for c in calls} >= set(range(8)) and {(c["t_init"], c["t_final"], c["total"]) for c in calls} \
         == {(5, 2, 10)}  # consulted at every step before the final pattern, with the method's schedule
     assert _adalora_live_ranks(monkeypatch, lambda *a, **k: schedule.WARMUP) == [8] * 10  # never masks
-    early = _adalora_live_ranks(monkeypatch, lambda *a, **k: schedule.BUDGETING)
-    assert min(early[:5]) < 8  # masks inside what the real schedule calls warm-up
+    # "final" from the first step: the controller keeps the pattern as it is (a run resumed past T - t_final)
+    assert _adalora_live_ranks(monkeypatch, lambda *a, **k: schedule.FINAL) == [8] * 10
+    # the final pattern (b_T = 2 triplets, the others removed) is fixed at the last budgeting step: T - t_final = 8
+    # by the real schedule, the last step when "budgeting" never ends
+    _, sizes = _adalora_live_ranks(monkeypatch, spy, with_sizes=True)
+    assert sizes[7] == 8 and sizes[8] == 2
+    _, late = _adalora_live_ranks(monkeypatch, lambda *a, **k: schedule.BUDGETING, with_sizes=True)
+    assert late[8] == 8 and late[9] == 2
 
 
 def test_increlora_grows_to_the_budget_and_trains_new_components(minilm_dir, sst2_rows):
