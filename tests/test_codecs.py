@@ -48,7 +48,7 @@ def test_reloaded_residual_lora_trains_the_same_components_with_the_anchor_froze
         assert d.r == old.r == 4 and d.A0 is not None and not d.A0.requires_grad
         torch.testing.assert_close(d.A0, old.A0)
         torch.testing.assert_close(d.B0, old.B0)
-        assert d.spec() == old.spec() and d.spec()["anchor"] == 4 and d.spec()["r"] == 8
+        assert d.spec() == old.spec() and d.spec()["r_anchor"] == 4 and d.spec()["r"] == 8
 
 
 def test_a_spec_without_anchor_loads_as_a_plain_lora_of_the_folded_rank():
@@ -57,11 +57,11 @@ def test_a_spec_without_anchor_loads_as_a_plain_lora_of_the_folded_rank():
         for t in (d.A, d.B, d.A0, d.B0):
             t.normal_()
     spec, tensors = d.spec(), d.tensors()
-    plain = delta_from_spec({k: v for k, v in spec.items() if k != "anchor"}, tensors)
+    plain = delta_from_spec({k: v for k, v in spec.items() if k != "r_anchor"}, tensors)
     assert plain.r == 4 and plain.A0 is None
     torch.testing.assert_close(plain.dense(), d.dense())
-    with pytest.raises(ValueError, match="anchor"):
-        delta_from_spec({**spec, "anchor": 1}, tensors)
+    with pytest.raises(ValueError, match="r_anchor"):
+        delta_from_spec({**spec, "r_anchor": 1}, tensors)
 
 
 # -- spec round-trips dropout --------------------------------------------------------------------------------------

@@ -238,7 +238,7 @@ def structure_class(structure: str) -> type[Delta]:
 
 
 #: spec keys that hold sizes or counts (non-negative integers; ``out_features`` / ``in_features`` positive)
-SIZE_KEYS = ("out_features", "in_features", "r", "k", "block_size", "terms", "axis", "anchor")
+SIZE_KEYS = ("out_features", "in_features", "r", "k", "block_size", "terms", "axis", "r_anchor")
 NUMBER_KEYS = ("scale", "dropout")  # spec keys that must be (finite) numbers
 
 

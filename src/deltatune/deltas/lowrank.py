@@ -7,8 +7,8 @@
   "train B, A on the residual ``W_res``", but the user's weight ``W`` is never modified, several residual
   adapters can live on one base, and the delta is always a plain low-rank update of the original ``W``
   (:meth:`LowRankDelta.factors` returns it as rank ``2r`` factors ``[B | -B0]``, ``[A ; A0]``). Checkpoints store
-  those factors with the spec key ``anchor = r`` (the trailing ``r`` components are the frozen anchor, ``B0`` with
-  its sign flipped), so a reloaded adapter trains the same ``r`` components as before (a spec without ``anchor``,
+  those factors with the spec key ``r_anchor = r`` (the trailing ``r`` components are the frozen anchor, ``B0`` with
+  its sign flipped), so a reloaded adapter trains the same ``r`` components as before (a spec without ``r_anchor``,
   from an older deltatune or from PEFT, loads as a plain LoRA of rank ``2r``).
 
 The unmerged forward never forms ``dW``: ``y = x W^T + b + s * (x A^T) B^T``. When this delta is the only one live
@@ -218,9 +218,9 @@ class LowRankDelta(FactoredDelta):
     # -- bookkeeping ---------------------------------------------------------------------------------------
     def spec(self) -> dict:
         """Described as a plain low-rank update of the original weight (anchor folded into the factors), with
-        ``anchor``: how many trailing components of those factors are the frozen anchor."""
+        ``r_anchor``: how many trailing components of those factors are the frozen anchor."""
         B, _ = self.factors()
-        anchor = {"anchor": self.r} if self.A0 is not None else {}
+        anchor = {"r_anchor": self.r} if self.A0 is not None else {}
         return {**super().spec(), "r": int(B.shape[1]), "scale": self.scale, **anchor}
 
     @classmethod
@@ -234,17 +234,17 @@ class LowRankDelta(FactoredDelta):
 
     @classmethod
     def from_spec(cls, spec: dict, tensors: dict[str, torch.Tensor]) -> "LowRankDelta":
-        """Rebuild from the folded factors; with ``anchor = k`` the last ``k`` components become the frozen anchor
+        """Rebuild from the folded factors; with ``r_anchor = k`` the last ``k`` components become the frozen anchor
         ``A0 = A[-k:]``, ``B0 = -B[:, -k:]`` and the first ``r - k`` the trainable ``A``, ``B``."""
         A, B = tensors["A"], tensors["B"]
-        r, k = int(spec["r"]), int(spec.get("anchor", 0))
+        r, k = int(spec["r"]), int(spec.get("r_anchor", 0))
         if A.shape != (r, spec["in_features"]) or B.shape != (spec["out_features"], r):
             raise ValueError(
                 f"low-rank tensors have shapes A{tuple(A.shape)}, B{tuple(B.shape)}, but the spec says r={r}, "
                 f"in={spec['in_features']}, out={spec['out_features']}"
             )
         if k and 2 * k != r:
-            raise ValueError(f"spec key 'anchor' is {k}, but an anchored low-rank delta of r={r} has anchor {r // 2}")
+            raise ValueError(f"spec key 'r_anchor' is {k}, but an anchored low-rank delta of r={r} has r_anchor {r // 2}")
         d = cls(spec["out_features"], spec["in_features"], r - k, spec["scale"], dropout=spec.get("dropout", 0.0),
                 dtype=A.dtype, anchored=k > 0)
         with torch.no_grad():
