@@ -36,6 +36,9 @@ from .base import Delta, fusable
 #: ``lora_embedding_A`` / ``lora_embedding_B`` of an embedding); kinds not listed use :data:`PEFT_LORA_DEFAULT`
 PEFT_LORA_KEYS = {"embedding": ("lora_embedding_A", "lora_embedding_B")}
 PEFT_LORA_DEFAULT = ("lora_A.weight", "lora_B.weight")
+#: layer kinds that store their weight in x out and that PEFT adapts as a Linear with ``fan_in_fan_out`` (GPT-2's
+#: Conv1D); the A/B tensors are the same either way
+PEFT_FAN_IN_FAN_OUT = ("conv1d",)
 
 
 def _factor_grads(g2, xd2, xa, A, B, s, need_A, need_B, need_u):

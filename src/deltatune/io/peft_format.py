@@ -34,6 +34,7 @@ from collections import Counter
 import torch
 
 from ..deltas import FrozenWeight, FullDelta, LowRankDelta, NotLowRank, delta_from_spec, structure_class
+from ..deltas.lowrank import PEFT_FAN_IN_FAN_OUT
 from ..layers import kind_named
 from ..methods import Method
 from ..methods.base import method_classes
@@ -56,10 +57,6 @@ EXPORT_KEYS = ("peft_type", "task_type", "base_model_name_or_path", "inference_m
                "lora_dropout", "use_rslora", "bias", "fan_in_fan_out", "target_modules", "rank_pattern",
                "alpha_pattern", "modules_to_save")
 
-
-#: layer kinds that store their weight in x out and that PEFT adapts as a Linear with ``fan_in_fan_out`` (GPT-2's
-#: Conv1D); the A/B tensors are the same either way
-FAN_IN_FAN_OUT = ("conv1d",)
 
 #: PEFT task types whose model wrapper adds the task head to ``modules_to_save`` and then requires it in the
 #: checkpoint: an adapter without a trained head is written without a task type (it loads as a plain PeftModel)
@@ -152,7 +149,7 @@ def to_peft(record: AdapterRecord, rank: int | None = None, errors: dict[str, fl
         "lora_dropout": lora["lora_dropout"],
         "use_rslora": rslora,
         "bias": "none",
-        "fan_in_fan_out": any(s.get("layer") in FAN_IN_FAN_OUT for s in record.modules.values()),
+        "fan_in_fan_out": any(s.get("layer") in PEFT_FAN_IN_FAN_OUT for s in record.modules.values()),
         "inference_mode": True,
         "target_modules": sorted(ranks),
         "rank_pattern": {m: v for m, v in ranks.items() if v != r},

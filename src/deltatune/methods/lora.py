@@ -16,6 +16,12 @@ Residual initializations take ``B0, A0`` from a factorization of ``W`` itself, s
 deltatune never rewrites ``W``: the delta is ``s (B A - B0 A0)`` (see :mod:`deltatune.deltas.lowrank`), which
 gives the same outputs and gradients as training on ``W_res`` and saves as a plain LoRA of rank ``2r`` on the
 original weights (``alpha' = 2 alpha``, or ``sqrt(2) alpha`` with rsLoRA, so ``s' = s``).
+
+Every ``init=`` is a registered :class:`Initializer` (:func:`register_init`) that declares the calibration
+statistics it needs; the options of the data-aware ones are fields of :class:`CorDA` (``calibration``,
+``max_batches``) and :class:`EVA` (``eva_rho``, ``eva_tau``, ``max_batches``), and a plain ``LoRA(init=...)`` gets
+their defaults. Adapter configs saved while those fields sat on every LoRA still load: :meth:`Method.from_dict`
+ignores fields a method does not have.
 """
 from __future__ import annotations
 
