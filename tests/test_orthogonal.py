@@ -174,7 +174,7 @@ def test_oft_rotation_is_orthogonal_fused_gradients_match_autograd_and_merge_is_
     out = logits(model, minilm_batch)
     # fused node vs plain autograd for one layer: output, input and parameter gradients
     d = dt.deltas(model, "default")[Q_NAME]
-    W, b = d._bound()
+    W, b = d.base_weight()
     x = torch.randn(40, 384, generator=g, requires_grad=True)
     fused_out = d.replace(x)
     gx, gq = torch.autograd.grad(fused_out.pow(2).sum(), (x, d.q))

@@ -26,13 +26,14 @@ from pathlib import Path
 
 import torch
 
+from .deltas import FullDelta, LowRankDelta
 from .layers import kind_named, kind_of
 from .util import progress
 from .io.record import AdapterRecord
 from .io.weights import WeightStore
 from .methods import Method
 from .svd import svd_factors
-from .targets import TargetSpec, _matches
+from .targets import TargetSpec, spec_matcher
 
 #: tensor names of lookup tables (their LoRA is an embedding LoRA, ``dW`` taken on the transposed table)
 EMBEDDING = re.compile(r".*(embed|\bwte|\bwpe|\bshared)[^.]*$")
@@ -147,11 +148,12 @@ def extract(base: str | Path, tuned: str | Path, rank: int | None = None, energy
         raise ValueError(f"rank must be positive and energy in (0, 1], got rank={rank}, energy={energy}")
     kinds = kinds if kinds is not None else module_kinds(tuned)
     modules, tensors, report = {}, {}, ExtractionReport()
+    selected, excluded = spec_matcher(targets), spec_matcher(exclude, "exclude")
     matched = 0
     with WeightStore(base) as old, WeightStore(tuned) as new:
         for key in progress(new.keys(), "extract"):
             mod, _, param = key.rpartition(".")
-            if targets is not None and not _matches(mod, targets) or _matches(mod, exclude):
+            if targets is not None and not selected(mod) or excluded(mod):
                 continue
             shape, old_key = new.shape(key), old.resolve(mod, param)
             if old_key is not None and old.shape(old_key) != shape:
@@ -165,8 +167,7 @@ def extract(base: str | Path, tuned: str | Path, rank: int | None = None, energy
             W_new = kind_named(kind).to_linear(new[key])
             if old_key is None:  # a module only the fine-tuned model has: keep it whole
                 bias = f"{mod}.bias"
-                modules[mod] = {"structure": "full", "layer": kind, "out_features": W_new.shape[0],
-                                "in_features": W_new.shape[1]}
+                modules[mod] = FullDelta.spec_for(*W_new.shape, layer=kind)
                 tensors[mod] = {"weight": W_new, **({"bias": new[bias]} if bias in new else {})}
                 report.kept_whole.append(mod)
                 continue
@@ -178,8 +179,7 @@ def extract(base: str | Path, tuned: str | Path, rank: int | None = None, energy
                 continue
             B, A, err = lowrank_update(W_new, W_old, rank, energy)
             dtype = W_new.dtype if W_new.is_floating_point() else torch.float32
-            modules[mod] = {"structure": "lowrank", "layer": kind, "out_features": B.shape[0],
-                            "in_features": A.shape[1], "r": int(A.shape[0]), "scale": 1.0}
+            modules[mod] = LowRankDelta.spec_for(B.shape[0], A.shape[1], A.shape[0], 1.0, layer=kind)
             tensors[mod] = {"A": A.to(dtype), "B": B.to(dtype)}
             report.ranks[mod], report.errors[mod] = int(A.shape[0]), err
     if not matched and report.kept_whole:

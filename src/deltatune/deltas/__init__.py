@@ -1,5 +1,5 @@
 """Delta structures: one module per structure (see DESIGN.md's table)."""
-from .base import Delta, FrozenWeight, delta_from_spec, structure_class, structures
+from .base import Delta, FrozenWeight, NotLowRank, PeftTensors, Unbound, delta_from_spec, structure_class, structures
 from .basis import NOLADelta, OrthogonalLowRankDelta, VeRADelta
 from .dense import DenseDelta
 from .full import FullDelta
@@ -14,5 +14,5 @@ from .._modules import callable_module
 callable_module(__name__, "deltatune.model:deltas")  # dt.deltas(model, name) and dt.deltas.LowRankDelta
 
 __all__ = ["Delta", "DenseDelta", "FactoredDelta", "FullDelta", "GatedSVDDelta", "LowRankDelta", "NOLADelta", "OrthogonalLowRankDelta",
-           "FrozenWeight", "RotationDelta", "SlicedDelta", "SparseDelta", "VeRADelta", "delta_from_spec", "lowrank_apply", "structure_class",
+           "FrozenWeight", "NotLowRank", "PeftTensors", "RotationDelta", "Unbound", "SlicedDelta", "SparseDelta", "VeRADelta", "delta_from_spec", "lowrank_apply", "structure_class",
            "structures"]

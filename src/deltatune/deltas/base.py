@@ -7,13 +7,19 @@ A delta is a small ``nn.Module`` that represents an update ``dW`` of one frozen 
   :meth:`Delta.embed` for lookup tables);
 - materialize ``dW`` (:meth:`Delta.dense`) and, where it has one, a bias update (:meth:`Delta.dense_bias`);
 - describe itself as JSON (:meth:`Delta.spec`) plus a flat tensor dict (:meth:`Delta.tensors`), and be rebuilt
-  from that pair (:func:`delta_from_spec`).
+  from that pair (:func:`delta_from_spec`); a spec for tensors made elsewhere (an import, an extraction) comes from
+  the structure's own :meth:`Delta.spec_for`;
+- say how it is written as PEFT LoRA tensors (:meth:`Delta.peft_export`: exactly, as a module kept whole, or by
+  truncated SVD of :meth:`Delta.dense`) and, for structures a PEFT checkpoint holds, how it is read back
+  (``from_peft``, e.g. :meth:`deltatune.deltas.LowRankDelta.from_peft`).
 
 Generic code (injection, merging, saving, export) only ever talks to this interface.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -21,8 +27,31 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checks import finite_number, finite_tensor, is_number, positive_int
+from ..svd import svd_factors
 
 _STRUCTURES: dict[str, type["Delta"]] = {}
+
+
+class NotLowRank(ValueError):
+    """A delta that is not a LoRA was to be written as one without a rank or an energy for its truncated SVD."""
+
+
+class Unbound(RuntimeError):
+    """A delta whose update depends on the base weight was used before :meth:`Delta.bind` gave it that weight."""
+
+
+@dataclass
+class PeftTensors:
+    """What one module writes into a PEFT LoRA checkpoint (:meth:`Delta.peft_export`): a LoRA
+    ``dW = scale * B @ A`` (``B`` out x r, ``A`` r x in, linear layout; ``error`` the relative Frobenius error when
+    it is a truncated SVD), or, with ``saved``, the module's own parameters (PEFT's ``modules_to_save``: ``weight``
+    in linear layout and ``bias``)."""
+
+    B: torch.Tensor | None = None
+    A: torch.Tensor | None = None
+    scale: float = 1.0
+    error: float | None = None
+    saved: dict[str, torch.Tensor] | None = None
 
 
 class Delta(nn.Module):
@@ -75,10 +104,26 @@ class Delta(nn.Module):
         """Contribution for a lookup table: row ``ids`` of ``dW^T`` (the one-hot input of a linear map)."""
         return F.embedding(ids, self.dense().t())
 
-    def bind(self, layer: nn.Module) -> None:
-        """Called when the delta is installed on ``layer`` (a :class:`deltatune.model.AdaptedLayer`), whose
-        ``linear_weight()`` and ``base_bias()`` give the frozen weight (out x in) and bias *as they are now*; a
-        structure that needs them later keeps ``layer`` as an unregistered reference. Most structures need nothing."""
+    def bind(self, layer) -> None:
+        """Called when the delta is installed on ``layer``: anything whose ``linear_weight()`` and ``base_bias()``
+        give the frozen weight (out x in) and bias *as they are now* (the model's layer wrapper, or a
+        :class:`FrozenWeight`), and which may say ``is_merged(delta)`` (whether ``delta`` is merged into that
+        weight; a source without it merges nothing). The delta keeps ``layer`` as an unregistered reference, read
+        through :meth:`base_weight` / :meth:`is_merged`; structures that need more at bind time extend this."""
+        self.__dict__["_source"] = layer
+
+    def base_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(W, b)``: the current weight (linear layout) and bias of what the delta is bound to; :class:`Unbound`
+        before :meth:`bind`."""
+        source = self.__dict__.get("_source")
+        if source is None:
+            raise Unbound(f"a {self.structure!r} delta needs the weight it acts on; install it on a layer first")
+        return source.linear_weight(), source.base_bias()
+
+    def is_merged(self) -> bool:
+        """Whether the weight this delta is bound to has it merged in (per the bound source's ``is_merged``)."""
+        check = getattr(self.__dict__.get("_source"), "is_merged", None)  # optional part of the bind protocol
+        return bool(check(self)) if check is not None else False
 
     # -- materialization -----------------------------------------------------------------------------------
     def dense(self) -> torch.Tensor:
@@ -118,6 +163,34 @@ class Delta(nn.Module):
         """JSON-serializable description: enough, with :meth:`tensors`, to rebuild the delta."""
         return {"structure": self.structure, "out_features": self.out_features, "in_features": self.in_features}
 
+    @classmethod
+    def spec_for(cls, out_features: int, in_features: int, layer: str | None = None, **keys) -> dict:
+        """The spec of a delta of this structure on a ``layer`` kind (``None``: unknown) of weight shape
+        ``(out_features, in_features)``, for tensors made without building the delta; ``keys`` are the
+        structure's own spec keys (structures name them in their override)."""
+        return {"structure": cls.structure, "layer": layer, "out_features": int(out_features),
+                "in_features": int(in_features), **keys}
+
+    # -- PEFT LoRA checkpoints ----------------------------------------------------------------------------------
+    @classmethod
+    def peft_export(cls, spec: dict, tensors: dict[str, torch.Tensor], build: Callable[[], "Delta"],
+                    rank: int | None = None, energy: float | None = None) -> PeftTensors:
+        """How a delta of this structure (its ``spec`` and ``tensors``) is written as PEFT LoRA tensors; ``build()``
+        gives the delta, bound to its base weight when it needs one. Default: the exact LoRA :meth:`lowrank`
+        returns, else the truncated SVD ``dW ~ U_k diag(S_k) Vh_k`` of :meth:`dense` at ``rank`` (or the fewest
+        components holding ``energy`` of ``||dW||_F^2``), ``B = U_k diag(S_k)``, ``A = Vh_k``, scale 1; neither
+        given: :class:`NotLowRank`."""
+        delta = build()
+        factors = delta.lowrank()
+        if factors is not None:
+            return PeftTensors(*factors)
+        if rank is None and energy is None:
+            raise NotLowRank(f"a {cls.structure!r} delta is not a LoRA; give a rank or an energy to export it by "
+                             "truncated SVD (dt.save(..., format='peft', rank=16) or deltatune export --rank 16 / "
+                             "--energy 0.9)")
+        B, A, err = svd_factors(delta.dense(), rank, energy)
+        return PeftTensors(B, A, 1.0, error=err)
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """Flat ``{name: tensor}`` of everything needed to rebuild the delta."""
         return {k: v.detach() for k, v in self.state_dict().items()}
@@ -135,7 +208,7 @@ class Delta(nn.Module):
 
 class FrozenWeight:
     """What :meth:`Delta.bind` needs of a layer, for when only its base weight is known (exporting or combining a
-    checkpoint whose update depends on the base, with the base read from the model's files)."""
+    checkpoint whose update depends on the base, with the base read from the model's files): nothing is merged."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.weight, self.bias = weight, bias
@@ -165,7 +238,7 @@ def structure_class(structure: str) -> type[Delta]:
 
 
 #: spec keys that hold sizes or counts (non-negative integers; ``out_features`` / ``in_features`` positive)
-SIZE_KEYS = ("out_features", "in_features", "r", "k", "block_size", "terms", "axis")
+SIZE_KEYS = ("out_features", "in_features", "r", "k", "block_size", "terms", "axis", "r_anchor")
 NUMBER_KEYS = ("scale", "dropout")  # spec keys that must be (finite) numbers
 
 

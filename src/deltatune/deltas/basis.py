@@ -57,7 +57,7 @@ class FrozenBasisDelta(FactoredDelta):
     def from_spec(cls, spec: dict, tensors: dict[str, torch.Tensor]):
         first = next(iter(tensors.values()))
         d = cls(spec["out_features"], spec["in_features"], scale=spec["scale"], dtype=first.dtype,
-                **{k: spec[k] for k in cls.spec_keys})
+                dropout=spec.get("dropout", 0.0), **{k: spec[k] for k in cls.spec_keys})
         _check_shapes(spec, tensors, {k: tuple(v.shape) for k, v in d.state_dict().items()})
         d.load_state_dict(tensors)
         return d

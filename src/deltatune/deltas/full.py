@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Delta
+from .base import Delta, PeftTensors
 
 
 def shifted_sum(p0: torch.Tensor, terms: list[tuple[torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:
@@ -59,11 +59,18 @@ class FullDelta(Delta):
             t["bias"] = self.bias.detach()
         return t
 
-    def bind(self, layer: nn.Module) -> None:
+    def bind(self, layer) -> None:
         """Point the frozen reference at the weight this delta sits on (a loaded head replaces a fresh one)."""
-        bias = layer.base_bias()
-        self.weight0 = layer.linear_weight().detach().clone()
+        super().bind(layer)
+        weight, bias = self.base_weight()
+        self.weight0 = weight.detach().clone()
         self.bias0 = None if bias is None else bias.detach().clone()
+
+    @classmethod
+    def peft_export(cls, spec, tensors, build, rank=None, energy=None) -> PeftTensors:
+        """A module trained whole is PEFT's ``modules_to_save`` entry: its trained ``weight`` (and ``bias``) as they
+        are, no base weight needed."""
+        return PeftTensors(saved={k: tensors[k] for k in ("weight", "bias") if k in tensors})
 
     @classmethod
     def weighted_sum(cls, terms: list[tuple["FullDelta", float]]) -> "FullDelta":

@@ -24,11 +24,15 @@ place); :mod:`deltatune.budget.resize` moves gradients, optimizer state and para
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from .lowrank import FactoredDelta
 
+#: the layer kinds PEFT's AdaLoRA adapts (``None``: a checkpoint read without a model to look at)
+PEFT_ADALORA_KINDS = (None, "linear")
 #: the dimension that indexes components, per tensor
 COMPONENT_DIMS = {"P": 1, "lam": 0, "Q": 0, "mask": 0}
 
@@ -150,6 +154,30 @@ class GatedSVDDelta(FactoredDelta):
     # -- bookkeeping -----------------------------------------------------------------------------------------
     def spec(self) -> dict:
         return {**super().spec(), "r": int((self.mask != 0).sum()), "scale": self.scale}
+
+    @classmethod
+    def spec_for(cls, out_features: int, in_features: int, r: int, scale: float, layer: str | None = None) -> dict:
+        """The spec of ``r`` gated triplets with scale ``scale`` on a ``layer`` kind."""
+        return super().spec_for(out_features, in_features, layer, r=int(r), scale=scale)
+
+    # -- PEFT checkpoints: AdaLoRA's triplets in, an exact LoRA out (FactoredDelta.lowrank via peft_export) -------
+    @classmethod
+    def peft_names(cls) -> tuple[str, ...]:
+        """PEFT AdaLoRA's tensor names: ``lora_A`` = ``Q`` (r x in), ``lora_E`` = ``lam`` (r x 1), ``lora_B`` = ``P``."""
+        return ("lora_A", "lora_B", "lora_E")
+
+    @classmethod
+    def from_peft(cls, mod: str, found: dict[str, torch.Tensor], kind: str | None, rank: int | None,
+                  scale: Callable[[int], float], source: str) -> tuple[dict, dict[str, torch.Tensor]]:
+        """``(spec, tensors)`` of module ``mod`` from a PEFT AdaLoRA triplet (already cut to its final ranks, so
+        ``rank`` is not checked); PEFT's AdaLoRA adapts Linear layers only (``kind`` must be that or unknown)."""
+        if set(found) != set(cls.peft_names()):
+            raise ValueError(f"{source}: PEFT AdaLoRA checkpoint has an incomplete triplet for {mod!r} (found {sorted(found)})")
+        if kind not in PEFT_ADALORA_KINDS:
+            raise ValueError(f"{source}: PEFT AdaLoRA on {mod!r} (a {kind}): deltatune imports AdaLoRA on Linear layers")
+        Q, lam, P = found["lora_A"], found["lora_E"].reshape(-1), found["lora_B"]
+        r = int(lam.shape[0])
+        return cls.spec_for(P.shape[0], Q.shape[1], r, scale(r), layer=kind), {"P": P, "lam": lam, "Q": Q}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Masked-off components are dropped; the gates are saved as ``lam * mask``; an anchor as ``P0, lam0, Q0``."""

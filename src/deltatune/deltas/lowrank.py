@@ -6,7 +6,10 @@
   (PiSSA, MiLoRA, OLoRA). With the anchor, ``W + dW = (W - s B0 A0) + s B A``, i.e. exactly the paper's
   "train B, A on the residual ``W_res``", but the user's weight ``W`` is never modified, several residual
   adapters can live on one base, and the delta is always a plain low-rank update of the original ``W``
-  (:meth:`LowRankDelta.factors` returns it as rank ``2r`` factors ``[B | -B0]``, ``[A ; A0]``).
+  (:meth:`LowRankDelta.factors` returns it as rank ``2r`` factors ``[B | -B0]``, ``[A ; A0]``). Checkpoints store
+  those factors with the spec key ``r_anchor = r`` (the trailing ``r`` components are the frozen anchor, ``B0`` with
+  its sign flipped), so a reloaded adapter trains the same ``r`` components as before (a spec without ``r_anchor``,
+  from an older deltatune or from PEFT, loads as a plain LoRA of rank ``2r``).
 
 The unmerged forward never forms ``dW``: ``y = x W^T + b + s * (x A^T) B^T``. When this delta is the only one live
 on a plain frozen linear layer, the whole layer runs as one autograd node (:func:`lowrank_linear`); otherwise the
@@ -21,11 +24,21 @@ node allocates nothing of the size of the activations beyond what the frozen lay
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .base import Delta, fusable
+
+#: the PEFT LoRA tensor names per layer kind (``lora_A`` / ``lora_B`` of a Linear or GPT-2 Conv1D, the parameters
+#: ``lora_embedding_A`` / ``lora_embedding_B`` of an embedding); kinds not listed use :data:`PEFT_LORA_DEFAULT`
+PEFT_LORA_KEYS = {"embedding": ("lora_embedding_A", "lora_embedding_B")}
+PEFT_LORA_DEFAULT = ("lora_A.weight", "lora_B.weight")
+#: layer kinds that store their weight in x out and that PEFT adapts as a Linear with ``fan_in_fan_out`` (GPT-2's
+#: Conv1D); the A/B tensors are the same either way
+PEFT_FAN_IN_FAN_OUT = ("conv1d",)
 
 
 def _factor_grads(g2, xd2, xa, A, B, s, need_A, need_B, need_u):
@@ -124,6 +137,16 @@ class FactoredDelta(Delta):
         B, A = self.factors()
         return B.detach().contiguous(), A.detach().contiguous(), self.scale
 
+    @property
+    def dropout_p(self) -> float:
+        """The input dropout probability (0 without dropout)."""
+        return float(self.dropout.p) if self.dropout is not None else 0.0
+
+    def spec(self) -> dict:
+        """The base spec plus ``dropout`` when there is one (so a reloaded adapter trains with it)."""
+        p = self.dropout_p
+        return {**super().spec(), **({"dropout": p} if p > 0 else {})}
+
     # -- application ----------------------------------------------------------------------------------------
     def _input(self, x: torch.Tensor) -> torch.Tensor:
         x = x if x.dtype == self.dtype else x.to(self.dtype)
@@ -197,9 +220,16 @@ class LowRankDelta(FactoredDelta):
 
     # -- bookkeeping ---------------------------------------------------------------------------------------
     def spec(self) -> dict:
-        """Always described as a plain low-rank update of the original weight (anchor folded into the factors)."""
+        """Described as a plain low-rank update of the original weight (anchor folded into the factors), with
+        ``r_anchor``: how many trailing components of those factors are the frozen anchor."""
         B, _ = self.factors()
-        return {**super().spec(), "r": int(B.shape[1]), "scale": self.scale}
+        anchor = {"r_anchor": self.r} if self.A0 is not None else {}
+        return {**super().spec(), "r": int(B.shape[1]), "scale": self.scale, **anchor}
+
+    @classmethod
+    def spec_for(cls, out_features: int, in_features: int, r: int, scale: float, layer: str | None = None) -> dict:
+        """The spec of a plain rank-``r`` LoRA ``dW = scale * B A`` (no anchor) on a ``layer`` kind."""
+        return super().spec_for(out_features, in_features, layer, r=int(r), scale=scale)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         B, A = self.factors()
@@ -207,19 +237,56 @@ class LowRankDelta(FactoredDelta):
 
     @classmethod
     def from_spec(cls, spec: dict, tensors: dict[str, torch.Tensor]) -> "LowRankDelta":
+        """Rebuild from the folded factors; with ``r_anchor = k`` the last ``k`` components become the frozen anchor
+        ``A0 = A[-k:]``, ``B0 = -B[:, -k:]`` and the first ``r - k`` the trainable ``A``, ``B``."""
         A, B = tensors["A"], tensors["B"]
-        r = int(spec["r"])
+        r, k = int(spec["r"]), int(spec.get("r_anchor", 0))
         if A.shape != (r, spec["in_features"]) or B.shape != (spec["out_features"], r):
             raise ValueError(
                 f"low-rank tensors have shapes A{tuple(A.shape)}, B{tuple(B.shape)}, but the spec says r={r}, "
                 f"in={spec['in_features']}, out={spec['out_features']}"
             )
-        d = cls(spec["out_features"], spec["in_features"], r, spec["scale"], dropout=spec.get("dropout", 0.0),
-                dtype=A.dtype)
+        if k and 2 * k != r:
+            raise ValueError(f"spec key 'r_anchor' is {k}, but an anchored low-rank delta of r={r} has r_anchor {r // 2}")
+        d = cls(spec["out_features"], spec["in_features"], r - k, spec["scale"], dropout=spec.get("dropout", 0.0),
+                dtype=A.dtype, anchored=k > 0)
         with torch.no_grad():
-            d.A.copy_(A)
-            d.B.copy_(B)
+            d.A.copy_(A[: r - k])
+            d.B.copy_(B[:, : r - k])
+            if k:
+                d.A0.copy_(A[r - k:])
+                d.B0.copy_(-B[:, r - k:])
         return d
+
+    # -- PEFT LoRA checkpoints ---------------------------------------------------------------------------------
+    @staticmethod
+    def peft_keys(kind: str | None) -> tuple[str, str]:
+        """The PEFT tensor names ``(A, B)`` of a LoRA on a ``kind`` layer (:data:`PEFT_LORA_KEYS`)."""
+        return PEFT_LORA_KEYS.get(kind, PEFT_LORA_DEFAULT)
+
+    @classmethod
+    def peft_names(cls) -> tuple[str, ...]:
+        """Every tensor name (after the module's) that a PEFT LoRA checkpoint uses for this structure."""
+        return tuple(dict.fromkeys([*PEFT_LORA_DEFAULT, *(n for ab in PEFT_LORA_KEYS.values() for n in ab)]))
+
+    @classmethod
+    def from_peft(cls, mod: str, found: dict[str, torch.Tensor], kind: str | None, rank: int | None,
+                  scale: Callable[[int], float], source: str) -> tuple[dict, dict[str, torch.Tensor]]:
+        """``(spec, tensors)`` of module ``mod`` from its PEFT LoRA tensors ``found`` (``{name: tensor}`` with the
+        names of :meth:`peft_names`); ``kind``: the target layer's kind (``None``: unknown, read from the tensor
+        names where only one kind uses them); ``rank``: the rank the config gives the module, which the tensors
+        must have; ``scale(r)``: the config's scale for rank ``r``."""
+        if kind is None:
+            kind = next((k for k, names in PEFT_LORA_KEYS.items() if set(found) <= set(names)), None)
+        t = {("A" if "A" in k else "B"): v for k, v in found.items()}
+        if set(t) != {"A", "B"}:
+            raise ValueError(f"{source}: PEFT checkpoint has an incomplete LoRA for {mod!r} (found {sorted(t)})")
+        r = t["A"].shape[0]
+        if t["A"].dim() != 2 or t["B"].dim() != 2 or t["B"].shape[1] != r or (rank is not None and r != rank):
+            raise ValueError(f"{source}: module {mod!r} has LoRA tensors A {tuple(t['A'].shape)}, B "
+                             f"{tuple(t['B'].shape)} but its config gives rank {rank} (r / rank_pattern); the "
+                             "weights and the config are not from the same save (a torn or mixed checkpoint)")
+        return cls.spec_for(t["B"].shape[0], t["A"].shape[1], r, scale(r), layer=kind), t
 
     def extra_repr(self) -> str:
         anchor = ", anchored" if self.A0 is not None else ""

@@ -154,7 +154,6 @@ class RotationDelta(Delta):
         self.register_buffer("rows", rows, persistent=False)
         self.register_buffer("cols", cols, persistent=False)
         self.q = nn.Parameter(torch.zeros(n, rows.numel(), dtype=dtype, device=device))
-        self.__dict__["_layer"] = None
 
     @property
     def blocks(self) -> int:
@@ -167,20 +166,11 @@ class RotationDelta(Delta):
         """``R`` as (n x b x b) blocks."""
         return cayley(self.skew(), self.cayley, self.terms)
 
-    def bind(self, layer: nn.Module) -> None:
-        self.__dict__["_layer"] = layer  # a reference, not a registered submodule: read the weight when needed
-
-    def _bound(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The current weight (linear layout) and bias of the layer this delta rotates."""
-        if self._layer is None:
-            raise RuntimeError("a rotation delta needs the weight it rotates; install it on a layer first")
-        return self._layer.linear_weight(), self._layer.base_bias()
-
     # -- application ----------------------------------------------------------------------------------------
     def replace(self, x: torch.Tensor, embedding: bool = False) -> torch.Tensor:
         if embedding:
             raise NotImplementedError("OFT rotates a linear layer's input; it does not apply to embeddings")
-        W, b = self._bound()
+        W, b = self.base_weight()
         R = self.rotation()
         x2 = x.reshape(-1, self.in_features)
         x2 = x2 if x2.dtype == R.dtype else x2.to(R.dtype)
@@ -192,7 +182,7 @@ class RotationDelta(Delta):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Contribution ``W (x R - x)`` (row vectors), used when another output-replacing delta is live."""
-        W, _ = self._bound()
+        W, _ = self.base_weight()
         x2 = x.reshape(-1, self.in_features).to(self.q.dtype)
         out = F.linear((rotate(x2, self.rotation()) - x2).to(W.dtype), W)
         return out.view(*x.shape[:-1], self.out_features)
@@ -202,11 +192,10 @@ class RotationDelta(Delta):
 
     # -- materialization and merging ----------------------------------------------------------------------------
     def dense(self) -> torch.Tensor:
-        """``W (R^T - I)`` for the weight this delta sits on (it must not be merged into it)."""
-        layer = self._layer
-        if layer is not None and any(layer.deltas[n] is self for n in getattr(layer, "merged", ())):
+        """``W (R^T - I)`` for the weight this delta is bound to (:meth:`Delta.bind`; it must not be merged into it)."""
+        if self.is_merged():
             raise RuntimeError("the additive form W (R^T - I) of a merged rotation is undefined; dt.unmerge it first")
-        W = self._bound()[0].detach()
+        W = self.base_weight()[0].detach()
         R = self.rotation().detach()
         return rotate_weight(W.to(R.dtype), R) - W.to(R.dtype)
 

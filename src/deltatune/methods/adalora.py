@@ -39,6 +39,7 @@ from ..budget.schedule import BUDGETING, FINAL
 from ..deltas import Delta, GatedSVDDelta
 from .base import Method, StepInfo, adapter_dtype, check_dropout
 from .gated import GatedController, gated_deltas, int_at_least, svd_triplets_init
+from .peft import LORA_KEYS, anything
 
 SHRINK = ("final", "each", "never")
 
@@ -93,6 +94,34 @@ class AdaLoRA(Method):
 
     def controller(self, deltas: dict[str, Delta], model: nn.Module) -> "AdaLoRAController":
         return AdaLoRAController(self, gated_deltas(deltas))
+
+    # -- PEFT AdaLoRA checkpoints (already cut to the final rank pattern; scale lora_alpha / init_r) ----------
+    peft_type = "ADALORA"
+    peft_structure = "gated_svd"
+    #: AdaLoRA's own keys on top of LoRA's (its rank_pattern holds the final masks; the tensors are already cut)
+    peft_keys = {**LORA_KEYS, **{k: anything for k in ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1",
+                                                        "beta2", "orth_reg_weight", "total_step")}}
+
+    @classmethod
+    def peft_rank(cls, config: dict, mod: str, source: str) -> None:
+        return None  # the triplets are cut to their final ranks: nothing to check against
+
+    @classmethod
+    def peft_scale(cls, config: dict, mod: str, r: int, source: str) -> float:
+        """``lora_alpha / init_r`` (PEFT keeps the initial rank as ``ranknum``; ``lora_alpha <= 0``: 1)."""
+        init_r, alpha = int(config["init_r"]), config["lora_alpha"]
+        return (alpha if alpha > 0 else init_r) / init_r
+
+    @classmethod
+    def from_peft_config(cls, config: dict, targets: list[str], saved: list[str]) -> dict:
+        """This method's config (as :meth:`to_dict` would give it) for a PEFT AdaLoRA ``config``."""
+        init_r, alpha = int(config["init_r"]), config["lora_alpha"]
+        return {"method": cls.name, "init_r": init_r, "target_r": int(config.get("target_r", init_r)),
+                "alpha": alpha if alpha > 0 else init_r, "dropout": config.get("lora_dropout", 0.0),
+                "t_init": config.get("tinit", 0), "t_final": config.get("tfinal", 0),
+                "delta_t": config.get("deltaT", 1), "beta1": config.get("beta1", 0.85),
+                "beta2": config.get("beta2", 0.85), "orth_reg_weight": config.get("orth_reg_weight", 0.5),
+                "total_step": config.get("total_step"), "targets": targets, "modules_to_save": saved or None}
 
 
 class AdaLoRAController(GatedController):

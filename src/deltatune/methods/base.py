@@ -183,6 +183,27 @@ class Method(metaclass=_MethodType):
     def validate(self) -> None:
         """Raise ``ValueError`` on bad hyperparameters before anything touches the model."""
 
+    # -- PEFT's adapter_config.json (deltatune.io.peft_format loops over these) -----------------------------
+    #: the PEFT ``peft_type`` whose checkpoints this method reads (``None``: none); such a method also sets
+    #: ``peft_structure`` (the delta structure that reads the tensors, with its ``from_peft``), ``peft_keys``
+    #: ({config key: check}, see :func:`deltatune.methods.peft.check_config`) and defines :meth:`peft_rank`,
+    #: :meth:`peft_scale` and :meth:`from_peft_config`
+    peft_type: ClassVar[str | None] = None
+    peft_structure: ClassVar[str | None] = None
+    peft_keys: ClassVar[dict | None] = None
+
+    @classmethod
+    def reads_peft(cls, config: dict) -> bool:
+        """Whether this method reads the PEFT checkpoint whose config is ``config`` (of its :attr:`peft_type`); a
+        later-registered method that claims the same type (a LoRA variant) refines this."""
+        return cls.peft_type is not None and config.get("peft_type") == cls.peft_type
+
+    def peft_lora(self) -> dict:
+        """This config's keys of a PEFT LoRA ``adapter_config.json`` when its deltas are written as LoRA factors
+        (exactly or by SVD): ``use_rslora`` (how ``lora_alpha`` relates to the scale) and ``lora_dropout``.
+        Default: a plain LoRA, with this method's ``dropout`` if it has one."""
+        return {"lora_dropout": float(getattr(self, "dropout", 0.0) or 0.0), "use_rslora": False}
+
     # -- serialization -----------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"method": self.name, **dataclasses.asdict(self)}
@@ -271,6 +292,11 @@ def methods() -> list[str]:
     return sorted(_METHODS)
 
 
+def method_classes() -> list[type[Method]]:
+    """The registered method classes, in registration order."""
+    return list(_METHODS.values())
+
+
 def check_dropout(p: float) -> None:
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {p}")
@@ -281,4 +307,5 @@ def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
 
 
-__all__ = ["Controller", "Method", "StepInfo", "adapter_dtype", "check_dropout", "check_fields", "field", "full_replacement", "methods"]
+__all__ = ["Controller", "Method", "StepInfo", "adapter_dtype", "check_dropout", "check_fields", "field",
+           "full_replacement", "method_classes", "methods"]
