@@ -139,6 +139,10 @@ class AdaptedLayer(LayerWrapper):
         self.merged[name] = weight
         self.refresh()
 
+    def is_merged(self, delta: Delta) -> bool:
+        """Whether ``delta`` (one of this layer's) is merged into the weight (asked by :meth:`Delta.is_merged`)."""
+        return any(self.deltas[n] is delta for n in self.merged)
+
     def check_remerge(self, name: str, weight: float) -> None:
         """Merging an adapter again with the weight it is merged with does nothing; with another weight it is
         refused (not ignored)."""

@@ -214,6 +214,9 @@ def from_peft(config: dict, tensors: dict[str, torch.Tensor], name: str, kinds: 
     requires: weights and config from different saves are refused, not loaded with a wrong scale."""
     reader = peft_reader(config, source)
     check_config(config, source, reader.peft_keys)
+    missing = [k for k in reader.peft_required if k not in config]
+    if missing:
+        raise KeyError(missing[0])  # the caller names the file and the key
     structure = structure_class(reader.peft_structure)
     found, rest = _split_keys(tensors, "|".join(re.escape(n) for n in structure.peft_names()))
     modules, out = {}, {}

@@ -98,6 +98,7 @@ class AdaLoRA(Method):
     # -- PEFT AdaLoRA checkpoints (already cut to the final rank pattern; scale lora_alpha / init_r) ----------
     peft_type = "ADALORA"
     peft_structure = "gated_svd"
+    peft_required = ("init_r", "lora_alpha")
     #: AdaLoRA's own keys on top of LoRA's (its rank_pattern holds the final masks; the tensors are already cut)
     peft_keys = {**LORA_KEYS, **{k: anything for k in ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1",
                                                         "beta2", "orth_reg_weight", "total_step")}}

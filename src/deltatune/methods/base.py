@@ -191,6 +191,8 @@ class Method(metaclass=_MethodType):
     peft_type: ClassVar[str | None] = None
     peft_structure: ClassVar[str | None] = None
     peft_keys: ClassVar[dict | None] = None
+    #: config keys a checkpoint of this method must have (checked before its tensors are read)
+    peft_required: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def reads_peft(cls, config: dict) -> bool:
