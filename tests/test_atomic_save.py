@@ -1,5 +1,5 @@
 """Crash safety of every save: a forked child SIGKILLs itself at the k-th step of a save (deterministic: the
-``deltatune.io.files._step`` hook, called after each step that changes the disk), for every k until the save
+``deltatune.files._step`` hook, called after each step that changes the disk), for every k until the save
 completes; then the folder must load as exactly the old or exactly the new checkpoint (tensors compared), keep the
 user's other files, and the next save must leave nothing else behind."""
 from __future__ import annotations
@@ -14,7 +14,7 @@ from torch import nn
 
 import deltatune as dt
 from deltatune.io import adapter_folders, read_record
-from deltatune.io import files as F
+from deltatune import files as F
 from helpers import make_minilm
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the kill tests fork")

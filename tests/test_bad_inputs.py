@@ -14,7 +14,7 @@ from helpers import logits, make_minilm, randomize
 from safetensors.torch import load_file, save_file
 
 import deltatune as dt
-from deltatune.io.files import CONFIG_NAME, WEIGHTS_NAME
+from deltatune.files import CONFIG_NAME, WEIGHTS_NAME
 
 Q0 = "bert.encoder.layer.0.attention.self.query"
 

@@ -282,7 +282,7 @@ def test_state_of_another_adapter_does_not_load_and_changes_nothing(minilm_dir, 
     tensors = load_file(tmp_path / "a" / "adapter_model.safetensors")
     key = config["controller"]["state"]["ibar"][mod]["P"]["@tensor"]
     tensors[key] = tensors[key][:, :1].contiguous()  # state of another shape
-    from deltatune.io.files import write_adapter
+    from deltatune.files import write_adapter
     write_adapter(tmp_path / "bad", config, tensors)
     fresh = make_minilm(minilm_dir)
     with pytest.raises(ValueError, match=rf"{mod}\.P.*controller_state=False"):

@@ -8,7 +8,7 @@ import torch
 from helpers import logits, make_minilm, randomize
 
 import deltatune as dt
-from deltatune.io import files as F
+from deltatune import files as F
 
 
 def test_save_load_identical_outputs(minilm_dir, minilm_batch, tmp_path):

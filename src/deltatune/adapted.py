@@ -122,15 +122,15 @@ class AdaptedLayer(LayerWrapper):
         return self.base(x, *args, **kwargs)
 
     def merge(self, name: str, weight: float = 1.0) -> None:
-        """``W <- W + weight * dW_name`` (a multiplicative delta: ``W <- W R(weight q)^T``), exactly."""
+        """``W <- W + weight * dW_name`` (a delta that acts on the current weight: ``W <- W R(weight q)^T``), exactly."""
         weight = finite_number(weight, "merge weight")
         self.check_remerge(name, weight)
         if name in self.merged or name not in self.deltas:
             return
         delta = self.deltas[name]
         rotating = [n for n in self.active if n in self.deltas and n not in self.merged and n != name
-                    and self.deltas[n].multiplicative]
-        if rotating and not delta.multiplicative:
+                    and self.deltas[n].acts_on_weight]
+        if rotating and not delta.acts_on_weight:
             raise ValueError(f"cannot merge {name!r} while {rotating[0]!r} is live on the same layer: it multiplies "
                              "the layer's current weight, so it would then act on the merged update too and the "
                              f"output would change. Merge {rotating[0]!r} first (dt.merge merges in the order given) "
@@ -219,10 +219,10 @@ def _undo_record(delta: Delta, W: torch.Tensor, b: torch.Tensor | None, before: 
     Generic: no structure has to declare whether its merge inverts exactly.
 
     Returns ``((weight fix, bias fix), invert)``; ``invert`` is False when every tensor the merge changed has a full
-    copy, so unmerging only copies back. A multiplicative delta (a rotation: its inverse is never exact in floating
+    copy, so unmerging only copies back. A delta that acts on the current weight (a rotation: its inverse is never exact in floating
     point) keeps the copies without the trial."""
     changed = [orig is not None and not torch.equal(_bits(orig), _bits(now)) for orig, now in zip(before, (W, b))]
-    if delta.multiplicative:
+    if delta.acts_on_weight:
         return tuple(orig.cpu() if c else None for orig, c in zip(before, changed)), False
     trial = (W.clone(), None if b is None else b.clone())
     delta.merge_into(trial[0], trial[1], -weight)

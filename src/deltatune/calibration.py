@@ -11,9 +11,13 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
+from .files import write_tensors
+
 from .layers import BaseView, base_modules, is_linear, linear_weight, unwrap
+from .targets import resolve_targets
 from .util import progress, run_batch
 
 
@@ -73,8 +77,6 @@ class Calibration(dict):
     """``{module name: LayerStats}`` (modules sharing an input share one object); :meth:`save` / :func:`load_calibration`."""
 
     def save(self, path: str | Path) -> None:
-        from .io.files import write_tensors
-
         groups = list({id(s): s for s in self.values()}.values())
         tensors, meta = {}, []
         for g, s in enumerate(groups):
@@ -85,8 +87,6 @@ class Calibration(dict):
 
 
 def load_calibration(path: str | Path) -> Calibration:
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads((f.metadata() or {}).get("deltatune_calibration", "null"))
         if meta is None:
@@ -116,8 +116,6 @@ def calibrate(model: nn.Module, data: Iterable, targets="all-linear", stats: tup
     statistic) is printed before the pass starts. ``cache``: a file; when it exists and covers the targets it is
     loaded instead of running, otherwise the result is written there.
     """
-    from .targets import resolve_targets  # targets imports nothing here; kept local for the start-up of the CLI
-
     unknown = sorted(set(stats) - set(STATS))
     if unknown:
         raise ValueError(f"unknown statistics {unknown}; choose from {STATS}")

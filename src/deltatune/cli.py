@@ -20,7 +20,7 @@ from .extract import extract
 from .insight import plot_ranks
 from .interference import pair_overlaps, summarize
 from .io import NotLowRank, check_not_input, read_record, svd_error_summary, write_record
-from .io.files import write_generation
+from .files import write_generation
 from .io.weights import WeightStore
 from .train import run_config
 from .train.data import ColumnError, check_columns, read_rows

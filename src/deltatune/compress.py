@@ -30,10 +30,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from . import model as M
+from .layers import is_linear, kind_of, linear_weight, set_submodule
 from .io.weights import weight_files
 from .calibration import Calibration, calibrate
 from .util import progress, run_batch
-from .layers import is_linear, kind_of, set_submodule
 from .targets import resolve_targets
 
 METHODS = ("svd", "activation", "fisher")
@@ -142,7 +142,7 @@ def fisher_rows(model: nn.Module, data: Iterable, names: list[str], max_batches:
     flags = {n: w.requires_grad for n, w in weights.items()}
     for w in weights.values():
         w.requires_grad_(True)
-    rows = {n: torch.zeros(M.linear_weight(modules[n]).shape[0], dtype=torch.float64) for n in names}
+    rows = {n: torch.zeros(linear_weight(modules[n]).shape[0], dtype=torch.float64) for n in names}
     was_training = model.training
     model.eval()
     try:
@@ -187,7 +187,7 @@ def compress(model: nn.Module, ratio: float, method: str = "activation", data: I
     names = resolve_targets(model, targets, exclude, accept=is_linear)
     modules = dict(model.named_modules())
     total = sum(p.numel() for p in model.parameters())
-    shapes = {n: tuple(M.linear_weight(modules[n]).shape) for n in names}
+    shapes = {n: tuple(linear_weight(modules[n]).shape) for n in names}
     target_params = sum(o * i for o, i in shapes.values())
     budget = target_params - math.ceil(ratio * total)
     if budget <= 0:
@@ -217,14 +217,14 @@ def compress(model: nn.Module, ratio: float, method: str = "activation", data: I
             left[n] = (I / I.mean().clamp_min(1e-300)).sqrt().clamp_min(1e-6)
     svds = {}
     for n in progress(names, "svd"):
-        svds[n] = weighted_svd(M.linear_weight(modules[n]), left.get(n), right.get(n))
+        svds[n] = weighted_svd(linear_weight(modules[n]), left.get(n), right.get(n))
     ranks = allocate({n: s[1] for n, s in svds.items()}, shapes, budget)
     for n in names:
         k = ranks[n]
         if k < 0:
             continue
         base = modules[n]
-        W = M.linear_weight(base)
+        W = linear_weight(base)
         up, down = factors_from(*svds[n], k, left.get(n), right.get(n))
         new = LowRankLinear(W.shape[1], W.shape[0], k, base.bias is not None, W.dtype, W.device)
         with torch.no_grad():
@@ -251,7 +251,7 @@ def apply_ranks(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
     modules = dict(model.named_modules())
     for n, k in ranks.items():
         base = modules[n]
-        W = M.linear_weight(base)
+        W = linear_weight(base)
         set_submodule(model, n, LowRankLinear(W.shape[1], W.shape[0], k, base.bias is not None, W.dtype, W.device))
     return model
 

@@ -12,6 +12,10 @@ from pathlib import Path
 
 import torch
 
+import deltatune as dt
+from deltatune.train import Collator, TrainArgs, encode_classification, train
+from deltatune.zoo import minilm_path
+
 # -- the embedded dataset ---------------------------------------------------------------------------------------
 SUBJECTS = ["the movie", "this film", "the acting", "the plot", "the soundtrack", "the ending", "the script",
             "the cast", "the director's work", "the cinematography", "the dialogue", "the story", "this sequel",
@@ -69,12 +73,8 @@ def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 def run(out_dir: str | Path = "deltatune-demo", steps: int | None = None, progress: bool = True) -> dict:
     """Run the demo; returns the numbers it printed. ``steps`` caps training (default: 2 epochs)."""
+    # optional third-party dependency (the demo extra)
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    import deltatune as dt
-    from deltatune.train import Collator, TrainArgs, encode_classification, train
-    from deltatune.zoo import minilm_path
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the demo says itself what it loads (the new head is expected)

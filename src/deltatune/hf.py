@@ -18,10 +18,11 @@ import torch
 from torch import nn
 
 from . import model as M
+from .layers import unwrap
+from .registry import ON_CLOSE, ON_CREATE, registry
 from .io import NeedsBase, NotLowRank, load, read_record, save
-from .io.files import CONFIG_NAME, adapter_folders, read_json
+from .files import CONFIG_NAME, adapter_folders, read_json
 from .io.record import build_deltas
-from .registry import ON_CLOSE, ON_CREATE
 
 
 def save_pretrained(model: nn.Module, save_directory, *args, is_main_process: bool = True, format: str | None = None,
@@ -78,9 +79,9 @@ def restore(model: nn.Module, folder: str | Path, optimizer=None, distributed: b
     same tensors: values are copied into the old parameters where that is exact (same shapes, no controller that
     keeps per-parameter state); otherwise this raises before changing anything."""
 
-    inner = M.unwrap(model)
+    inner = unwrap(model)
     names = saved_names(folder)
-    reg = M.registry(inner)
+    reg = registry(inner)
     if distributed and any(reg.adapters[n].controller is not None for n in names if n in reg.adapters):
         raise RuntimeError(f"cannot restore adapters with controllers ({names}) from {folder} under a distributed "
                            "Trainer: its DDP wrapper holds the current parameters and cannot be rebuilt from a "

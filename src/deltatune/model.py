@@ -18,14 +18,11 @@ from .adapted import AdaptedLayer
 from .checks import finite_number, finite_tensor
 from .deltas import Delta
 from .layers import BaseView, base_bias, base_modules, linear_weight, set_submodule, unwrap
-from .layers import base_parameter_count, REGISTRY_ATTR  # noqa: F401  (re-exported for callers of dt.model)
 from .methods.base import Method, check_fields, full_replacement
 from .registry import (BEFORE_SWITCH, ON_DELETE, AdapterInfo, adapted_layers, adapter_names, check_install,
                        check_names, check_new_name, close, notify, registry, sync)
 from .targets import resolve_targets
 
-_check_names = check_names  # the old private names, used across the package
-_sync = sync
 
 
 # -- public verbs --------------------------------------------------------------------------------------------------
@@ -189,8 +186,8 @@ def merge_layers(model: nn.Module, names: list[str], weights: dict[str, float] |
     done: list[tuple[AdaptedLayer, str]] = []
     try:
         for layer in todo:
-            # multiplicative deltas first: W R^T + dW is what the layer computes while both are live
-            for n in sorted(names, key=lambda n: not (n in layer.deltas and layer.deltas[n].multiplicative)):
+            # deltas that act on the current weight first: W R^T + dW is what the layer computes while both are live
+            for n in sorted(names, key=lambda n: not (n in layer.deltas and layer.deltas[n].acts_on_weight)):
                 if n in layer.deltas and n not in layer.merged:
                     layer.merge(n, (weights or {}).get(n, 1.0))
                     done.append((layer, n))
@@ -300,11 +297,3 @@ def print_trainable_parameters(model: nn.Module) -> tuple[int, int]:
     print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
           f"trainable%: {100 * trainable / max(total, 1):.4f}")
     return trainable, total
-
-
-_merge_layers = merge_layers  # the old private name
-
-
-# the controller verbs live in deltatune.control; these names keep ``deltatune.model.begin`` etc. working
-from .control import (after_backward, begin, controller, controller_metrics, distributed_wrapper,  # noqa: E402,F401
-                      step)

@@ -11,6 +11,8 @@ import importlib.util
 import os
 from pathlib import Path
 
+from .files import write_generation
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -48,8 +50,6 @@ def smollm2_path(cache: str | Path | None = None) -> Path:
         del config.quantization_config
     plain = LlamaForCausalLM(config)
     plain.load_state_dict(model.state_dict())
-    from .io.files import write_generation
-
     def fill(staging):
         plain.save_pretrained(staging)
         tok.save_pretrained(staging)

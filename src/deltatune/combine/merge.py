@@ -27,6 +27,11 @@ from ..methods import Method
 from ..util import progress as progress_bar
 from ..checks import export_rank_energy
 from ..svd import factored_svd, keep_count, svd_factors, tail_error
+from .. import model as M
+from ..layers import linear_weight, unwrap
+from ..registry import check_names, check_new_name
+from ..io.peft_format import bound_delta
+from ..io.record import AdapterRecord
 from . import ops
 
 METHODS = ("sum", "ties", "dare", "dare_ties", "magnitude")
@@ -170,16 +175,14 @@ def combine(model, names: list[str], method: str = "sum", weights=None, density:
     0.2, DARE 0.5 by default); ``rank`` / ``energy``: re-factorize to a LoRA. ``seed`` fixes DARE's drops. Returns
     ``{module: relative Frobenius error}`` of the re-factorization (all 0 when exact). The inputs stay as they were.
     """
-    from .. import model as M
-
-    names = M._check_names(model, names)
+    names = check_names(model, names)
     check_options(method, len(names), weights, density, rank, energy)
-    M.check_new_name(model, name)
-    model = M.unwrap(model)
+    check_new_name(model, name)
+    model = unwrap(model)
     built, errors, weights, density = combine_deltas([M.deltas(model, n) for n in names], method, weights, density,
                                                      rank, energy, seed)
     for mod, delta in built.items():
-        built[mod] = delta.to(device=M.linear_weight(model.get_submodule(mod).base).device)
+        built[mod] = delta.to(device=linear_weight(model.get_submodule(mod).base).device)
     config = Combined(targets=list(built), sources=names, how=method, weights=weights, density=density, rank=rank,
                       energy=energy, seed=seed)
     M.install(model, name, config, built, activate)
@@ -194,8 +197,6 @@ class RecordDeltas(Mapping):
         self.record, self.base = record, base
 
     def __getitem__(self, mod: str) -> Delta:
-        from ..io.peft_format import bound_delta
-
         return bound_delta(mod, self.record.modules[mod], self.record.tensors[mod], self.base)
 
     def get(self, mod: str, default=None):  # not Mapping.get: a KeyError from building a delta must surface
@@ -215,8 +216,6 @@ def combine_records(records: list, method: str = "sum", weights=None, density: f
     without a model: ``(record of the combination, {module: relative error})``. ``base(module, spec) -> (weight,
     bias)`` supplies the base weight that rotation deltas and kept-whole modules need (e.g. from
     :class:`deltatune.io.weights.WeightStore`)."""
-    from ..io.record import AdapterRecord
-
     if not records:
         raise ValueError("give at least one adapter to combine")
     per_adapter = [RecordDeltas(rec, base) for rec in records]

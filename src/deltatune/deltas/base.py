@@ -61,9 +61,10 @@ class Delta(nn.Module):
     #: True for structures that compute the layer's whole output themselves (:meth:`replace`) instead of adding
     #: to the base output; the layer then skips the base computation.
     replaces_output: ClassVar[bool] = False
-    #: True when the update multiplies the layer's *current* weight (``W <- W R^T``) instead of adding to it: merging
-    #: an additive delta underneath a live multiplicative one would change the layer's output, so the layer refuses.
-    multiplicative: ClassVar[bool] = False
+    #: True when the update acts on the layer's *current* weight (a rotation: ``W <- W R^T``) instead of adding a
+    #: fixed ``dW``: merging another delta underneath a live one would change the layer's output, so the layer
+    #: refuses; such deltas merge first, and unmerging restores their copies instead of inverting them.
+    acts_on_weight: ClassVar[bool] = False
     #: True when :meth:`dense` needs the base weight (a checkpoint alone cannot say what the update is).
     needs_base: ClassVar[bool] = False
     #: True when the delta is a module's own trained parameters (PEFT's ``modules_to_save``): combinations keep it a

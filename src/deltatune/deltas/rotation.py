@@ -138,7 +138,7 @@ class RotationDelta(Delta):
 
     structure = "rotation"
     replaces_output = True
-    multiplicative = True
+    acts_on_weight = True
     needs_base = True
 
     def __init__(self, out_features: int, in_features: int, block_size: int, cayley: str = "exact",

@@ -21,11 +21,13 @@ import torch
 from torch import nn
 
 from .._version import __version__
+from .. import control as C
 from .. import model as M
-from ..layers import kind_of
+from ..layers import REGISTRY_ATTR, kind_of, unwrap
+from ..registry import adapted_layers, check_names, registry, sync
 from ..checks import export_rank_energy, finite_number, positive_int
 from ..methods import Method
-from .files import (CONFIG_NAME, WEIGHTS_NAME, adapter_folders, check_output_folder, read_adapter, write_adapter,
+from ..files import (CONFIG_NAME, WEIGHTS_NAME, adapter_folders, check_output_folder, read_adapter, write_adapter,
                     write_adapter_files, write_generation)
 from .peft_format import NeedsBase, NotLowRank, from_peft, to_peft
 from .state import CONTROLLER_PREFIX, join_state, split_state
@@ -130,7 +132,7 @@ def write_record(folder: str | Path, record: AdapterRecord, format: str = "delta
 def model_base(model: nn.Module):
     """``base(module, spec) -> (weight, bias)`` read from ``model``'s adapted layers; refuses a layer with merged
     adapters (its weight is no longer the base weight the update is relative to)."""
-    layers = dict(M.adapted_layers(M.unwrap(model)))
+    layers = dict(adapted_layers(unwrap(model)))
 
     def base(mod: str, spec: dict):
         layer = layers[mod]
@@ -151,7 +153,7 @@ def save(model: nn.Module, path: str | Path, names: str | list[str] | None = Non
     module is reported as a warning.
 
     The save is atomic as a whole: all adapters are written into a hidden staging folder next to ``path`` and
-    swapped in at once (see :mod:`deltatune.io.files`), so a crash at any point leaves either the previous content
+    swapped in at once (see :mod:`deltatune.files`), so a crash at any point leaves either the previous content
     of ``path`` or the new one, and other files already in ``path`` are kept. ``controller_state`` (deltatune format): the step
     counter and each adapter's controller state (EMAs, masks, schedule) go into the same files, so that ``dt.load``
     resumes training where it stopped.
@@ -160,7 +162,7 @@ def save(model: nn.Module, path: str | Path, names: str | list[str] | None = Non
         raise ValueError(f"unknown format {format!r}; choose one of {FORMATS}")
     path = check_output_folder(path, "save folder")
     check_not_input(path, [_model_folder(model)], "the base model's folder", inside_ok=True)
-    names = M._check_names(model, M.adapters(model) if names is None else names)
+    names = check_names(model, M.adapters(model) if names is None else names)
     if not names:
         raise ValueError("the model has no adapters to save")
     if len(set(names)) != len(names):
@@ -190,7 +192,7 @@ def save(model: nn.Module, path: str | Path, names: str | list[str] | None = Non
 
 
 def _model_folder(model: nn.Module) -> str | None:
-    name = getattr(getattr(M.unwrap(model), "config", None), "_name_or_path", None)
+    name = getattr(getattr(unwrap(model), "config", None), "_name_or_path", None)
     return name if name and Path(name).is_dir() else None
 
 
@@ -245,16 +247,16 @@ def load(model: nn.Module, path: str | Path, name: str | None = None, activate: 
     if controller_state and is_trainable:  # a frozen adapter's controller does not run: its state and step stay out
         restore_controllers(model, records)
     if not is_trainable:
-        reg = M.registry(model)
+        reg = registry(model)
         reg.trainable = [n for n in reg.training() if n not in {rec.name for rec in records}]
-        M._sync(model)
+        sync(model)
     return model
 
 
 def restore_controllers(model: nn.Module, records: list[AdapterRecord]) -> None:
     """Hand each record's saved controller state to its freshly installed adapter's controller and restore the
     step counter; on error the adapters are removed again (a failed load changes nothing)."""
-    reg = M.registry(model)
+    reg = registry(model)
     saved = [r.controller for r in records if r.controller is not None]
     before = reg.step, reg.restored
     try:
@@ -265,7 +267,7 @@ def restore_controllers(model: nn.Module, records: list[AdapterRecord]) -> None:
                 raise ValueError(f"adapter {rec.name!r}: its config's 'controller' entry must be {{\"step\": int, "
                                  "\"state\": {...}}; repair the file or load it with controller_state=False")
         for rec in records:
-            c, state = M.controller(model, rec.name), (rec.controller or {}).get("state")
+            c, state = C.controller(model, rec.name), (rec.controller or {}).get("state")
             if saved:
                 reg.step, reg.restored = int(saved[0]["step"]), True
             if c is not None and state:
@@ -277,7 +279,7 @@ def restore_controllers(model: nn.Module, records: list[AdapterRecord]) -> None:
     except BaseException:
         for rec in records:
             M.delete(model, rec.name)
-        if M.REGISTRY_ATTR in M.unwrap(model).__dict__:
+        if REGISTRY_ATTR in unwrap(model).__dict__:
             reg.step, reg.restored = before
         raise
 

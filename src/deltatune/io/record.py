@@ -12,10 +12,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .. import control as C
 from .. import model as M
-from ..layers import kind_of
+from ..layers import kind_of, linear_weight, unwrap
+from ..registry import adapted_layers, registry
 from ..deltas import Delta, delta_from_spec
 from ..deltas.base import check_spec
+from ..methods.base import Method, check_fields
 
 FORMAT_VERSION = 2  # what this version reads; 2 adds controller state, and a save without it still writes 1
 PLAIN_FORMAT_VERSION = 1  # an adapter without controller state: readable by every deltatune
@@ -40,7 +43,7 @@ class AdapterRecord:
 
 
 def task_type_of(model: nn.Module) -> str | None:
-    cls = type(M.unwrap(model)).__name__
+    cls = type(unwrap(model)).__name__
     for suffix, task in (("ForSequenceClassification", "SEQ_CLS"), ("ForCausalLM", "CAUSAL_LM"),
                          ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"),
                          ("ForSeq2SeqLM", "SEQ_2_SEQ_LM")):
@@ -51,14 +54,14 @@ def task_type_of(model: nn.Module) -> str | None:
 
 def controller_record(model: nn.Module, name: str) -> dict:
     """``{"step", "state"}`` of adapter ``name``: the model's step counter and its controller's state."""
-    c = M.controller(model, name)
-    return {"step": M.registry(model).step, "state": c.state_dict() if c is not None else None}
+    c = C.controller(model, name)
+    return {"step": registry(model).step, "state": c.state_dict() if c is not None else None}
 
 
 def record_from_model(model: nn.Module, name: str, controller_state: bool = True) -> AdapterRecord:
-    model = M.unwrap(model)
+    model = unwrap(model)
     modules, tensors = {}, {}
-    for mod_name, layer in M.adapted_layers(model):
+    for mod_name, layer in adapted_layers(model):
         if name in layer.deltas:
             delta = layer.deltas[name]
             modules[mod_name] = {"layer": layer.kind, **delta.spec()}
@@ -87,7 +90,7 @@ def check_fits(model: nn.Module, record: AdapterRecord) -> dict[str, nn.Module]:
         except TypeError:
             raise ValueError(f"adapter {record.name!r} does not fit this model: {mod_name!r} is a "
                              f"{type(base).__name__}, which deltatune cannot adapt") from None
-        shape = tuple(M.linear_weight(base).shape)
+        shape = tuple(linear_weight(base).shape)
         want = (spec["out_features"], spec["in_features"])
         if shape != want or (spec.get("layer") and spec["layer"] != kind):
             raise ValueError(
@@ -104,7 +107,7 @@ def build_deltas(model: nn.Module, record: AdapterRecord) -> dict[str, Delta]:
     bases = check_fits(model, record)
     built = {}
     for mod_name, spec in record.modules.items():
-        w = M.linear_weight(bases[mod_name])
+        w = linear_weight(bases[mod_name])
         try:
             built[mod_name] = delta_from_spec(spec, record.tensors.get(mod_name, {})).to(w.device)
         except ValueError as e:
@@ -116,8 +119,6 @@ def check_record(record: AdapterRecord) -> None:
     """What can be checked without a model, before anything is built: the method config (types, values:
     :func:`deltatune.methods.base.check_fields` and ``validate``) and every module's spec
     (:func:`deltatune.deltas.base.check_spec`). ``ValueError`` naming the module or method field."""
-    from ..methods.base import Method, check_fields
-
     if not isinstance(record.method, dict):
         raise ValueError(f"'method' must be a JSON object, got {type(record.method).__name__}")
     if not isinstance(record.modules, dict) or not record.modules:

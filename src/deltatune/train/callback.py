@@ -33,9 +33,10 @@ from safetensors import safe_open
 from transformers import Trainer, TrainerCallback
 
 from .. import model as M
+from .. import control as C
 from ..hf import restore
 from ..io import save
-from ..io.files import write_tensors
+from ..files import write_tensors
 
 ADAPTER_SUBDIR = "deltatune"
 WEIGHTS_FILE = "model.safetensors"
@@ -120,13 +121,13 @@ class DeltatuneCallback(TrainerCallback):
                 logging.getLogger("deltatune").warning(
                     "DeltatuneCallback: restored adapters %s from %s (the Trainer reports the base weights as "
                     "missing from the checkpoint: they are the model's own)", names, folder)
-        M.begin(model, state.max_steps or None, resizable=args.world_size <= 1, step=state.global_step)
+        C.begin(model, state.max_steps or None, resizable=args.world_size <= 1, step=state.global_step)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-        M.after_backward(model, optimizer)
+        C.after_backward(model, optimizer)
 
     def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-        M.step(model, optimizer)
+        C.step(model, optimizer)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         best = state.best_model_checkpoint

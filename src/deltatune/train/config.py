@@ -47,7 +47,7 @@ from torch import nn
 
 from .. import model as M
 from .. import zoo
-from ..io.files import write_text
+from ..files import write_text
 from ..methods.base import ALIASES, Method, check_fields
 from ..targets import name_matches
 from ..util import resolve_path

@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..io.files import fsync_dir, write_file
+from ..files import fsync_dir, write_file
 
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "metrics.png"

@@ -44,10 +44,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
-from .. import model as M
+from .. import control as C
 from ..hf import restore
 from ..io import save
-from ..io.files import read_json, read_tensors, write_generation, write_json, write_tensors
+from ..files import read_json, read_tensors, write_generation, write_json, write_tensors
 from ..io.state import join_state, split_state
 from ..layers import REGISTRY_ATTR, unwrap
 from ..runtime import freed_memory_retained
@@ -422,9 +422,9 @@ def optimizer_step(net: _Net, micro: Sequence[dict], items: float, optimizer, sc
     if max_grad_norm:  # read the groups each step: a controller may have changed them
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
     if adapted:
-        M.after_backward(net.model, optimizer)
+        C.after_backward(net.model, optimizer)
     optimizer.step()
-    if adapted and M.step(net.model, optimizer):
+    if adapted and C.step(net.model, optimizer):
         net.rebuild()
     lr = scheduler.get_last_lr()[0]
     scheduler.step()
@@ -480,7 +480,7 @@ class _Report:
         """One training record: the mean loss since the last one, lr, epoch, time and the controllers' numbers."""
         self.log.add({"step": done, "loss": sum(self.window) / len(self.window), "lr": lr,
                       "epoch": done * self.args.grad_accum / self.batches_per_epoch, "time": self.elapsed(),
-                      **(M.controller_metrics(self.model) if self.adapted else {})})
+                      **(C.controller_metrics(self.model) if self.adapted else {})})
         self.window = []
 
     def close(self) -> None:
@@ -549,7 +549,7 @@ def train(
         first = resume_optimizer(resumed, resume_from, optimizer, scheduler, total)
         net = _Net(inner, world)
         if adapted:  # shapes may change: _Net rebuilds the DDP wrapper when they do
-            M.begin(inner, total, resizable=True, step=first)
+            C.begin(inner, total, resizable=True, step=first)
         log = MetricsLog(output_dir, rank == 0, resumed["history"] if resumed is not None else ())
 
         was_training = inner.training
