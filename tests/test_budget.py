@@ -24,7 +24,7 @@ from deltatune.budget import (
     threshold_masks,
     triplet_scores,
 )
-from deltatune.methods.adaptive import soft_threshold_
+from deltatune.methods.sora import soft_threshold_
 
 QV = ["query", "value"]
 
