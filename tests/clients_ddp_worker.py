@@ -1,4 +1,4 @@
-"""Worker for tests/test_clients.py: AdaLoRA in a user's own accelerate loop (no deltatune trainer).
+"""Worker for tests/test_hf.py: AdaLoRA in a user's own accelerate loop (no deltatune trainer).
 
 Run under ``torchrun --nproc_per_node 2``: ``accelerate.prepare`` wraps the model in ``DistributedDataParallel``.
 First ``dt.begin(..., resizable=True)`` is checked to be refused at ``dt.step``; then ``dt.begin`` with

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DATA
+from helpers import DATA, SST2, tokenizer
+
+from deltatune.train import encode_classification, read_rows
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -58,3 +60,12 @@ def smollm_batch(smollm_dir):
         tok.pad_token = tok.eos_token
     return dict(tok(texts, padding=True, return_tensors="pt"))
 
+
+@pytest.fixture(scope="module")
+def sst2(minilm_dir):
+    tok = tokenizer(minilm_dir)
+    train_ex, label2id = encode_classification(read_rows(SST2 / "train.tsv", 200), tok, "sentence", "label",
+                                               max_length=64)
+    dev_ex, _ = encode_classification(read_rows(SST2 / "dev.tsv", 64), tok, "sentence", "label", max_length=64,
+                                      label2id=label2id)
+    return train_ex, dev_ex

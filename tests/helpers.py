@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 import deltatune as dt
+from deltatune.train import set_seed
 
 #: the repository root (tests may sit in subfolders: paths go through here, not ``__file__``)
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,3 +77,83 @@ def train_loop(model, batches, steps, lr=5e-3, opt=None, clip=None, after=None):
         opt.zero_grad(set_to_none=True)
     model.eval()
     return opt
+
+
+def random_gated(out_f: int, in_f: int, r: int, scale: float) -> dt.GatedSVDDelta:
+    """A gated delta with every P, lam, Q entry drawn from N(0, 1) (seed first)."""
+    d = dt.GatedSVDDelta(out_f, in_f, r, scale=scale)
+    with torch.no_grad():
+        for p in (d.P, d.lam, d.Q):
+            p.normal_()
+    return d
+
+
+def set_random_values(model, name, std=0.02, seed=0):
+    """Give an adapter's trainable tensors random values (as if trained)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for d in dt.deltas(model, name).values():
+            for p in d.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def real_weight(minilm_dir, name="encoder.layer.2.intermediate.dense"):
+    m = make_minilm(minilm_dir)
+    layer = m.bert.get_submodule(name.removeprefix("bert."))
+    return layer.weight.detach().clone(), layer.bias.detach().clone()
+
+
+def assert_close_to_scale(a, b):
+    """Equal up to float32 rounding at the scale of ``b``."""
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
+
+
+def grads_of(fn, *tensors):
+    for t in tensors:
+        t.grad = None
+    fn().pow(2).sum().backward()
+    return [t.grad.clone() for t in tensors]
+
+
+SST2 = DATA / "glue" / "SST-2"
+
+
+ALPACA = DATA / "alpaca" / "alpaca_5000.json"
+
+
+def tokenizer(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def minilm(path, seed=0, dropout=None):
+    from transformers import AutoModelForSequenceClassification
+
+    set_seed(seed)
+    kw = {} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
+    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, local_files_only=True, **kw)
+
+
+def state_snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def changed_entries(model, snap) -> list[str]:
+    return [k for k, v in model.state_dict().items() if not torch.equal(v, snap[k])]
+
+
+def state_without(model, drop=()):
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()
+            if not any(k.startswith(d) for d in drop)}
+
+
+def mixed_structures(minilm_dir):
+    model = make_minilm(minilm_dir)
+    for name, method in {"lora": dt.LoRA(r=4, targets=["query", "value"]),
+                         "spiel": dt.SpIEL(density=0.001, targets=["value", "intermediate.dense"]),
+                         "s2ft": dt.S2FT(v_ratio=0.1, o_ratio=0.1, d_ratio=0.02),
+                         "oft": dt.OFT(block_size=32, targets=["query"])}.items():
+        dt.attach(model, method, name=name, activate=False)
+        randomize(model, name, std=0.02, seed=len(name))
+    return model

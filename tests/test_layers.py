@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import changed_entries, randomize, state_snapshot
 from torch import nn
 
 import deltatune as dt
@@ -69,3 +70,58 @@ def test_a_registered_kind_takes_every_structure_and_merges_exactly(monkeypatch,
     torch.testing.assert_close(fresh(x), out, atol=1e-6, rtol=1e-6)
     dt.unload(net)
     torch.testing.assert_close(net(x), base)
+
+
+def test_embedding_and_conv1d_layers():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32)
+    model = GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 100, (2, 10))
+    with torch.no_grad():
+        y0 = model(ids).logits
+    dt.attach(model, dt.LoRA(r=4, alpha=8, targets="all-linear"), name="c")
+    assert "lm_head" not in dt.deltas(model, "c") and "transformer.h.0.attn.c_attn" in dt.deltas(model, "c")
+    dt.attach(model, dt.LoRA(r=4, alpha=8, targets=["wpe"]), name="e", activate=False)
+    dt.set_active(model, ["c", "e"])
+    randomize(model, "c")
+    randomize(model, "e")
+    with torch.no_grad():
+        y1 = model(ids).logits
+        c_attn = model.transformer.h[0].attn.c_attn
+        x = torch.randn(2, 3, 64)
+        torch.testing.assert_close(c_attn(x), x @ c_attn.base.weight + c_attn.base.bias + x @ c_attn.deltas["c"].dense().T,
+                                   atol=1e-5, rtol=0)
+    assert not torch.allclose(y0, y1)
+    dt.merge(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, y1, atol=1e-4, rtol=0)
+    dt.unmerge(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, y1, atol=1e-4, rtol=0)
+    plain = dt.unload(model)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, y0, atol=1e-5, rtol=0)
+
+
+def test_conv1d_layers_unmerge_bit_exact():
+    """GPT-2's Conv1D stores its weight transposed: the restore writes through the (out x in) view."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=4, vocab_size=100, n_positions=16)).eval()
+    dt.attach(model, dt.LoRA(r=4, targets=["c_attn", "c_fc"]), name="a0")
+    dt.attach(model, dt.OFT(block_size=16, targets=["c_proj"]), name="a1")
+    with torch.no_grad():
+        for name in ("a0", "a1"):
+            for delta in dt.deltas(model, name).values():
+                for p in delta.parameters():
+                    p.add_(0.5 * torch.randn_like(p))
+    dt.set_active(model, ["a0", "a1"])
+    base = state_snapshot(model)
+    for _ in range(10):
+        dt.merge(model)
+        assert changed_entries(model, base)
+        dt.unmerge(model)
+    assert changed_entries(model, base) == []

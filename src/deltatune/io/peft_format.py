@@ -45,7 +45,7 @@ from .record import AdapterRecord
 
 PREFIX = "base_model.model."
 
-#: the oldest PEFT that loads our exports (checked by tests/test_peft_compat.py against a real install)
+#: the oldest PEFT that loads our exports (checked by tests/io/test_peft_format.py against a real install)
 PEFT_MIN = "0.13"
 
 #: the keys an export writes: the ones the adapter needs, all known to every PEFT since :data:`PEFT_MIN`. PEFT

@@ -9,6 +9,8 @@ import torch
 from helpers import logits, make_minilm, make_smollm, randomize
 
 import deltatune as dt
+from deltatune.methods.lora import svd_triplets
+
 
 peft = pytest.importorskip("peft")
 
@@ -109,3 +111,41 @@ def test_peft_checkpoint_loads_with_dt_load(smollm_dir, smollm_batch, tmp_path):
     # merged fp32 weights round differently from x W^T + s (x A^T) B^T; over 30 layers with large random deltas
     # that is ~1e-3 on logits of magnitude ~20
     torch.testing.assert_close(logits(ours, smollm_batch), y_ref, atol=3e-3, rtol=1e-4)
+
+
+def test_residual_inits_take_the_right_components(minilm_dir):
+    model = make_minilm(minilm_dir)
+    W = model.bert.encoder.layer[0].attention.self.query.weight.detach().clone()
+    U, S, Vh = torch.linalg.svd(W)
+    for method, part in ((dt.PiSSA(r=8, alpha=16), slice(0, 8)), (dt.MiLoRA(r=8), slice(384 - 8, 384))):
+        m = make_minilm(minilm_dir)
+        dt.attach(m, method, name="a")
+        d = dt.deltas(m, "a")["bert.encoder.layer.0.attention.self.query"]
+        expect = U[:, part] @ torch.diag(S[part]) @ Vh[part]
+        torch.testing.assert_close(d.scale * d.B0 @ d.A0, expect, atol=1e-4, rtol=1e-4)
+    m = make_minilm(minilm_dir)
+    dt.attach(m, dt.OLoRA(r=8), name="a")
+    d = dt.deltas(m, "a")["bert.encoder.layer.0.attention.self.query"]
+    torch.testing.assert_close(d.B0.T @ d.B0, torch.eye(8), atol=1e-5, rtol=0)  # Q columns orthonormal
+    # randomized SVD finds (nearly) the same top subspace
+    Ur, Sr, _ = svd_triplets(W, 8, "top", niter=8)
+    torch.testing.assert_close(Sr, S[:8], rtol=2e-2, atol=0)
+
+
+# -- A6: PEFT's habits ------------------------------------------------------------------------------------------
+def test_peft_argument_names_mean_the_same():
+    assert dt.LoRA(lora_alpha=16, target_modules=["query"], lora_dropout=0.1, exclude_modules=["x"],
+                   layers_to_transform=[0]) == \
+        dt.LoRA(alpha=16, targets=["query"], dropout=0.1, exclude=["x"], layers=[0])
+    ada = dt.AdaLoRA(init_r=6, target_r=4, tinit=2, tfinal=3, deltaT=1, target_modules=["query"])
+    assert (ada.t_init, ada.t_final, ada.delta_t, ada.targets) == (2, 3, 1, ["query"])
+    with pytest.raises(TypeError, match=r"'alpah'; did you mean alpha=\?"):
+        dt.LoRA(alpah=16)
+    with pytest.raises(TypeError, match=r"LoRA\(\) got 'alpha' twice"):
+        dt.LoRA(alpha=8, lora_alpha=16)
+    with pytest.raises(TypeError, match="'init_lora_weights'; use init="):
+        dt.LoRA(init_lora_weights="gaussian")
+    with pytest.raises(TypeError, match="OFT.* unexpected argument 'lora_alpha'"):
+        dt.OFT(lora_alpha=16)
+    # records keep working: from_dict reads PEFT names too
+    assert dt.Method.from_dict({"method": "lora", "lora_alpha": 4}).alpha == 4

@@ -1,4 +1,4 @@
-"""Worker for tests/test_ddp.py: LoRA-train MiniLM on fixed SST-2 rows and save the adapter.
+"""Worker for tests/train/test_ddp.py: LoRA-train MiniLM on fixed SST-2 rows and save the adapter.
 
 Under ``torchrun`` (WORLD_SIZE > 1) every rank saves its own copy to ``OUT/rank<r>``; a plain run saves to
 ``OUT/single``. Model dropout and LoRA dropout are 0 and the data order is fixed, so a 2-rank run with batch 4 must

@@ -1,60 +1,15 @@
-"""Merge arithmetic (task arithmetic, magnitude pruning, TIES, DARE) on small hand-checkable tensors."""
+"""dt.combine on real adapters: mixed structures, TIES/DARE, export, the merge CLI."""
 from __future__ import annotations
 
 import pytest
 import torch
+import yaml
+from helpers import logits, make_minilm, mixed_structures, randomize, state_without
+from safetensors.torch import save_file
 
-from deltatune.combine import dare, dare_drop, disjoint_mean, elect_sign, magnitude_prune, task_arithmetic, ties
-from helpers import logits, make_minilm
-
-
-def test_task_arithmetic_and_magnitude_pruning_by_hand():
-    a = torch.tensor([1.0, -2.0, 3.0, -4.0, 0.5])
-    b = torch.tensor([-1.0, 1.0, 1.0, 1.0, 1.0])
-    torch.testing.assert_close(task_arithmetic([a, b], [0.5, -2.0]), torch.tensor([2.5, -3.0, -0.5, -4.0, -1.75]))
-    torch.testing.assert_close(magnitude_prune(a, 0.4), torch.tensor([0.0, 0.0, 3.0, -4.0, 0.0]))
-    torch.testing.assert_close(magnitude_prune(a, 1.0), a)
-    assert int((magnitude_prune(torch.arange(10.0), 0.2) != 0).sum()) == 2  # no float off-by-one
-    with pytest.raises(ValueError, match="density"):
-        magnitude_prune(a, 0.0)
-    with pytest.raises(ValueError, match="3 weights for 2"):
-        task_arithmetic([a, b], [1, 2, 3])
-
-
-def test_ties_trims_elects_signs_and_takes_the_disjoint_mean():
-    t1 = torch.tensor([4.0, -1.0, 2.0, 0.1])
-    t2 = torch.tensor([-1.0, -3.0, 2.0, -0.2])
-    t3 = torch.tensor([-1.0, 2.0, -6.0, 0.3])
-    # density 0.75 keeps 3 of 4 entries per task: t1 drops 0.1, t2 drops -0.2, t3 drops 0.3
-    trimmed = [magnitude_prune(t, 0.75) for t in (t1, t2, t3)]
-    torch.testing.assert_close(trimmed[0], torch.tensor([4.0, -1.0, 2.0, 0.0]))
-    sign = elect_sign(trimmed)  # sums: 2, -2, -2, 0
-    torch.testing.assert_close(sign, torch.tensor([1.0, -1.0, -1.0, 0.0]))
-    # entry 0: only t1 agrees -> 4; entry 1: t1, t2 agree -> -2; entry 2: only t3 -> -6; entry 3: nobody -> 0
-    torch.testing.assert_close(ties([t1, t2, t3], density=0.75), torch.tensor([4.0, -2.0, -6.0, 0.0]))
-    # weights enter the election and the mean; with t2 weighted 3 the sums are 0, -8, 2, 0: entry 0 has no sign,
-    # entry 1 is (-1 - 9) / (1 + 3), entry 2 flips to the positive side, (2 + 6) / (1 + 3)
-    torch.testing.assert_close(ties([t1, t2, t3], [1.0, 3.0, 1.0], density=0.75),
-                               torch.tensor([0.0, -2.5, 2.0, 0.0]))
-    torch.testing.assert_close(disjoint_mean([t1, t2], torch.tensor([1.0, -1.0, 1.0, 1.0]), [2.0, 1.0]),
-                               torch.tensor([4.0, (2 * -1.0 + 1 * -3.0) / 3, 2.0, 0.1]))
-
-
-def test_dare_drops_at_the_given_rate_rescales_and_combines():
-    tau = torch.ones(100_000)
-    g = torch.Generator().manual_seed(0)
-    dropped = dare_drop(tau, 0.25, g)
-    kept = dropped != 0
-    assert abs(float(kept.float().mean()) - 0.25) < 0.01
-    assert torch.all(dropped[kept] == 4.0)  # survivors rescaled by 1 / density
-    assert abs(float(dropped.mean()) - 1.0) < 0.05  # unbiased
-    a, b = torch.tensor([1.0, -2.0, 3.0]), torch.tensor([1.0, 2.0, -1.0])
-    torch.testing.assert_close(dare([a, b], [1.0, 0.5], density=1.0), a + 0.5 * b)  # density 1 keeps everything
-    torch.testing.assert_close(dare([a, b], density=1.0, consensus="ties"), torch.tensor([1.0, 0.0, 3.0]))
-    same = [dare([a, b], density=0.5, generator=torch.Generator().manual_seed(7)) for _ in range(2)]
-    torch.testing.assert_close(same[0], same[1])
-    with pytest.raises(ValueError, match="consensus"):
-        dare([a, b], consensus="mean")
+import deltatune as dt
+from deltatune.cli import main
+from deltatune.combine import ties
 
 
 # -- dt.combine on real MiniLM adapters ------------------------------------------------------------------------------
@@ -158,3 +113,76 @@ def test_sum_keeps_sparse_and_block_structures_on_the_union_of_their_supports():
     assert isinstance(built["mix"], DenseDelta)  # a row block plus a column block is no single block
     assert isinstance(built["lr"], DenseDelta)
     assert set(errors.values()) == {0.0}
+
+
+def test_combined_adapters_export_to_peft_with_matching_outputs(minilm_dir, minilm_batch, tmp_path):
+    from peft import PeftModel
+
+    model = mixed_structures(minilm_dir)
+    dt.combine(model, ["lora", "oft"], weights=[1.0, -0.5], name="low")  # lora (query, value) + oft (query)
+    dt.combine(model, ["lora", "spiel", "s2ft"], weights=[0.5, 1.0, 2.0], name="mix")
+    for name, kw in (("low", {"energy": 1.0}), ("mix", {"energy": 1.0})):
+        dt.set_active(model, name)
+        ours = logits(model, minilm_batch)
+        dt.save(model, tmp_path / name, names=[name], format="peft", **kw)
+        ref = PeftModel.from_pretrained(make_minilm(minilm_dir), tmp_path / name).eval()
+        torch.testing.assert_close(logits(ref, minilm_batch), ours, atol=1e-4, rtol=0, msg=name)
+    # two LoRAs sum exactly as one LoRA of the summed ranks: PEFT loads it without any rank or energy
+    dt.attach(model, dt.LoRA(r=2, targets=["query"]), name="lora2", activate=False)
+    randomize(model, "lora2", seed=9)
+    dt.combine(model, ["lora", "lora2"], weights=[1.0, 3.0], name="cat")
+    dt.set_active(model, "cat")
+    dt.save(model, tmp_path / "cat", names=["cat"], format="peft")
+    cfg = yaml.safe_load((tmp_path / "cat" / "adapter_config.json").read_text())
+    assert cfg["r"] == 6 and set(cfg["rank_pattern"].values()) == {4}  # query 4 + 2; value 4 alone
+    ref = PeftModel.from_pretrained(make_minilm(minilm_dir), tmp_path / "cat").eval()
+    torch.testing.assert_close(logits(ref, minilm_batch), logits(model, minilm_batch), atol=1e-5, rtol=0)
+    # modules kept whole (heads) combine as whole modules, bias included: W0 + sum_i w_i (W'_i - W0)
+    for i in range(2):
+        dt.attach(model, dt.LoRA(r=2, targets=["query"], modules_to_save=["classifier"]), name=f"head{i}",
+                  activate=False)
+        randomize(model, f"head{i}", seed=20 + i)
+    heads = [dt.deltas(model, f"head{i}")["classifier"] for i in range(2)]
+    dt.combine(model, ["head0", "head1"], weights=[0.25, 0.75], rank=1, name="heads")
+    got = dt.deltas(model, "heads")["classifier"]
+    torch.testing.assert_close(got.weight, 0.25 * heads[0].weight + 0.75 * heads[1].weight)
+    torch.testing.assert_close(got.bias, 0.25 * heads[0].bias + 0.75 * heads[1].bias)
+    # an update relative to the base weight cannot be exported from a layer that has other adapters merged in
+    dt.set_active(model, "lora")
+    dt.merge(model, "lora")
+    with pytest.raises(ValueError, match="merged into its weight"):
+        dt.save(model, tmp_path / "bad", names=["oft"], format="peft", rank=4)
+
+
+def test_merge_cli_combines_saved_adapters_like_dt_combine(minilm_dir, minilm_batch, tmp_path, capsys):
+    model = mixed_structures(minilm_dir)
+    save_file(state_without(make_minilm(minilm_dir)), tmp_path / "base.safetensors")
+    for name in ("lora", "spiel", "oft"):
+        dt.save(model, tmp_path / name, names=[name])
+    dt.combine(model, ["lora", "spiel", "oft"], weights=[1.0, -1.0, 0.5], name="want")
+    dt.set_active(model, "want")
+    want = logits(model, minilm_batch)
+    spec = {"method": "sum", "adapters": [{"path": "lora"}, {"path": "spiel", "weight": -1.0},
+                                          {"path": "oft", "weight": 0.5}],
+            "base": "base.safetensors", "output": "merged", "name": "merged"}
+    (tmp_path / "merge.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["merge", str(tmp_path / "merge.yaml")]) == 0, capsys.readouterr().err
+    fresh = dt.load(make_minilm(minilm_dir), tmp_path / "merged")
+    torch.testing.assert_close(logits(fresh, minilm_batch), want, atol=1e-5, rtol=0)
+    # TIES re-factorized to rank 8 and written straight to PEFT
+    spec.update(method="ties", density=0.3, rank=8, format="peft", output="ties")
+    (tmp_path / "ties.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["merge", str(tmp_path / "ties.yaml")]) == 0
+    assert "relative error" in capsys.readouterr().out
+    assert yaml.safe_load((tmp_path / "ties" / "adapter_config.json").read_text())["r"] == 8
+    # bad configs say what to fix
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"adapters": ["lora"], "output": "o", "mehtod": "sum"}))
+    assert main(["merge", str(tmp_path / "bad.yaml")]) == 2 and "unknown keys ['mehtod']" in capsys.readouterr().err
+    (tmp_path / "nobase.yaml").write_text(yaml.safe_dump({"adapters": ["oft"], "output": "o"}))
+    assert main(["merge", str(tmp_path / "nobase.yaml")]) == 2
+    assert "relative to the base model's weight" in capsys.readouterr().err
+    (tmp_path / "str.yaml").write_text(yaml.safe_dump({"adapters": "lora", "output": "o"}))
+    assert main(["merge", str(tmp_path / "str.yaml")]) == 2 and "must be a list" in capsys.readouterr().err
+    (tmp_path / "dense.yaml").write_text(yaml.safe_dump({"adapters": ["lora"], "output": "o", "method": "ties",
+                                                         "format": "peft"}))
+    assert main(["merge", str(tmp_path / "dense.yaml")]) == 2 and "'rank:'" in capsys.readouterr().err

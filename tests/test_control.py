@@ -14,6 +14,7 @@ import json
 
 import pytest
 import torch
+from helpers import make_minilm
 from safetensors.torch import load_file
 
 import deltatune as dt
@@ -22,10 +23,13 @@ from deltatune.io.state import CONTROLLER_PREFIX, join_state, split_state
 from deltatune.train import TrainArgs, train
 from deltatune.train.data import encode_classification
 
-from helpers import make_minilm
 
 QV = ["query", "value"]
+
+
 T = 12
+
+
 ADALORA = dict(init_r=4, target_r=2, targets=QV, t_init=2, t_final=4, delta_t=2)
 
 
@@ -468,3 +472,33 @@ def test_spiel_resumed_without_begin_watches_the_right_steps(tmp_path):
         opt.load_state_dict(copy.deepcopy(states[k]))
         run(resumed, opt, k, total)
         _assert_same(_snapshot(resumed), want)
+
+
+def test_controller_protocol_is_driven(minilm_dir, minilm_batch):
+    calls = []
+
+    class Counting(dt.Controller):
+        def __init__(self, model):
+            self.model = model
+
+        def after_backward(self, info):
+            assert any(p.grad is not None for p in self.model.parameters() if p.requires_grad)
+            calls.append(("backward", info.step))
+
+        def after_step(self, info):
+            calls.append(("step", info.step))
+
+    class CountingLoRA(dt.LoRA):
+        def controller(self, deltas, model):
+            return Counting(model)
+
+    model = make_minilm(minilm_dir).train()
+    dt.attach(model, CountingLoRA(r=2, targets=["query"]))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(2):
+        model(**minilm_batch).logits.sum().backward()
+        dt.after_backward(model)
+        opt.step()
+        dt.step(model, opt)
+        opt.zero_grad()
+    assert calls == [("backward", 0), ("step", 0), ("backward", 1), ("step", 1)]

@@ -1,6 +1,4 @@
-"""PEFT interop beyond the numerics (issue 15, A5 A6 B1 B6 B8): exports that the oldest and the newest supported
-PEFT load to the same logits, imports that refuse what is not a plain LoRA (naming file and key) and weights
-torn from their config, bounded regexes, and PEFT's argument names and habits."""
+"""PEFT format: export/import, oldest PEFT, refused configs, hostile patterns."""
 from __future__ import annotations
 
 import json
@@ -13,16 +11,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, logits, make_minilm, randomize
+import yaml
+from helpers import ROOT, logits, make_minilm, mixed_structures, randomize, state_without
 from safetensors.torch import load_file, save_file
 
 import deltatune as dt
+from deltatune.cli import main
 from deltatune.io import read_record
 from deltatune.io.peft_format import EXPORT_KEYS, LORA_KEYS
 
+
 peft = pytest.importorskip("peft")
 
+
 HERE = Path(__file__).resolve().parent
+
+
 #: the oldest transformers + PEFT pair we claim, installed by .ci/run (pip install --target)
 OLDEST = Path(os.environ.get("DELTATUNE_OLD_PEFT", ROOT / ".ci" / "peft-oldest"))
 
@@ -174,65 +178,6 @@ def test_hostile_checkpoint_pattern_fails_fast(rich_export, minilm_dir, tmp_path
                 dt.load(model, folder)
 
 
-def test_hostile_user_patterns_fail_fast(minilm_dir):
-    model = make_minilm(minilm_dir)
-    for method in (dt.LoRA(targets=HOSTILE), dt.LoRA(targets=["query"], exclude=HOSTILE),
-                   dt.LoRA(targets=["query"], rank_pattern={HOSTILE: 2})):
-        start = time.monotonic()
-        with pytest.raises(ValueError, match="did not finish matching module name"):
-            dt.attach(model, method)
-        assert time.monotonic() - start < 1.0
-    assert dt.adapters(model) == []
-
-
-def test_literal_pattern_keys_are_not_regexes():
-    from deltatune.targets import name_matches
-
-    assert name_matches("bert.encoder.layer.1.attention.self.query", "layer.1.attention.self.query")
-    assert not name_matches("bert.encoder.layer_1.attention.self.query", "layer.1.attention.self.query")
-    assert name_matches("bert.encoder.layer.1.attention.self.query", r"layer\.\d\.attention\.self\.query")
-    assert not name_matches("bert.encoder.layer.1.attention.self.query", "uery")
-
-
-# -- A6: PEFT's habits ------------------------------------------------------------------------------------------
-def test_peft_argument_names_mean_the_same():
-    assert dt.LoRA(lora_alpha=16, target_modules=["query"], lora_dropout=0.1, exclude_modules=["x"],
-                   layers_to_transform=[0]) == \
-        dt.LoRA(alpha=16, targets=["query"], dropout=0.1, exclude=["x"], layers=[0])
-    ada = dt.AdaLoRA(init_r=6, target_r=4, tinit=2, tfinal=3, deltaT=1, target_modules=["query"])
-    assert (ada.t_init, ada.t_final, ada.delta_t, ada.targets) == (2, 3, 1, ["query"])
-    with pytest.raises(TypeError, match=r"'alpah'; did you mean alpha=\?"):
-        dt.LoRA(alpah=16)
-    with pytest.raises(TypeError, match=r"LoRA\(\) got 'alpha' twice"):
-        dt.LoRA(alpha=8, lora_alpha=16)
-    with pytest.raises(TypeError, match="'init_lora_weights'; use init="):
-        dt.LoRA(init_lora_weights="gaussian")
-    with pytest.raises(TypeError, match="OFT.* unexpected argument 'lora_alpha'"):
-        dt.OFT(lora_alpha=16)
-    # records keep working: from_dict reads PEFT names too
-    assert dt.Method.from_dict({"method": "lora", "lora_alpha": 4}).alpha == 4
-
-
-def test_layers_to_transform_restricts_targets(minilm_dir):
-    model = make_minilm(minilm_dir)
-    dt.attach(model, dt.LoRA(target_modules=["query", "value"], layers_to_transform=[0, 2]))
-    assert sorted(dt.deltas(model, "default")) == [f"bert.encoder.layer.{i}.attention.self.{m}"
-                                                   for i in (0, 2) for m in ("query", "value")]
-    with pytest.raises(ValueError, match=r"layers=\[99\] keeps none .* indices are \[0, 1, 2, 3, 4, 5\]"):
-        dt.attach(model, dt.LoRA(targets=["query"], layers=[99]), name="y")
-
-
-def test_print_trainable_parameters_matches_peft(minilm_dir, capsys):
-    ours = make_minilm(minilm_dir)
-    dt.attach(ours, dt.LoRA(r=8, targets=["query", "value"]))
-    counts = dt.print_trainable_parameters(ours)
-    line = capsys.readouterr().out.strip()
-    ref = peft.get_peft_model(make_minilm(minilm_dir), peft.LoraConfig(r=8, target_modules=["query", "value"]))
-    ref.print_trainable_parameters()
-    assert line == capsys.readouterr().out.strip()
-    assert line.startswith(f"trainable params: {counts[0]:,d} || all params: {counts[1]:,d} || trainable%: ")
-
-
 def test_load_is_trainable(rich_export, minilm_dir):
     frozen = dt.load(make_minilm(minilm_dir), rich_export[0], is_trainable=False)
     assert dt.active_adapters(frozen) == ["default"]
@@ -259,3 +204,28 @@ def test_conv1d_export_sets_fan_in_fan_out_and_loads_in_peft(tmp_path):
     torch.testing.assert_close(logits(ref, ids), logits(ours, ids), atol=1e-5, rtol=0)
     back = dt.load(gpt2(), tmp_path / "g")  # and back: fan_in_fan_out does not change the A / B layout
     torch.testing.assert_close(logits(back, ids), logits(ours, ids), atol=1e-5, rtol=0)
+
+
+def test_every_structure_exports_to_a_peft_lora_that_matches(minilm_dir, minilm_batch, tmp_path, capsys):
+    from peft import PeftModel
+
+    model = mixed_structures(minilm_dir)
+    save_file(state_without(make_minilm(minilm_dir)), tmp_path / "base.safetensors")
+    for name in ("spiel", "s2ft", "oft"):
+        dt.save(model, tmp_path / name, names=[name])
+        dt.set_active(model, name)
+        ours = logits(model, minilm_batch)
+        args = ["export", str(tmp_path / name), "--energy", "1.0", str(tmp_path / f"{name}_peft")]
+        if name == "oft":  # a rotation's update depends on the base weight: the checkpoint alone cannot say it
+            err = capsys.readouterr().err if main(args) == 2 else "exit 0"
+            assert "relative to the base model's weight" in err and "--base" in err
+            args += ["--base", str(tmp_path / "base.safetensors")]
+        assert main(args) == 0, capsys.readouterr().err
+        ref = PeftModel.from_pretrained(make_minilm(minilm_dir), tmp_path / f"{name}_peft").eval()
+        torch.testing.assert_close(logits(ref, minilm_batch), ours, atol=1e-4, rtol=0, msg=name)
+    # a fixed rank: the truncation's error is reported
+    assert main(["export", str(tmp_path / "spiel"), "--rank", "2", str(tmp_path / "r2")]) == 0
+    assert "relative error mean" in capsys.readouterr().out
+    assert read_record(tmp_path / "r2").modules  # a PEFT checkpoint with rank-2 modules
+    cfg = yaml.safe_load((tmp_path / "r2" / "adapter_config.json").read_text())
+    assert cfg["r"] == 2
