@@ -502,3 +502,27 @@ def test_controller_protocol_is_driven(minilm_dir, minilm_batch):
         dt.step(model, opt)
         opt.zero_grad()
     assert calls == [("backward", 0), ("step", 0), ("backward", 1), ("step", 1)]
+
+
+def test_the_model_does_not_keep_the_optimizer_alive():
+    """dt.step / dt.after_backward remember the last optimizer for the controllers, weakly: after training the
+    optimizer and its state go when the user drops them."""
+    import gc
+    import weakref
+
+    from torch import nn
+
+    net = dt.attach(nn.Sequential(nn.Linear(8, 8)), dt.AdaLoRA(init_r=2, target_r=1, targets=["0"], t_init=1,
+                                                                  t_final=1, delta_t=1))
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+    dt.begin(net, 4)
+    for _ in range(2):
+        net(torch.randn(4, 8)).pow(2).mean().backward()
+        dt.after_backward(net, opt)
+        opt.step()
+        dt.step(net, opt)
+        opt.zero_grad()
+    gone = weakref.ref(opt)
+    del opt
+    gc.collect()
+    assert gone() is None

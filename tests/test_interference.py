@@ -46,3 +46,23 @@ def test_orthogonal_slots_interfere_far_less_than_plain_lora(minilm_dir, minilm_
     assert main(["inspect", str(tmp_path / "oa" / "a"), "--interference", str(tmp_path / "oa" / "b"), "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert len(printed) == 3 * 6 and max(r["input_overlap"] for r in printed) < 1e-6
+
+
+def test_crosstalk_after_a_merged_single_adapter_batch():
+    """A batch served with merge_single leaves that adapter merged; measuring cross-talk takes it out first (as
+    switching adapters does) instead of refusing."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4)).eval()
+    for name in ("a", "b"):
+        dt.attach(net, dt.LoRA(r=2, targets=["0", "2"]), name=name)
+        for d in dt.deltas(net, name).values():
+            torch.nn.init.normal_(d.B, std=0.1)
+    dt.set_serving(net, merge_single=True)
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        net(x, adapter_names=["a"] * 4)
+    assert net[0].merged  # kept merged for the next batch of "a"
+    out = crosstalk(net, ["a", "b"], {"a": [x], "b": [x]})
+    assert not net[0].merged and set(out) == {(m, a, b) for m in ("0", "2") for a, b in (("a", "b"), ("b", "a"))}

@@ -75,9 +75,12 @@ def test_override_active_changes_the_layers_only_for_the_block():
     flags = {n: p.requires_grad for n, p in net.named_parameters()}
     layer = net[0]
     with dt.model.override_active(net, ["a"]):
-        assert layer.active == ("a",) and [d for d in layer._live] == [layer.deltas["a"]]
+        assert layer.applied == ("a",) and [d for d in layer._live] == [layer.deltas["a"]]
         assert dt.active_adapters(net) == ["a", "b"]
-    assert layer.active == ("a", "b") and len(layer._live) == 2
+        with dt.model.override_active(net, []):  # blocks nest
+            assert layer.applied == () and not layer._live
+        assert layer.applied == ("a",)
+    assert layer.applied == ("a", "b") and len(layer._live) == 2
     assert {n: p.requires_grad for n, p in net.named_parameters()} == flags
     assert registry.registry(net).trainable == ["b"]
 
@@ -87,3 +90,23 @@ def test_serving_is_not_imported_by_the_model_layer():
     here: the listeners really are serving's)."""
     assert serving.open_hooks in registry.ON_CREATE and serving.close_hooks in registry.ON_CLOSE
     assert serving._release_serving_merge in registry.BEFORE_SWITCH
+
+
+def test_set_active_inside_disabled_keeps_the_base_and_applies_after_the_block():
+    net = _net()
+    dt.attach(net, dt.LoRA(r=2, targets=["0"]), name="a")
+    dt.attach(net, dt.LoRA(r=2, targets=["0"]), name="b", activate=False)
+    for name in ("a", "b"):
+        torch.nn.init.normal_(dt.deltas(net, name)["0"].B, std=0.1)
+    x = torch.randn(3, 8)
+    net.eval()
+    with torch.no_grad(), dt.disabled(net):
+        base = net(x)
+        dt.set_active(net, ["b"])
+        torch.testing.assert_close(net(x), base)  # still the plain base inside the block
+    assert net[0].applied == ("b",) and dt.active_adapters(net) == ["b"]
+    with torch.no_grad():
+        with dt.adapter_rows(net, ["b"]):
+            only_b = net(x)
+        assert not torch.allclose(only_b, base)
+        torch.testing.assert_close(net(x), only_b)  # the registry and the layers agree after the block

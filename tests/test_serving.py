@@ -192,3 +192,18 @@ def test_generation_with_mixed_adapters_matches_each_adapter_token_for_token(smo
         assert torch.equal(beams[2 * i: 2 * i + 2], want_beams[2 * i: 2 * i + 2]), name
     changed = sum(not mixed[i].equal(plain[i]) for i, name in enumerate(rows) if name is not None)
     assert changed >= 3  # the adapters really change what is generated
+
+
+def test_a_refused_single_adapter_merge_leaves_the_active_adapters_as_they_were():
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8)).eval()
+    dt.attach(net, dt.LoRA(r=2, targets=["0"]), name="a")
+    dt.attach(net, dt.LoRA(r=2, targets=["0"]), name="bad", activate=False)
+    with torch.no_grad():
+        dt.deltas(net, "bad")["0"].B.fill_(float("nan"))  # merging it would put NaN into the weights: refused
+    dt.set_serving(net, merge_single=True)
+    with pytest.raises(ValueError, match="NaN"):
+        net(torch.randn(2, 8), adapter_names=["bad", "bad"])
+    assert dt.active_adapters(net) == ["a"] and not net[0].merged

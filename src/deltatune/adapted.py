@@ -30,7 +30,9 @@ class AdaptedLayer(LayerWrapper):
         self.layer_kind = kind_of(base)
         self.kind = self.layer_kind.name
         self.deltas = nn.ModuleDict()
-        self.active: tuple[str, ...] = ()
+        self.active: tuple[str, ...] = ()  # the registry's active adapters (deltatune.registry.sync)
+        #: the adapters applied instead of ``active`` while a ``deltatune.model.override_active`` block runs
+        self.override: tuple[str, ...] | None = None
         self.merged: dict[str, float] = {}  # merged adapters in merge order, with the weight each was merged with
         self._undo: dict[str, tuple] = {}  # per merged adapter: what its inverse update would not restore exactly
         self._live: tuple[Delta, ...] = ()
@@ -86,9 +88,14 @@ class AdaptedLayer(LayerWrapper):
         self.generation += 1
         self.refresh()
 
+    @property
+    def applied(self) -> tuple[str, ...]:
+        """The adapters this layer applies: ``override`` while one is set, else ``active``."""
+        return self.active if self.override is None else self.override
+
     def refresh(self) -> None:
         """Recompute the tuple of deltas the forward applies (kept out of the hot path)."""
-        live = [self.deltas[n] for n in self.active if n in self.deltas and n not in self.merged]
+        live = [self.deltas[n] for n in self.applied if n in self.deltas and n not in self.merged]
         replacing = [d for d in live if d.replaces_output]
         # one replacing delta computes the whole output; several fall back to adding their dense updates
         self.__dict__["_replacing"] = replacing[0] if len(replacing) == 1 and not self.merged else None
@@ -128,7 +135,7 @@ class AdaptedLayer(LayerWrapper):
         if name in self.merged or name not in self.deltas:
             return
         delta = self.deltas[name]
-        rotating = [n for n in self.active if n in self.deltas and n not in self.merged and n != name
+        rotating = [n for n in self.applied if n in self.deltas and n not in self.merged and n != name
                     and self.deltas[n].acts_on_weight]
         if rotating and not delta.acts_on_weight:
             raise ValueError(f"cannot merge {name!r} while {rotating[0]!r} is live on the same layer: it multiplies "

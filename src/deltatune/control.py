@@ -8,6 +8,7 @@ Hugging Face callback and a bare loop all drive training through these three ver
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 from torch import nn
@@ -86,8 +87,9 @@ def step_info(reg: Registry, optimizer: torch.optim.Optimizer | None = None, las
     ``None``, pass the last one given instead (``dt.step`` passes exactly its own: a step that resizes refuses to
     run without it)."""
     if optimizer is not None:
-        reg.optimizer = optimizer
-    return StepInfo(reg.step, reg.total_steps, reg.optimizer if last else optimizer, reg.resizable)
+        reg.optimizer = weakref.ref(optimizer)
+    previous = reg.optimizer() if reg.optimizer is not None else None
+    return StepInfo(reg.step, reg.total_steps, previous if last else optimizer, reg.resizable)
 
 
 def after_backward(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:

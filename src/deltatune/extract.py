@@ -110,7 +110,7 @@ def module_kinds(path: str | Path) -> dict[str, str] | None:
     if not (folder / "config.json").is_file():
         return None
     try:
-        import transformers
+        import transformers  # optional third-party dependency (the hf extra)
 
         config = transformers.AutoConfig.from_pretrained(folder)
         cls = getattr(transformers, (config.architectures or [""])[0], None)

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from .model import deltas, override_active
-from .registry import adapted_layers, check_names
+from .layers import unwrap
+from .registry import BEFORE_SWITCH, adapted_layers, check_names, notify
 from .util import progress, run_batch
 from .deltas import Delta
 from .svd import energy_rank, factored_svd
@@ -72,6 +73,7 @@ def pair_overlaps(deltas: dict[str, dict[str, Delta]], energy: float = 0.99) -> 
 def crosstalk(model: nn.Module, names: list[str], inputs: dict[str, Iterable]) -> dict[tuple[str, str, str], float]:
     """``{(module, a, b): ||dW_b x_a|| / ||dW_a x_a||}`` with ``x_a`` the layer inputs while ``a`` alone is active
     on ``inputs[a]``. The model's active adapters, train/eval mode and gradient flags are restored afterwards."""
+    notify(BEFORE_SWITCH, unwrap(model))  # e.g. serving takes out an adapter it merged for single-adapter batches
     layers = dict(adapted_layers(model))
     merged = sorted({n for layer in layers.values() for n in layer.merged})
     if merged:

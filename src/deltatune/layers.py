@@ -44,6 +44,8 @@ class LayerKind:
     fusable: Callable[[nn.Module], bool] = lambda m: False
     has_bias: bool = True
     stacked: bool = True
+    #: how errors name the kind (the module type users know)
+    title: str = ""
     #: looked up in ``"all-linear"`` target resolution
     linear: bool = True
 
@@ -63,6 +65,11 @@ def kinds() -> tuple[LayerKind, ...]:
     return tuple(_KINDS)
 
 
+def titles() -> list[str]:
+    """The registered kinds as errors name them (``Linear``, ``Conv1D``, ``Embedding``, ...)."""
+    return [k.title or k.name for k in _KINDS]
+
+
 def find_kind(module: nn.Module) -> LayerKind | None:
     return next((k for k in _KINDS if k.matches(module)), None)
 
@@ -71,8 +78,7 @@ def kind_of(module: nn.Module) -> LayerKind:
     """The registered kind of ``module``; ``TypeError`` naming the adaptable kinds otherwise."""
     kind = find_kind(module)
     if kind is None:
-        raise TypeError(f"deltatune cannot adapt {type(module).__name__}; adaptable: "
-                        f"{', '.join(k.name for k in _KINDS)}")
+        raise TypeError(f"deltatune cannot adapt {type(module).__name__}; adaptable: {', '.join(titles())}")
     return kind
 
 
@@ -125,14 +131,16 @@ def _embedding_add(delta, out, x):
 
 register_kind(LayerKind(
     "linear", matches=lambda m: isinstance(m, nn.Linear), weight=lambda m: m.weight,
-    fusable=lambda m: type(m) is nn.Linear))  # subclasses (quantized layers, ...) may compute something else
+    fusable=lambda m: type(m) is nn.Linear, title="Linear"))  # subclasses (quantized layers, ...) may compute something else
 register_kind(LayerKind(
     "conv1d", matches=lambda m: (t := gpt2_conv1d_type()) is not None and isinstance(m, t),
-    weight=lambda m: m.weight.t(), to_linear=_transpose, from_linear=_transpose, fusable=lambda m: True))
+    weight=lambda m: m.weight.t(), to_linear=_transpose, from_linear=_transpose, fusable=lambda m: True,
+    title="Conv1D"))
 register_kind(LayerKind(
     "embedding", matches=lambda m: isinstance(m, nn.Embedding), weight=lambda m: m.weight.t(),
     to_linear=_transpose, from_linear=_transpose, add=_embedding_add, output=lambda delta, x: delta.embed(x),
-    replace=lambda delta, x: delta.replace(x, embedding=True), has_bias=False, stacked=False, linear=False))
+    replace=lambda delta, x: delta.replace(x, embedding=True), has_bias=False, stacked=False, linear=False,
+    title="Embedding"))
 
 
 # -- module trees with wrapped layers -------------------------------------------------------------------------------

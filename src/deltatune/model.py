@@ -24,7 +24,6 @@ from .registry import (BEFORE_SWITCH, ON_DELETE, AdapterInfo, adapted_layers, ad
 from .targets import resolve_targets
 
 
-
 # -- public verbs --------------------------------------------------------------------------------------------------
 def attach(model: nn.Module, method: Method, name: str = "default", activate: bool = True,
            data: Iterable | None = None) -> nn.Module:
@@ -130,19 +129,20 @@ def set_active(model: nn.Module, names: str | Iterable[str],
 
 @contextlib.contextmanager
 def override_active(model: nn.Module, names: Iterable[str]):
-    """Inside the block every adapted layer applies only ``names`` (none: the plain base), while the registry keeps
-    its active and trainable sets and gradient flags; the layers' own active sets come back afterwards. Shared by
-    :func:`disabled`, serving (single-adapter batches) and interference measurements."""
+    """Inside the block every adapted layer applies only ``names`` (none: the plain base), whatever the registry's
+    active adapters are (``dt.set_active`` inside the block changes what applies after it); the registry's sets
+    and gradient flags stay as they are. Shared by :func:`disabled`, serving (single-adapter batches) and
+    interference measurements; blocks nest."""
     names = tuple(names)
-    saved = [(layer, layer.active) for _, layer in adapted_layers(model)]
+    saved = [(layer, layer.override) for _, layer in adapted_layers(model)]
     for layer, _ in saved:
-        layer.active = names
+        layer.override = names
         layer.refresh()
     try:
         yield model
     finally:
-        for layer, active in saved:
-            layer.active = active
+        for layer, before in saved:
+            layer.override = before
             layer.refresh()
 
 

@@ -49,7 +49,9 @@ class Registry:
     restored: bool = False  # ``step`` came from a checkpoint (dt.load) and no training step has run since
     resizable: bool = True  # what dt.begin decided: controllers may change parameter shapes
     total_steps: int | None = None  # what dt.begin was told
-    optimizer: Any = None  # the last optimizer passed to dt.step / dt.after_backward
+    #: a weak reference to the last optimizer passed to dt.step / dt.after_backward (the model must not keep it
+    #: and its state alive after training)
+    optimizer: Any = None
     #: per-model state of plugins (serving), by plugin name; dropped with the registry
     extras: dict[str, Any] = field(default_factory=dict)
 

@@ -265,11 +265,14 @@ def _only(model: nn.Module, name: str | None, merge: bool):
     if name is not None and merge:
         serving = state(model)
         if serving.merged != name:
+            reg = registry(model)
+            before = list(reg.active), reg.trainable
             M.set_active(model, [name])  # only this adapter is live while it goes in (a live rotation would refuse it)
             try:
                 M.merge_layers(model, [name])
             except Exception:
                 M.unmerge(model, [name])
+                M.set_active(model, before[0], trainable=before[1])
                 raise
             serving.merged = name
         yield

@@ -33,11 +33,15 @@ import regex
 import torch
 from torch import nn
 
-from .layers import adaptable, is_linear, kinds
+from .layers import adaptable, is_linear, titles
 
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
 
 TargetSpec = str | Sequence[str] | None
+
+
+def _and(words: list[str]) -> str:
+    return ", ".join(words[:-1]) + " and " + words[-1] if len(words) > 1 else "".join(words)
 
 
 #: CPU seconds one regular expression may take on one module name (a sane one takes microseconds; the first name
@@ -114,10 +118,6 @@ def spec_matcher(spec: TargetSpec, what: str = "targets"):
     return lambda name: any(_suffix(name, s) for s in items)
 
 
-def _matches(name: str, spec: TargetSpec) -> bool:
-    return spec_matcher(spec)(name)
-
-
 def layer_index(name: str) -> int | None:
     """The transformer layer a module belongs to: the last all-digit dotted component before the module's own
     name (``bert.encoder.layer.3.attention.self.query`` -> 3, ``model.layers.11.mlp.up_proj`` -> 11), as PEFT's
@@ -162,7 +162,7 @@ def resolve_targets(
             kinds_found = sorted({type(dict(named)[n]).__name__ for n in wrong})
             raise ValueError(
                 f"targets {targets!r} select modules deltatune cannot adapt ({', '.join(kinds_found)}), e.g. "
-                f"{wrong[0]!r}; adaptable layers are {', '.join(k.name for k in kinds())}. Narrow the pattern to leaf layers."
+                f"{wrong[0]!r}; adaptable layers are {_and(titles())}. Narrow the pattern to leaf layers."
             )
         if not isinstance(targets, str):
             missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in selected)]

@@ -172,6 +172,45 @@ def test_a_method_says_how_it_reads_peft_configs():
         from_peft({**config, "test_toy": False}, tensors, "x", {"m": "linear"})
 
 
+class MagnitudeDelta(LowRankDelta):
+    """A toy structure with one tensor beyond the LoRA factors (as DoRA's magnitude vector will be)."""
+
+    structure = "test_magnitude_lowrank"
+
+    @classmethod
+    def peft_export(cls, spec, tensors, build, rank=None, energy=None):
+        out = super().peft_export(spec, tensors, build, rank, energy)
+        return dataclasses.replace(out, extra={"lora_magnitude_vector.weight": tensors["A"].norm(dim=0)})
+
+
+@dataclasses.dataclass
+class ToyMagnitudeLoRA(LoRA):
+    name = "test_toy_magnitude"
+
+    def peft_lora(self):
+        return {**super().peft_lora(), "use_dora": True}
+
+
+def test_structures_and_methods_add_their_own_tensors_and_config_keys_to_an_export():
+    A, B = torch.randn(2, 5), torch.randn(6, 2)
+    spec = {**LowRankDelta.spec_for(6, 5, 2, 1.0, layer="linear"), "structure": "test_magnitude_lowrank"}
+    record = AdapterRecord("x", {"method": "test_toy_magnitude", "r": 2}, {"m": spec}, {"m": {"A": A, "B": B}})
+    config, tensors = to_peft(record)
+    torch.testing.assert_close(tensors["base_model.model.m.lora_magnitude_vector.weight"], A.norm(dim=0))
+    assert config["use_dora"] is True and config["peft_type"] == "LORA"
+
+
+def test_a_record_of_an_unknown_method_still_exports():
+    """A file from a newer deltatune (its method unknown here) exports from what its config says."""
+    A, B = torch.randn(2, 5), torch.randn(6, 2)
+    spec = LowRankDelta.spec_for(6, 5, 2, 0.5, layer="linear")
+    record = AdapterRecord("x", {"method": "from_the_future", "dropout": 0.1, "use_rslora": False},
+                           {"m": spec}, {"m": {"A": A, "B": B}})
+    config, tensors = to_peft(record)
+    assert config["lora_dropout"] == 0.1 and config["lora_alpha"] == 1 and config["use_rslora"] is False
+    torch.testing.assert_close(tensors["base_model.model.m.lora_A.weight"], A)
+
+
 # -- LoRA initializers are registered strategies --------------------------------------------------------------------
 def test_a_registered_initializer_is_a_valid_init():
     register_init(Initializer("test_ones", lambda W, r, s, method, stats: torch.ones(r, W.shape[1]), kind="A"))

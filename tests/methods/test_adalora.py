@@ -298,7 +298,8 @@ def test_adalora_masking_follows_masking_phase(monkeypatch):
     assert min(normal) < 8  # the schedule masks (and the spy changed nothing)
     assert {c["t"] for c in calls} >= set(range(8)) and {(c["t_init"], c["t_final"], c["total"]) for c in calls} \
         == {(5, 2, 10)}  # consulted at every step before the final pattern, with the method's schedule
-    assert _adalora_live_ranks(monkeypatch, lambda *a, **k: schedule.WARMUP) == [8] * 10  # never masks
+    # warm-up until the end: nothing masked before the last step, which fixes the final pattern
+    assert _adalora_live_ranks(monkeypatch, lambda *a, **k: schedule.WARMUP) == [8] * 9 + [2]
     # "final" from the first step: the controller keeps the pattern as it is (a run resumed past T - t_final)
     assert _adalora_live_ranks(monkeypatch, lambda *a, **k: schedule.FINAL) == [8] * 10
     # the final pattern (b_T = 2 triplets, the others removed) is fixed at the last budgeting step: T - t_final = 8
@@ -307,3 +308,19 @@ def test_adalora_masking_follows_masking_phase(monkeypatch):
     assert sizes[7] == 8 and sizes[8] == 2
     _, late = _adalora_live_ranks(monkeypatch, lambda *a, **k: schedule.BUDGETING, with_sizes=True)
     assert late[8] == 8 and late[9] == 2
+
+
+def test_adalora_fixes_the_final_pattern_at_the_last_step_when_warm_up_lasts_until_then():
+    """t_init = T - 1, t_final = 0 (a valid schedule): the last step is still warm-up, and it fixes the b_T triplets."""
+    torch.manual_seed(0)
+    net = dt.attach(nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 8)),
+                    dt.AdaLoRA(init_r=4, target_r=1, targets=["0", "2"], t_init=5, t_final=0, delta_t=1))
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+    x, y = torch.randn(8, 16), torch.randn(8, 8)
+    dt.begin(net, 6)
+    for _ in range(6):
+        ((net(x) - y) ** 2).mean().backward()
+        opt.step()
+        dt.step(net, opt)
+        opt.zero_grad()
+    assert sum(d.lam.numel() for d in dt.deltas(net, "default").values()) == 2  # b_T = target_r x 2 matrices, cut

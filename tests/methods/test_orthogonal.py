@@ -83,3 +83,23 @@ def test_nola_combines_its_bases_with_the_trained_coefficients(minilm_dir):
     # the layers of one shape share one set of bases in memory
     d2 = dt.deltas(model, "default")["bert.encoder.layer.1.attention.self.query"]
     assert d2.A_bases.data_ptr() == d.A_bases.data_ptr() and not torch.equal(d2.alpha, d.alpha)
+
+
+def test_a_random_slot_config_runs_no_collective_and_ranks_agree_at_attach(tmp_path, monkeypatch):
+    """Making a config is local (it may happen on one rank, or before the process group exists); attaching, which
+    every rank does, gives every rank rank 0's seed."""
+    import torch.distributed as dist
+    from torch import nn
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        calls = []
+        real = dist.broadcast
+        monkeypatch.setattr(dist, "broadcast", lambda t, src, *a, **k: (calls.append(src), real(t, src, *a, **k))[1])
+        config = dt.OrthogonalAdaptation(r=2, slot="random", targets=["0"])
+        assert calls == [] and isinstance(config.slot_seed, int)
+        seed = config.slot_seed
+        net = dt.attach(nn.Sequential(nn.Linear(8, 4)), config)
+        assert calls == [0] and dt.model.method_of(net, "default").slot_seed == seed  # rank 0's (here: its own)
+    finally:
+        dist.destroy_process_group()

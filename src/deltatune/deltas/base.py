@@ -45,13 +45,15 @@ class PeftTensors:
     """What one module writes into a PEFT LoRA checkpoint (:meth:`Delta.peft_export`): a LoRA
     ``dW = scale * B @ A`` (``B`` out x r, ``A`` r x in, linear layout; ``error`` the relative Frobenius error when
     it is a truncated SVD), or, with ``saved``, the module's own parameters (PEFT's ``modules_to_save``: ``weight``
-    in linear layout and ``bias``)."""
+    in linear layout and ``bias``). ``extra``: further tensors of the module under PEFT's names (key suffix ->
+    tensor, e.g. a DoRA magnitude vector), written as they are."""
 
     B: torch.Tensor | None = None
     A: torch.Tensor | None = None
     scale: float = 1.0
     error: float | None = None
     saved: dict[str, torch.Tensor] | None = None
+    extra: dict[str, torch.Tensor] | None = None
 
 
 class Delta(nn.Module):

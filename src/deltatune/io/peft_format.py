@@ -18,11 +18,14 @@ gated SVD with the gates folded into ``B``) exports as one. PEFT AdaLoRA checkpo
 ``m.lora_E`` (r x 1) and ``m.lora_B`` (out x r), already cut to the final rank pattern, with the scale
 ``lora_alpha / init_r`` (PEFT keeps the initial rank as ``ranknum``); they import as gated-SVD deltas.
 
-This module is a loop over registered codecs and knows no structure or method: each delta structure says how it
-is written (:meth:`deltatune.deltas.Delta.peft_export`) and, if PEFT stores it, read (its ``from_peft``); each
-method says how its config maps to PEFT's (:meth:`deltatune.methods.Method.peft_lora` on export; ``peft_type``,
-``peft_keys``, ``peft_rank``, ``peft_scale``, ``from_peft_config`` on import). PEFT's ``modules_to_save`` are
-:class:`~deltatune.deltas.FullDelta` modules.
+This module is a loop over registered codecs: beyond the target format itself (LoRA factors under
+:class:`~deltatune.deltas.LowRankDelta`'s key names, PEFT's ``modules_to_save`` as
+:class:`~deltatune.deltas.FullDelta` modules) it knows no structure or method. Each delta structure says how it
+is written (:meth:`deltatune.deltas.Delta.peft_export`, with any further tensors in ``PeftTensors.extra``) and, if
+PEFT stores it, read (its ``from_peft``); each method says how its config maps to PEFT's
+(:meth:`deltatune.methods.Method.peft_lora` on export, whose keys beyond ``lora_dropout`` / ``use_rslora`` go into
+the config as they are; ``peft_type``, ``peft_keys``, ``peft_rank``, ``peft_scale``, ``from_peft_config`` on
+import).
 """
 from __future__ import annotations
 
@@ -115,7 +118,7 @@ def to_peft(record: AdapterRecord, rank: int | None = None, errors: dict[str, fl
     relative errors go into ``errors``); without either they raise :class:`NotLowRank`. ``base(module, spec)``
     gives the base weight for deltas whose update depends on it (rotations); without it they raise
     :class:`NeedsBase`."""
-    lora = Method.from_dict(record.method).peft_lora()
+    lora = _peft_lora(record.method)
     rslora = lora["use_rslora"]
     tensors: dict[str, torch.Tensor] = {}
     ranks, alphas, saved = {}, {}, []
@@ -134,6 +137,8 @@ def to_peft(record: AdapterRecord, rank: int | None = None, errors: dict[str, fl
         a, b = LowRankDelta.peft_keys(kind)
         tensors[f"{PREFIX}{mod}.{a}"] = out.A
         tensors[f"{PREFIX}{mod}.{b}"] = out.B
+        for suffix, t in (out.extra or {}).items():
+            tensors[f"{PREFIX}{mod}.{suffix}"] = t
         ranks[mod] = int(out.A.shape[0])
         alphas[mod] = _number(_alpha(out.scale, ranks[mod], rslora))
     if not ranks:
@@ -155,9 +160,20 @@ def to_peft(record: AdapterRecord, rank: int | None = None, errors: dict[str, fl
         "rank_pattern": {m: v for m, v in ranks.items() if v != r},
         "alpha_pattern": {m: v for m, v in alphas.items() if v != alpha},
         "modules_to_save": sorted(saved) or None,
+        **{k: v for k, v in lora.items() if k not in ("lora_dropout", "use_rslora")},  # a method's own keys
     }
-    assert set(config) == set(EXPORT_KEYS)
+    assert set(EXPORT_KEYS) <= set(config)
     return config, tensors
+
+
+def _peft_lora(method: dict) -> dict:
+    """The method's keys of the exported LoRA config (:meth:`~deltatune.methods.Method.peft_lora`); for a method
+    this deltatune does not know (a file from a newer one), what its config says about dropout and rsLoRA."""
+    try:
+        return Method.from_dict(method).peft_lora()
+    except ValueError:
+        return {"lora_dropout": float(method.get("dropout", 0.0) or 0.0),
+                "use_rslora": bool(method.get("use_rslora", method.get("rslora", False)))}
 
 
 def _saved_modules(rest: dict[str, torch.Tensor], config: dict, kinds: dict[str, str], modules: dict,

@@ -178,9 +178,9 @@ class AdaLoRAController(GatedController):
         if step < self.total - self.m.t_final:  # sensitivity up to (not at) the step T - t_final
             self._update_importance()
         self.budget = self.budget_at(step)
-        # the final pattern is fixed at the last budgeting step: T - t_final (or the last step when t_final = 0)
-        last = phase == BUDGETING and (step == self.total - 1 or
-                                       masking_phase(step + 1, self.m.t_init, self.m.t_final, self.total) == FINAL)
+        # the final pattern is fixed at the last step before the final phase: T - t_final (the last step when
+        # t_final = 0, even if that step is still warm-up)
+        last = step == self.total - 1 or masking_phase(step + 1, self.m.t_init, self.m.t_final, self.total) == FINAL
         if not last and not (phase == BUDGETING and step % self.m.delta_t == 0):
             return False
         if not self.sens.ibar:  # no importance gathered yet (resumed right at a masking step): nothing to rank by

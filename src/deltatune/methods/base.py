@@ -109,6 +109,12 @@ HINTS = {
     "bias": "deltatune does not train biases of adapted layers; put a module in modules_to_save to train it whole",
     "use_dora": "DoRA is not implemented in deltatune",
     "inference_mode": "freeze with dt.load(..., is_trainable=False)",
+    # the options of data-aware initializers live on their own methods
+    "eva_rho": "EVA's options are fields of dt.EVA(...) (init='eva' with its defaults otherwise)",
+    "eva_tau": "EVA's options are fields of dt.EVA(...) (init='eva' with its defaults otherwise)",
+    "calibration": "CorDA's options are fields of dt.CorDA(...) (init='corda_ipa'/'corda_kpa' with its defaults "
+                   "otherwise)",
+    "max_batches": "calibration options are fields of dt.CorDA(...) and dt.EVA(...)",
 }
 
 

@@ -42,11 +42,17 @@ from .lora import lora_scale
 
 
 def fresh_seed() -> int:
-    """A random seed, the same on every rank under ``torch.distributed`` (rank 0's)."""
-    seed = torch.tensor([secrets.randbits(31)])
+    """A random seed, drawn locally (no collective: a config may be made on one rank only, or before the process
+    group exists); :func:`rank0_seed` makes the ranks agree when the adapter is attached."""
+    return secrets.randbits(31)
+
+
+def rank0_seed(seed: int) -> int:
+    """``seed`` as rank 0 has it under ``torch.distributed`` (every rank attaches: a collective is safe there)."""
+    t = torch.tensor([seed])
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.broadcast(seed, 0)
-    return int(seed)
+        torch.distributed.broadcast(t, 0)
+    return int(t)
 
 
 def _check_positive(**values) -> None:
@@ -70,7 +76,8 @@ class OrthogonalAdaptation(Method):
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        """``slot="random"`` without ``slot_seed``: draw a fresh seed now, so the config records it."""
+        """``slot="random"`` without ``slot_seed``: draw a fresh seed now, so the config records it (attaching
+        makes every rank use rank 0's)."""
         if self.slot == "random" and self.slot_seed is None:
             self.slot_seed = fresh_seed()
 
@@ -80,6 +87,13 @@ class OrthogonalAdaptation(Method):
         if self.slot == "random" and self.slot_seed is None:  # slot changed to "random" after construction
             raise ValueError("OrthogonalAdaptation(slot='random') needs slot_seed: give one, or leave it unset when "
                              "constructing the config and a fresh one is drawn")
+
+    def build_all(self, model, layers, data=None):
+        """Under ``torch.distributed`` every rank takes rank 0's ``slot_seed`` first (ranks may have drawn their own
+        configs), so all ranks build the same slots and the saved config records the seed used."""
+        if self.slot == "random":
+            self.slot_seed = rank0_seed(self.slot_seed)
+        return super().build_all(model, layers, data)
 
     def build(self, module_name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> OrthogonalLowRankDelta:
         out_f, in_f = weight.shape

@@ -48,6 +48,7 @@ from torch import nn
 from .. import model as M
 from .. import zoo
 from ..files import write_text
+from ..layers import is_linear
 from ..methods.base import ALIASES, Method, check_fields
 from ..targets import name_matches
 from ..util import resolve_path
@@ -255,10 +256,10 @@ def head_modules(model: nn.Module) -> list[str]:
     """Linear layers of the classification head (``classifier`` or ``score``), which train in full."""
     for head in HEADS:
         module = getattr(model, head, None)
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Module) and is_linear(module):
             return [head]
         if isinstance(module, nn.Module):
-            return [f"{head}.{n}" for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+            return [f"{head}.{n}" for n, m in module.named_modules() if is_linear(m)]
     raise ValueError(f"found no classification head named {HEADS} on {type(model).__name__}; "
                      "list the head in method.modules_to_save")
 
