@@ -129,6 +129,41 @@ def controller(model: nn.Module, name: str = "default") -> Controller | None:
     return registry(model).adapters[name].controller
 
 
+def saved_state(model: nn.Module, name: str) -> dict:
+    """``{"step", "state"}`` of adapter ``name``: the step counter and its controller's :meth:`state_dict` (what
+    ``dt.save`` stores with the adapter)."""
+    c = controller(model, name)
+    return {"step": registry(model).step, "state": c.state_dict() if c is not None else None}
+
+
+def load_state(model: nn.Module, entries: dict[str, dict | None]) -> None:
+    """Hand saved ``{adapter name: {"step", "state"} or None}`` (:func:`saved_state`) to the freshly installed
+    adapters' controllers and restore the step counter (``dt.begin`` then continues from it). A malformed entry
+    or a state that does not fit raises ``ValueError`` naming the adapter, with the step counter as it was."""
+    reg = registry(model)
+    saved = [e for e in entries.values() if e is not None]
+    for name, e in entries.items():
+        if e is not None and not (isinstance(e, dict) and isinstance(e.get("step"), int)
+                                  and isinstance(e.get("state") or {}, dict)):
+            raise ValueError(f"adapter {name!r}: its config's 'controller' entry must be {{\"step\": int, "
+                             "\"state\": {...}}; repair the file or load it with controller_state=False")
+    before = reg.step, reg.restored
+    try:
+        for name, e in entries.items():
+            c, state = controller(model, name), (e or {}).get("state")
+            if saved:
+                reg.step, reg.restored = int(saved[0]["step"]), True
+            if c is not None and state:
+                try:
+                    c.load_state_dict(state)
+                except (KeyError, TypeError, ValueError) as err:
+                    raise ValueError(f"adapter {name!r}: its saved controller state does not fit ({err}); load it "
+                                     "with controller_state=False to start the controller afresh") from None
+    except BaseException:
+        reg.step, reg.restored = before
+        raise
+
+
 def controller_metrics(model: nn.Module) -> dict[str, float]:
     """What the active adapters' controllers report (e.g. ``budget`` and ``rank``), prefixed by adapter name when
     several adapters have controllers."""

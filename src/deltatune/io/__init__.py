@@ -23,7 +23,7 @@ from torch import nn
 from .._version import __version__
 from .. import control as C
 from .. import model as M
-from ..layers import REGISTRY_ATTR, kind_of, unwrap
+from ..layers import kind_of, unwrap
 from ..registry import adapted_layers, check_names, registry, sync
 from ..checks import export_rank_energy, finite_number, positive_int
 from ..methods import Method
@@ -254,33 +254,13 @@ def load(model: nn.Module, path: str | Path, name: str | None = None, activate: 
 
 
 def restore_controllers(model: nn.Module, records: list[AdapterRecord]) -> None:
-    """Hand each record's saved controller state to its freshly installed adapter's controller and restore the
-    step counter; on error the adapters are removed again (a failed load changes nothing)."""
-    reg = registry(model)
-    saved = [r.controller for r in records if r.controller is not None]
-    before = reg.step, reg.restored
+    """Restore each record's saved controller state and the step counter (:func:`deltatune.control.load_state`);
+    on error the freshly loaded adapters are removed again (a failed load changes nothing)."""
     try:
-        for rec in records:
-            c = rec.controller
-            if c is not None and not (isinstance(c, dict) and isinstance(c.get("step"), int)
-                                      and isinstance(c.get("state") or {}, dict)):
-                raise ValueError(f"adapter {rec.name!r}: its config's 'controller' entry must be {{\"step\": int, "
-                                 "\"state\": {...}}; repair the file or load it with controller_state=False")
-        for rec in records:
-            c, state = C.controller(model, rec.name), (rec.controller or {}).get("state")
-            if saved:
-                reg.step, reg.restored = int(saved[0]["step"]), True
-            if c is not None and state:
-                try:
-                    c.load_state_dict(state)
-                except (KeyError, TypeError, ValueError) as e:
-                    raise ValueError(f"adapter {rec.name!r}: its saved controller state does not fit ({e}); load "
-                                     "it with controller_state=False to start the controller afresh") from None
+        C.load_state(model, {rec.name: rec.controller for rec in records})
     except BaseException:
         for rec in records:
             M.delete(model, rec.name)
-        if REGISTRY_ATTR in unwrap(model).__dict__:
-            reg.step, reg.restored = before
         raise
 
 

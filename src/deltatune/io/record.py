@@ -15,7 +15,7 @@ from torch import nn
 from .. import control as C
 from .. import model as M
 from ..layers import kind_of, linear_weight, unwrap
-from ..registry import adapted_layers, registry
+from ..registry import adapted_layers
 from ..deltas import Delta, delta_from_spec
 from ..deltas.base import check_spec
 from ..methods.base import Method, check_fields
@@ -52,11 +52,6 @@ def task_type_of(model: nn.Module) -> str | None:
     return "FEATURE_EXTRACTION" if hasattr(model, "config") else None
 
 
-def controller_record(model: nn.Module, name: str) -> dict:
-    """``{"step", "state"}`` of adapter ``name``: the model's step counter and its controller's state."""
-    c = C.controller(model, name)
-    return {"step": registry(model).step, "state": c.state_dict() if c is not None else None}
-
 
 def record_from_model(model: nn.Module, name: str, controller_state: bool = True) -> AdapterRecord:
     model = unwrap(model)
@@ -69,7 +64,7 @@ def record_from_model(model: nn.Module, name: str, controller_state: bool = True
     config = getattr(model, "config", None)
     return AdapterRecord(name, M.method_of(model, name).to_dict(), modules, tensors,
                          base_model=getattr(config, "_name_or_path", None) or None, task_type=task_type_of(model),
-                         controller=controller_record(model, name) if controller_state else None)
+                         controller=C.saved_state(model, name) if controller_state else None)
 
 
 def check_fits(model: nn.Module, record: AdapterRecord) -> dict[str, nn.Module]:
