@@ -42,8 +42,8 @@ class StepInfo:
     ``step``: optimizer steps done so far (0 before the first); ``total_steps``: what ``dt.begin`` was told
     (``None``: unknown); ``optimizer``: in :meth:`Controller.after_step`, the optimizer passed to this ``dt.step``
     call (``None`` when none was: a step that must resize then refuses); in the other hooks, the one passed to this
-    call or else the last one passed to ``dt.step`` / ``dt.after_backward``; ``resizable=False``: parameters must keep their shapes (mask
-    instead of remove, e.g. under a DDP wrapper that cannot be rebuilt)."""
+    call or else the last one passed to ``dt.step`` / ``dt.after_backward``; ``resizable=False``: parameters must
+    keep their shapes (mask instead of remove, e.g. under a DDP wrapper that cannot be rebuilt)."""
 
     step: int
     total_steps: int | None
