@@ -34,7 +34,7 @@ def _net():
 
 
 def test_an_unknown_layer_type_is_refused_naming_the_kinds():
-    with pytest.raises(TypeError, match="cannot adapt TransposedLinear; adaptable: Linear, Conv1D, Embedding"):
+    with pytest.raises(TypeError, match="cannot adapt TransposedLinear; adaptable: Linear, Conv1D, Embedding, Conv1d"):
         layers.kind_of(TransposedLinear(2, 3))
     with pytest.raises(ValueError, match="cannot adapt"):
         dt.attach(_net(), dt.LoRA(r=2, targets=["0"]))
@@ -125,3 +125,132 @@ def test_conv1d_layers_unmerge_bit_exact():
         assert changed_entries(model, base)
         dt.unmerge(model)
     assert changed_entries(model, base) == []
+
+
+# -- convolutions ---------------------------------------------------------------------------------------------------
+CONVS = {
+    "conv1d-circular-same": lambda: nn.Conv1d(4, 8, 5, padding="same", padding_mode="circular"),
+    "conv2d-stride-reflect-dilated-grouped": lambda: nn.Conv2d(4, 6, 3, stride=2, padding=2, padding_mode="reflect",
+                                                               dilation=2, groups=2),
+    "conv2d-replicate-nobias": lambda: nn.Conv2d(4, 5, (3, 1), padding=(1, 0), padding_mode="replicate", bias=False),
+    "conv3d-grouped": lambda: nn.Conv3d(4, 4, (1, 3, 3), padding=(0, 1, 1), groups=2),
+}
+CONV_METHODS = {
+    "lora": lambda: dt.LoRA(r=2, targets=["0"]),
+    "lora-dropout": lambda: dt.LoRA(r=2, dropout=0.1, targets=["0"]),
+    "adalora": lambda: dt.AdaLoRA(init_r=2, target_r=1, targets=["0"]),
+    "vera": lambda: dt.VeRA(r=4, targets=["0"]),
+    "orthogonal": lambda: dt.OrthogonalAdaptation(r=2, slot=0, targets=["0"]),
+    "spiel": lambda: dt.SpIEL(density=0.3, targets=["0"]),
+    "oft": lambda: dt.OFT(block_size=2, targets=["0"]),
+    "full": lambda: dt.LoRA(r=1, targets=["1"], modules_to_save=["0"]),
+}
+
+
+def _conv_net(make):
+    torch.manual_seed(0)
+    conv = make()
+    return nn.Sequential(conv, nn.Identity()), conv
+
+
+def _conv_input(conv):
+    torch.manual_seed(1)
+    return torch.randn(2, conv.in_channels, *([7] * (conv.weight.dim() - 2)))
+
+
+def _reference(conv, dW, db, x):
+    """The conv with ``W + dW`` (linear layout reshaped to the kernel), ``b + db``: what the adapter must compute."""
+    b = conv.bias if db is None else conv.bias + db
+    return conv._conv_forward(x, conv.weight + dW.reshape(conv.weight.shape), b)
+
+
+@pytest.mark.parametrize("method", CONV_METHODS)
+@pytest.mark.parametrize("geometry", CONVS)
+def test_every_structure_on_every_conv_geometry_is_exact(geometry, method, tmp_path):
+    if method == "full" and "nobias" in geometry:
+        pytest.skip("modules_to_save of a conv without bias: covered by the biased geometries")
+    net, conv = _conv_net(CONVS[geometry])
+    if method == "full":  # a whole conv trained as modules_to_save, next to a LoRA elsewhere
+        net = nn.Sequential(conv, nn.Conv1d(conv.out_channels, 3, 1) if conv.weight.dim() == 3 else
+                            (nn.Conv2d if conv.weight.dim() == 4 else nn.Conv3d)(conv.out_channels, 3, 1))
+    x = _conv_input(conv).requires_grad_(False)
+    W0 = conv.weight.detach().clone()
+    base = net(x).detach()
+    dt.attach(net, CONV_METHODS[method]())
+    net.eval()  # dropout off for the comparisons
+    torch.testing.assert_close(net(x), base, atol=1e-6, rtol=0)  # identity at init
+    delta = dt.deltas(net, "default")["0"]
+    with torch.no_grad():
+        for p in delta.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    layer = net[0]
+    dW, db = delta.dense().detach(), delta.dense_bias()
+    want = _reference(layer.base, dW, None if db is None else db.detach(), x)
+    want = net[1](want) if method == "full" else want
+    out = net(x).detach()
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    dt.merge(net)
+    torch.testing.assert_close(net(x), out, atol=1e-5, rtol=1e-5)
+    dt.unmerge(net)
+    assert torch.equal(layer.base.weight, W0)  # bit for bit
+    dt.save(net, tmp_path / "a")
+    fresh, _ = _conv_net(CONVS[geometry])
+    if method == "full":
+        fresh = nn.Sequential(fresh[0], net[1].base if isinstance(net[1], dt.AdaptedLayer) else net[1])
+    dt.load(fresh, tmp_path / "a")
+    fresh.eval()
+    torch.testing.assert_close(fresh(x), out, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("geometry", CONVS)
+def test_locon_gradients_equal_the_dense_reference(geometry):
+    """LoRA on a conv runs as two convs (A with the base's geometry, B 1x1) and never builds dW; its gradients are
+    those of the conv with W + s B A."""
+    net, conv = _conv_net(CONVS[geometry])
+    dt.attach(net, dt.LoRA(r=3, alpha=6, targets=["0"]))
+    d = dt.deltas(net, "default")["0"]
+    with torch.no_grad():
+        d.B.normal_(std=0.1)
+    x = _conv_input(conv).requires_grad_(True)
+    g = torch.randn_like(net(x))
+    (net(x) * g).sum().backward()
+    got = d.A.grad.clone(), d.B.grad.clone(), x.grad.clone()
+    d.A.grad = d.B.grad = x.grad = None
+    ref = _reference(net[0].base, d.scale * d.B @ d.A, None, x)
+    (ref * g).sum().backward()
+    for a, b in zip(got, (d.A.grad, d.B.grad, x.grad)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_all_conv_and_all_select_by_family_and_transposed_convs_are_refused():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2), nn.ConvTranspose2d(1, 1, 2))
+    assert dt.model.deltas(dt.attach(nn.Sequential(*net[:3]), dt.LoRA(r=1, targets="all-conv")), "default").keys() \
+        == {"0"}
+    both = dt.attach(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 4), nn.Linear(4, 2)),
+                     dt.LoRA(r=1, targets="all"))
+    assert set(dt.deltas(both, "default")) == {"0", "2", "3"}
+    lin = dt.attach(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2)), dt.LoRA(r=1))
+    assert set(dt.deltas(lin, "default")) == {"2"}  # "all-linear" keeps its meaning
+    with pytest.raises(ValueError, match="cannot adapt .*ConvTranspose2d"):
+        dt.attach(net, dt.LoRA(r=1, targets=["3"]))
+
+
+def test_mixed_adapter_batches_on_convs_equal_each_row_alone():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1, groups=2)).eval()
+    for name in ("a", "b"):
+        dt.attach(net, dt.LoRA(r=2, targets="all-conv"), name=name, activate=False)
+        for d in dt.deltas(net, name).values():
+            torch.nn.init.normal_(d.B, std=0.2)
+    dt.attach(net, dt.SpIEL(density=0.2, targets="all-conv"), name="c", activate=False)
+    with torch.no_grad():
+        for d in dt.deltas(net, "c").values():
+            d.values.normal_(std=0.2)
+    x = torch.randn(4, 3, 6, 6)
+    rows = ["a", "c", None, "b"]
+    with torch.no_grad():
+        mixed = net(x, adapter_names=rows)
+        for i, name in enumerate(rows):
+            with dt.adapter_rows(net, [name]):
+                torch.testing.assert_close(mixed[i:i + 1], net(x[i:i + 1]), atol=1e-6, rtol=1e-6)

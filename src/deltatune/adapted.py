@@ -108,7 +108,7 @@ class AdaptedLayer(LayerWrapper):
             # hooks and Linear subclasses see the layer as its callers do: original shapes, outputs left untouched
             out = self._base_output(x, *args, **kwargs)
             for d in self._live:
-                out = self.layer_kind.add(d, out, x)
+                out = self.layer_kind.add(self.base, d, out, x)
             return out
         # a plain linear map acts on the last dim: run it on a 2-D (tokens x features) view, so that its output
         # is a fresh tensor (not a view) that deltas can add into in place
@@ -125,7 +125,7 @@ class AdaptedLayer(LayerWrapper):
 
     def _base_output(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self._replacing is not None:
-            return self.layer_kind.replace(self._replacing, x)
+            return self.layer_kind.replace(self.base, self._replacing, x)
         return self.base(x, *args, **kwargs)
 
     def merge(self, name: str, weight: float = 1.0) -> None:

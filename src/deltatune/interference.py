@@ -96,7 +96,7 @@ def crosstalk(model: nn.Module, names: list[str], inputs: dict[str, Iterable]) -
                     x = args[0]
                     for n in present:
                         d = layer.deltas[n]
-                        y = layer.layer_kind.output(d, x)
+                        y = layer.layer_kind.output(layer.base, d, x)
                         sums[(mod, a, n)] = sums.get((mod, a, n), 0.0) + float(y.float().pow(2).sum())
                 handles.append(layer.register_forward_pre_hook(hook))
             try:

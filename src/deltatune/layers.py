@@ -5,13 +5,22 @@ says, for one family of modules:
 
 - ``weight(m)``: ``W`` as a view that shares the module's storage (in-place merges write through);
 - ``to_linear(t)`` / ``from_linear(t, like)``: a stored tensor (a checkpoint's or a file's) to and from that layout;
-- ``add(delta, out, x)``: the layer output plus one delta's contribution, for inputs ``x`` as the module takes them;
-- ``output(delta, x)``: one delta's contribution alone (for per-row serving and diagnostics);
-- ``replace(delta, x)``: the output of a delta that computes the whole layer (a full replacement);
+- ``add(m, delta, out, x)``: the output ``out`` of module ``m`` plus one delta's contribution, for inputs ``x`` as
+  the module takes them;
+- ``output(m, delta, x)``: one delta's contribution alone (for per-row serving and diagnostics);
+- ``replace(m, delta, x)``: the output of a delta that computes the whole layer (a full replacement);
 - ``stacked``: inputs are features on the last dimension, so mixed-adapter batches may apply stacked low-rank
   factors to them (:mod:`deltatune.serving`);
 - ``fusable(m)``: the module computes exactly ``x W^T + b`` over the last dimension, so a delta may run it on a 2-D
-  view in one fused node (:meth:`deltatune.deltas.Delta.fuse`); ``has_bias``: deltas may update the bias.
+  view in one fused node (:meth:`deltatune.deltas.Delta.fuse`); ``has_bias``: deltas may update the bias;
+- ``family``: what ``"all-linear"`` (``"linear"``), ``"all-conv"`` (``"conv"``) and ``"all"`` (both) select.
+
+Convolutions (``nn.Conv1d/2d/3d``, any kernel, stride, padding, ``padding_mode``, dilation and groups) have the
+linear layout ``out x (in/groups * prod(kernel))``: the weight reshaped, as LyCORIS and PEFT lay it out. A delta
+that is a product ``dW = s B A`` (:meth:`~deltatune.deltas.Delta.live_factors`) runs as LoCon, ``A`` a conv with
+the base's geometry and ``B`` a 1x1 conv (grouped convs: ``A`` shared by the groups, ``B`` grouped), without
+materializing ``dW``; any other structure runs as one conv with its ``dense()`` update. Transposed convolutions
+are not adaptable.
 
 Adding a kind (e.g. ``nn.Conv2d``) is one :func:`register_kind` call plus its tests; nothing else in the library
 tests module types. This floor imports only torch.
@@ -22,6 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as nn_module
 
@@ -38,16 +48,15 @@ class LayerKind:
     weight: Callable[[nn.Module], torch.Tensor]
     to_linear: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
     from_linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = lambda t, like: t
-    add: Callable = lambda delta, out, x: delta.add_to(out, x, inplace=False)
-    output: Callable = lambda delta, x: delta(x)
-    replace: Callable = lambda delta, x: delta.replace(x, embedding=False)
+    add: Callable = lambda m, delta, out, x: delta.add_to(out, x, inplace=False)
+    output: Callable = lambda m, delta, x: delta(x)
+    replace: Callable = lambda m, delta, x: delta.replace(x, embedding=False)
     fusable: Callable[[nn.Module], bool] = lambda m: False
     has_bias: bool = True
     stacked: bool = True
     #: how errors name the kind (the module type users know)
     title: str = ""
-    #: looked up in ``"all-linear"`` target resolution
-    linear: bool = True
+    family: str = "linear"
 
 
 _KINDS: list[LayerKind] = []
@@ -97,7 +106,13 @@ def adaptable(module: nn.Module) -> bool:
 def is_linear(module: nn.Module) -> bool:
     """A registered kind that ``"all-linear"`` selects (Linear, GPT-2 Conv1D)."""
     kind = find_kind(module)
-    return kind is not None and kind.linear
+    return kind is not None and kind.family == "linear"
+
+
+def is_conv(module: nn.Module) -> bool:
+    """A registered kind that ``"all-conv"`` selects (``nn.Conv1d/2d/3d``)."""
+    kind = find_kind(module)
+    return kind is not None and kind.family == "conv"
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
@@ -125,7 +140,7 @@ def _transpose(t: torch.Tensor, like=None) -> torch.Tensor:
     return t.t()
 
 
-def _embedding_add(delta, out, x):
+def _embedding_add(m, delta, out, x):
     return out + delta.embed(x).to(out.dtype)
 
 
@@ -138,9 +153,63 @@ register_kind(LayerKind(
     title="Conv1D"))
 register_kind(LayerKind(
     "embedding", matches=lambda m: isinstance(m, nn.Embedding), weight=lambda m: m.weight.t(),
-    to_linear=_transpose, from_linear=_transpose, add=_embedding_add, output=lambda delta, x: delta.embed(x),
-    replace=lambda delta, x: delta.replace(x, embedding=True), has_bias=False, stacked=False, linear=False,
+    to_linear=_transpose, from_linear=_transpose, add=_embedding_add, output=lambda m, delta, x: delta.embed(x),
+    replace=lambda m, delta, x: delta.replace(x, embedding=True), has_bias=False, stacked=False, family="embedding",
     title="Embedding"))
+
+
+# -- convolutions: pure functions of the module's geometry ---------------------------------------------------------
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def conv_input(m: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, object]:
+    """``(x, padding)`` for a conv with the geometry of ``m``: a non-zero ``padding_mode`` (reflect, replicate,
+    circular) pads ``x`` first, as ``m`` itself does, and the conv then pads nothing."""
+    if m.padding_mode == "zeros":
+        return x, m.padding
+    return F.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode), 0
+
+
+def conv_update(m: nn.Module, delta, x: torch.Tensor) -> torch.Tensor:
+    """``dW * x``: one delta's contribution to conv ``m``'s output. LoCon when ``dW = s B A``: ``u = conv(x, A)``
+    with ``m``'s kernel, stride, padding, dilation and groups (``A`` repeated per group), then ``B`` as a grouped
+    1x1 conv; otherwise one conv with ``dense()`` reshaped to the kernel."""
+    conv, kernel = _CONV[m.weight.dim() - 2], m.weight.shape[1:]
+    xin, padding = conv_input(m, x)
+    factors = delta.live_factors()
+    if factors is None:
+        dW = delta.dense().reshape(m.weight.shape)
+        return conv(xin.to(dW.dtype), dW, None, m.stride, padding, m.dilation, m.groups)
+    B, A, s = factors
+    A_k = A.reshape(A.shape[0], *kernel)
+    if m.groups > 1:  # each group of inputs goes through the same A
+        A_k = A_k.repeat(m.groups, *([1] * len(kernel)))
+    u = conv(delta.drop(xin), A_k, None, m.stride, padding, m.dilation, m.groups)
+    B_k = (B * s).reshape(B.shape[0], B.shape[1], *([1] * (len(kernel) - 1)))
+    return conv(u, B_k, None, 1, 0, 1, m.groups)
+
+
+def _conv_replace(m, delta, x):
+    """A delta that replaces the module (its own trained weight and bias): the conv with ``W + dW``, ``b + db``."""
+    xin, padding = conv_input(m, x)
+    W = m.weight + delta.dense().reshape(m.weight.shape).to(m.weight.dtype)
+    db = delta.dense_bias()
+    b = m.bias if db is None else (db if m.bias is None else m.bias + db)
+    return _CONV[m.weight.dim() - 2](xin, W, b, m.stride, padding, m.dilation, m.groups)
+
+
+def _conv_kind(cls: type) -> LayerKind:
+    """``nn_conv1d`` / ``nn_conv2d`` / ``nn_conv3d`` (``conv1d`` names GPT-2's Conv1D, a linear layer, in files)."""
+    return LayerKind(
+        "nn_" + cls.__name__.lower(), matches=lambda m: isinstance(m, cls),
+        weight=lambda m: m.weight.view(m.weight.shape[0], -1),
+        to_linear=lambda t: t.reshape(t.shape[0], -1), from_linear=lambda t, like: t.reshape(like.shape),
+        add=lambda m, delta, out, x: out + conv_update(m, delta, x).to(out.dtype),
+        output=conv_update, replace=_conv_replace, stacked=False, family="conv", title=cls.__name__)
+
+
+for _cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+    register_kind(_conv_kind(_cls))
 
 
 # -- module trees with wrapped layers -------------------------------------------------------------------------------

@@ -172,7 +172,7 @@ class Rows:
                 continue
             xs = x.index_select(0, rows)
             delta = layer.deltas[n]
-            contrib = layer.layer_kind.output(delta, xs).to(out.dtype)
+            contrib = layer.layer_kind.output(layer.base, delta, xs).to(out.dtype)
             out = out.index_add_(0, rows, contrib) if inplace else out.index_add(0, rows, contrib)
         return out
 

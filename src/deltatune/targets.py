@@ -4,6 +4,7 @@ A *target spec* is one of
 
 - ``"all-linear"``: every ``nn.Linear`` and GPT-2 ``Conv1D`` except the output head (the model's output
   embeddings and the usual classification heads ``classifier``, ``score``, ``qa_outputs``, ``lm_head``);
+- ``"all-conv"``: every ``nn.Conv1d/2d/3d``; ``"all"``: both (the output head left alone);
 - a string: a regular expression that must match the *whole* module name (``r".*\\.(query|value)"``);
 - a list of names or suffixes: a module matches when its name equals an entry or ends with ``"." + entry``
   (``["query", "value"]``, ``["layers.0.mlp.up_proj"]``).
@@ -33,11 +34,20 @@ import regex
 import torch
 from torch import nn
 
-from .layers import adaptable, is_linear, titles
+from .layers import adaptable, find_kind, titles
 
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
 
 TargetSpec = str | Sequence[str] | None
+
+
+#: the layer families each keyword selects (see :class:`deltatune.layers.LayerKind`)
+FAMILIES = {"all-linear": ("linear",), "all-conv": ("conv",), "all": ("linear", "conv")}
+
+
+def family(module: nn.Module) -> str | None:
+    kind = find_kind(module)
+    return kind.family if kind is not None else None
 
 
 def _and(words: list[str]) -> str:
@@ -149,9 +159,9 @@ def resolve_targets(
     (see :func:`layer_index`). Errors say what is close when nothing matches."""
     skip = set(skip)
     named = [(n, m) for n, m in model.named_modules() if n and n not in skip]
-    if targets == "all-linear":
+    if isinstance(targets, str) and targets in FAMILIES:
         heads = head_names(model)
-        selected = [n for n, m in named if is_linear(m) and n not in heads]
+        selected = [n for n, m in named if family(m) in FAMILIES[targets] and n not in heads]
     else:
         if not isinstance(targets, str) and not targets:
             raise ValueError("no targets given: pass 'all-linear', a regex, or a list of module-name suffixes")

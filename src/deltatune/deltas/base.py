@@ -129,6 +129,16 @@ class Delta(nn.Module):
         return bool(check(self)) if check is not None else False
 
     # -- materialization -----------------------------------------------------------------------------------
+    def live_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """``(B, A, s)`` with gradients when ``dW = s B A`` (``B`` out x r, ``A`` r x in), for layer kinds that apply
+        the update as two products of their own (a convolution as LoCon: ``A`` a conv, ``B`` a 1x1 conv), with
+        :meth:`drop` applied to the input first; ``None`` (default): they apply :meth:`dense`."""
+        return None
+
+    def drop(self, x: torch.Tensor) -> torch.Tensor:
+        """The input transform applied before this delta's product (input dropout; identity by default)."""
+        return x
+
     def dense(self) -> torch.Tensor:
         """The full update ``dW`` (out x in)."""
         raise NotImplementedError

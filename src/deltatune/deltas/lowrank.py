@@ -147,6 +147,13 @@ class FactoredDelta(Delta):
         p = self.dropout_p
         return {**super().spec(), **({"dropout": p} if p > 0 else {})}
 
+    def live_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        B, A = self.factors()
+        return B, A, self.scale
+
+    def drop(self, x: torch.Tensor) -> torch.Tensor:
+        return self._input(x)
+
     # -- application ----------------------------------------------------------------------------------------
     def _input(self, x: torch.Tensor) -> torch.Tensor:
         x = x if x.dtype == self.dtype else x.to(self.dtype)
