@@ -124,6 +124,9 @@ def to_peft(record: AdapterRecord, rank: int | None = None, errors: dict[str, fl
     ranks, alphas, saved = {}, {}, []
     for mod, spec in progress(record.modules.items(), "export"):
         kind = spec.get("layer") or DEFAULT_KIND
+        if kind_named(kind).family == "conv":  # PEFT keeps conv factors in the kernel's shape, which specs lack
+            raise NotLowRank(f"{mod}: a convolution; deltatune does not write conv LoRA in PEFT's layout yet: save "
+                             "the adapter in deltatune's format (dt.save(model, folder), format='deltatune')")
         out = _module_tensors(mod, spec, record.tensors[mod], base, rank, energy)
         if out.saved is not None:
             saved.append(mod)
