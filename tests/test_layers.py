@@ -265,3 +265,26 @@ def test_a_conv_adapter_is_not_written_in_a_wrong_peft_layout(tmp_path):
     with pytest.raises(NotLowRank, match="convolution"):
         dt.save(net, tmp_path / "p", format="peft")
     assert not (tmp_path / "p").exists()
+
+
+def test_combine_interference_and_inspect_work_on_convs(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1, groups=2)).eval()
+    for name in ("a", "b"):
+        dt.attach(net, dt.LoRA(r=2, targets="all-conv"), name=name, activate=False)
+        for d in dt.deltas(net, name).values():
+            torch.nn.init.normal_(d.B, std=0.2)
+    x = torch.randn(2, 3, 6, 6)
+    assert dt.combine(net, ["a", "b"], method="sum", name="ab") == {"0": 0.0, "2": 0.0}  # exact: ranks add up
+    with torch.no_grad():
+        combined = net(x)
+        dt.set_active(net, ["a", "b"])
+        torch.testing.assert_close(combined, net(x), atol=1e-6, rtol=1e-6)
+    rows = dt.interference(net, ["a", "b"], inputs=[x])
+    assert {r["module"] for r in rows} == {"0", "2"} and all(r["crosstalk_ab"] > 0 for r in rows)
+    dt.save(net, tmp_path / "all")
+    from deltatune.io import read_record
+
+    record = read_record(tmp_path / "all" / "ab")
+    assert {m: (s["layer"], s["out_features"], s["in_features"]) for m, s in record.modules.items()} == \
+        {"0": ("nn_conv2d", 4, 27), "2": ("nn_conv2d", 4, 18)}  # linear layout: in/groups x kernel
