@@ -236,13 +236,19 @@ def test_all_conv_and_all_select_by_family_and_transposed_convs_are_refused():
         dt.attach(net, dt.LoRA(r=1, targets=["3"]))
 
 
-def test_mixed_adapter_batches_on_convs_equal_each_row_alone():
+def _two_conv_loras():
+    """Two convs (the second grouped) with LoRA adapters "a" and "b" of non-zero updates, in eval mode."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1, groups=2)).eval()
     for name in ("a", "b"):
         dt.attach(net, dt.LoRA(r=2, targets="all-conv"), name=name, activate=False)
         for d in dt.deltas(net, name).values():
             torch.nn.init.normal_(d.B, std=0.2)
+    return net
+
+
+def test_mixed_adapter_batches_on_convs_equal_each_row_alone():
+    net = _two_conv_loras()
     dt.attach(net, dt.SpIEL(density=0.2, targets="all-conv"), name="c", activate=False)
     with torch.no_grad():
         for d in dt.deltas(net, "c").values():
@@ -267,13 +273,8 @@ def test_a_conv_adapter_is_not_written_in_a_wrong_peft_layout(tmp_path):
     assert not (tmp_path / "p").exists()
 
 
-def test_combine_interference_and_inspect_work_on_convs(tmp_path):
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1, groups=2)).eval()
-    for name in ("a", "b"):
-        dt.attach(net, dt.LoRA(r=2, targets="all-conv"), name=name, activate=False)
-        for d in dt.deltas(net, name).values():
-            torch.nn.init.normal_(d.B, std=0.2)
+def test_combine_interference_and_saved_records_work_on_convs(tmp_path):
+    net = _two_conv_loras()
     x = torch.randn(2, 3, 6, 6)
     assert dt.combine(net, ["a", "b"], method="sum", name="ab") == {"0": 0.0, "2": 0.0}  # exact: ranks add up
     with torch.no_grad():
