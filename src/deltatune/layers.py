@@ -109,12 +109,6 @@ def is_linear(module: nn.Module) -> bool:
     return kind is not None and kind.family == "linear"
 
 
-def is_conv(module: nn.Module) -> bool:
-    """A registered kind that ``"all-conv"`` selects (``nn.Conv1d/2d/3d``)."""
-    kind = find_kind(module)
-    return kind is not None and kind.family == "conv"
-
-
 def linear_weight(module: nn.Module) -> torch.Tensor:
     """The module's weight as an (out x in) view that shares storage (in-place edits write through)."""
     return kind_of(module).weight(module)
