@@ -171,7 +171,7 @@ def conv_update(m: nn.Module, delta, x: torch.Tensor) -> torch.Tensor:
     conv, kernel = _CONV[m.weight.dim() - 2], m.weight.shape[1:]
     xin, padding = conv_input(m, x)
     factors = delta.live_factors()
-    if factors is None:
+    if factors is None or factors[1].shape[0] == 0:  # no factors, or every component pruned (rank 0)
         dW = delta.dense().reshape(m.weight.shape)
         return conv(xin.to(dW.dtype), dW, None, m.stride, padding, m.dilation, m.groups)
     B, A, s = factors
