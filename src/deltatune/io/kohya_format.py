@@ -50,21 +50,30 @@ def prefix_of(component: str) -> str:
 
 def to_kohya(record: AdapterRecord, component: str = "unet", rank: int | None = None, errors: dict | None = None,
              energy: float | None = None, base=None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """``(tensors, safetensors metadata)`` of the kohya file of ``record`` for pipeline ``component``."""
+    """``(tensors, safetensors metadata)`` of the kohya file of ``record`` for pipeline ``component``.
+
+    Every module gets the same ``alpha`` (the most common ``s r``); a module of another scale ``s`` carries the
+    ratio in ``up``: ``(alpha / r) (up s r / alpha) down = s up down``, the same update for every reader. (diffusers
+    0.42's kohya converter keys the alphas of attention layers by names no module has, so it would give them the
+    common alpha anyway.)"""
     prefix = prefix_of(component)
-    tensors: dict[str, torch.Tensor] = {}
-    for mod, m in export_modules(record, rank, errors, energy, base):
+    modules = list(export_modules(record, rank, errors, energy, base))
+    for mod, m in modules:
         if m.saved is not None or m.extra:
             raise NotLowRank(f"{mod}: kohya files hold LoRA factors only (this module is kept whole or carries "
                              "more tensors): save the adapter in deltatune's or PEFT's format")
         if m.B.shape[1] != m.r:
             raise NotLowRank(f"{mod}: a grouped convolution (groups {m.r // m.B.shape[1]}); kohya files have no "
                              "grouped-conv LoRA: use the PEFT or diffusers format")
-        n = kohya_name(mod, prefix)
-        tensors[f"{n}.{DOWN}"], tensors[f"{n}.{UP}"] = m.A, m.B
-        tensors[f"{n}.{ALPHA}"] = torch.tensor(m.scale * m.r, dtype=torch.float32)
-    if not tensors:
+    if not modules:
         raise NotLowRank(f"adapter {record.name!r} has no low-rank deltas to export")
+    alpha = Counter(m.scale * m.r for _, m in modules).most_common(1)[0][0]
+    tensors: dict[str, torch.Tensor] = {}
+    for mod, m in modules:
+        n = kohya_name(mod, prefix)
+        tensors[f"{n}.{DOWN}"] = m.A
+        tensors[f"{n}.{UP}"] = m.B if m.scale * m.r == alpha else m.B * (m.scale * m.r / alpha)
+        tensors[f"{n}.{ALPHA}"] = torch.tensor(alpha, dtype=torch.float32)
     return tensors, {"format": "pt"}
 
 

@@ -50,7 +50,7 @@ def task_type_of(model: nn.Module) -> str | None:
                          ("ForSeq2SeqLM", "SEQ_2_SEQ_LM")):
         if cls.endswith(suffix):
             return task
-    return "FEATURE_EXTRACTION" if hasattr(model, "config") else None
+    return "FEATURE_EXTRACTION" if hasattr(getattr(model, "config", None), "model_type") else None  # transformers
 
 
 
