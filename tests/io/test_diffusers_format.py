@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers import randomize, state_snapshot, changed_entries
+from helpers import changed_entries, randomize, state_snapshot
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -20,7 +20,7 @@ diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
 from diffusers import UNet2DConditionModel  # noqa: E402
 from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin  # noqa: E402
-from peft import LoraConfig, get_peft_model, get_peft_model_state_dict  # noqa: E402
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict  # noqa: E402
 
 CONFIG = dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, sample_size=8,
               norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -49,7 +49,7 @@ def base_out():
     return unet_output(tiny_unet())
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def adapted(base_out):
     """A deltatune LoRA on conv and attention layers with alpha != r and a rank pattern, random non-zero B."""
     unet = tiny_unet()
@@ -168,13 +168,11 @@ def test_peft_made_conv_lora_imports(tmp_path, base_out):
     fresh = tiny_unet()
     dt.load(fresh, tmp_path)
     torch.testing.assert_close(unet_output(fresh), theirs, atol=ATOL, rtol=0)
-    spec = dt.deltas(fresh, "default")["down_blocks.0.resnets.0.conv1"]
-    assert spec.A.shape == (4, 32 * 9)
+    conv1 = dt.deltas(fresh, "default")["down_blocks.0.resnets.0.conv1"]
+    assert conv1.A.shape == (4, 32 * 9) and conv1.scale == 2  # linear layout, alpha / r
 
 
 def test_peft_export_of_conv_loads_in_peft(tmp_path, adapted):
-    from peft import PeftModel
-
     unet, ours = adapted
     dt.save(unet, tmp_path, format="peft")
     pm = PeftModel.from_pretrained(tiny_unet(), str(tmp_path))
@@ -194,8 +192,6 @@ class Grouped(nn.Module):
 def test_grouped_conv_export_is_exact_in_peft(tmp_path):
     """PEFT's grouped-conv LoRA (``lora_A`` over all inputs, ``lora_B`` grouped) holds ours exactly at rank
     ``groups * r`` with a block-diagonal ``lora_A``; PEFT runs it to the same output, and it reads back."""
-    from peft import PeftModel
-
     x = torch.randn(2, 8, 6, 6, generator=torch.Generator().manual_seed(1))
     m = Grouped()
     dt.attach(m, dt.LoRA(r=2, alpha=4, targets=["conv"]), name="g")
