@@ -262,17 +262,6 @@ def test_mixed_adapter_batches_on_convs_equal_each_row_alone():
                 torch.testing.assert_close(mixed[i:i + 1], net(x[i:i + 1]), atol=1e-6, rtol=1e-6)
 
 
-def test_a_conv_adapter_is_not_written_in_a_wrong_peft_layout(tmp_path):
-    """PEFT stores conv factors in the kernel's shape; until deltatune writes that, export refuses (and
-    save_pretrained falls back to deltatune's own format) instead of writing factors PEFT would misread."""
-    from deltatune.io import NotLowRank
-
-    net = dt.attach(nn.Sequential(nn.Conv2d(3, 4, 3)), dt.LoRA(r=2, targets="all-conv"))
-    with pytest.raises(NotLowRank, match="convolution"):
-        dt.save(net, tmp_path / "p", format="peft")
-    assert not (tmp_path / "p").exists()
-
-
 def test_combine_interference_and_saved_records_work_on_convs(tmp_path):
     net = _two_conv_loras()
     x = torch.randn(2, 3, 6, 6)

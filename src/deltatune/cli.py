@@ -134,19 +134,24 @@ def _report(errors: dict[str, float]) -> None:
         print(svd_error_summary(errors))
 
 
+EXPORT_TARGETS = {"peft": "a PEFT LoRA checkpoint", "diffusers": "a diffusers LoRA file",
+                  "kohya": "a kohya / A1111 LoRA file"}
+
+
 def _cmd_export(args) -> int:
-    if args.to != "peft":
-        raise ValueError(f"unknown export target {args.to!r}; supported: peft")
+    if args.to not in EXPORT_TARGETS:
+        raise ValueError(f"unknown export target {args.to!r}; supported: {', '.join(EXPORT_TARGETS)}")
     check_not_input(args.out, [args.adapter], "the adapter being exported")
     check_not_input(args.out, [args.base], "the base model")
     rec = read_record(args.adapter)
     base, store = _base_weights(args.base)
     try:
-        errors = write_record(args.out, rec, format="peft", rank=args.rank, energy=args.energy, base=base)
+        errors = write_record(args.out, rec, format=args.to, rank=args.rank, energy=args.energy, base=base,
+                              component=args.component or None)
     finally:
         if store is not None:
             store.close()
-    print(f"wrote a PEFT LoRA checkpoint of {len(rec.modules)} modules to {args.out}")
+    print(f"wrote {EXPORT_TARGETS[args.to]} of {len(rec.modules)} modules to {args.out}")
     _report(errors)
     return 0
 
@@ -259,7 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="write an adapter in another format (a PEFT LoRA for any method)")
     e.add_argument("adapter", help="adapter folder")
-    e.add_argument("--to", default="peft", help="target format (peft)")
+    e.add_argument("--to", default="peft", choices=list(EXPORT_TARGETS),
+                   help="target format: peft (default); diffusers (pytorch_lora_weights.safetensors for "
+                   "pipe.load_lora_weights / load_lora_adapter); kohya (lora_unet_* keys, A1111 / ComfyUI)")
+    e.add_argument("--component", default="unet", help="diffusers / kohya: the pipeline component the model is "
+                   "(unet, transformer, text_encoder; default unet); '' for a model's own keys (diffusers)")
     how = e.add_mutually_exclusive_group()
     how.add_argument("--rank", type=int, default=None, help="rank for structures that are not a LoRA (sparse, "
                      "sliced, rotations, dense merges): truncated SVD, relative error reported")

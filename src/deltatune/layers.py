@@ -13,7 +13,11 @@ says, for one family of modules:
   factors to them (:mod:`deltatune.serving`);
 - ``fusable(m)``: the module computes exactly ``x W^T + b`` over the last dimension, so a delta may run it on a 2-D
   view in one fused node (:meth:`deltatune.deltas.Delta.fuse`); ``has_bias``: deltas may update the bias;
-- ``family``: what ``"all-linear"`` (``"linear"``), ``"all-conv"`` (``"conv"``) and ``"all"`` (both) select.
+- ``family``: what ``"all-linear"`` (``"linear"``), ``"all-conv"`` (``"conv"``) and ``"all"`` (both) select;
+- ``geometry(m)``: what file formats need of the module beyond the linear layout (a conv's ``kernel`` and
+  ``groups``), recorded in adapter specs; ``lora_to_file(B, A, spec)`` / ``lora_from_file(B, A)``: LoRA factors
+  ``dW = s B A`` (linear layout) to and from the shapes PEFT, diffusers and kohya files keep them in (identity
+  for linear kinds; see :func:`conv_lora_to_file`).
 
 Convolutions (``nn.Conv1d/2d/3d``, any kernel, stride, padding, ``padding_mode``, dilation and groups) have the
 linear layout ``out x (in/groups * prod(kernel))``: the weight reshaped, as LyCORIS and PEFT lay it out. A delta
@@ -57,6 +61,9 @@ class LayerKind:
     #: how errors name the kind (the module type users know)
     title: str = ""
     family: str = "linear"
+    geometry: Callable[[nn.Module], dict] = lambda m: {}
+    lora_to_file: Callable = lambda B, A, spec: (B, A)
+    lora_from_file: Callable = lambda B, A: (B, A, {})
 
 
 _KINDS: list[LayerKind] = []
@@ -192,6 +199,55 @@ def _conv_replace(m, delta, x):
     return _CONV[m.weight.dim() - 2](xin, W, b, m.stride, padding, m.dilation, m.groups)
 
 
+def conv_geometry(m: nn.Module) -> dict:
+    return {"kernel": list(m.kernel_size), "groups": int(m.groups)}
+
+
+def conv_lora_to_file(B: torch.Tensor, A: torch.Tensor, spec: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """A conv LoRA in PEFT's layout: ``lora_A`` a conv ``in -> R`` with the base's kernel, ``(R, in, *kernel)``, and
+    ``lora_B`` a 1x1 conv ``R -> out`` with the base's groups, ``(out, R/groups, 1, ...)``.
+
+    With ``groups = g > 1`` our ``A`` (r x in/g*k) acts on each group of inputs and output ``o`` of group ``j``
+    reads its ``r`` channels: that is PEFT's layout at ``R = g r`` with a block-diagonal ``lora_A`` (block ``j``
+    maps input group ``j`` to channels ``j r .. (j+1) r``, each block ``A``) and ``lora_B = B``, exactly."""
+    if "kernel" not in spec:
+        raise ValueError("the adapter does not record the convolution's kernel (saved by an older deltatune or made "
+                         "from files): attach or load it on the model and save from there")
+    kernel, g = spec["kernel"], int(spec.get("groups", 1))
+    r = A.shape[0]
+    A_k = A.reshape(r, -1, *kernel)
+    A_file = torch.block_diag(*[A] * g).reshape(g * r, g * A_k.shape[1], *kernel) if g > 1 else A_k
+    return B.reshape(B.shape[0], r, *([1] * len(kernel))), A_file
+
+
+def conv_lora_from_file(B_file: torch.Tensor, A_file: torch.Tensor):
+    """``(B, A, geometry)`` of a conv LoRA in PEFT's layout (:func:`conv_lora_to_file`). ``groups = R /
+    B.shape[1]``; a grouped one must have a block-diagonal ``lora_A`` (then it reads as rank ``R``: ``A`` stacks the
+    blocks, ``B`` puts output ``o`` of group ``j`` on block ``j``'s rows); one whose ``lora_A`` mixes input groups
+    is no update of the grouped conv's weight (PEFT cannot merge it either) and is refused."""
+    if A_file.dim() < 3 or B_file.dim() != A_file.dim() or any(d != 1 for d in B_file.shape[2:]):
+        raise ValueError(f"a conv LoRA needs lora_A (r, in, *kernel) and lora_B (out, r, 1, ...); the file has "
+                         f"{tuple(A_file.shape)} and {tuple(B_file.shape)}")
+    R, out, kernel = A_file.shape[0], B_file.shape[0], list(A_file.shape[2:])
+    if B_file.shape[1] == 0 or R % B_file.shape[1] or out % (R // B_file.shape[1]):
+        raise ValueError(f"lora_B {tuple(B_file.shape)} does not fit lora_A {tuple(A_file.shape)}")
+    g = R // B_file.shape[1]
+    B = B_file.reshape(out, -1)
+    if g == 1:
+        return B, A_file.reshape(R, -1), {"kernel": kernel, "groups": 1}
+    r, in_g = R // g, A_file.shape[1] // g
+    blocks = A_file.reshape(g, r, g, in_g, -1)
+    off = blocks.clone()
+    for j in range(g):
+        off[j, :, j] = 0
+    if off.abs().max() > 0:
+        raise ValueError(f"a grouped-conv LoRA (groups={g}) whose lora_A mixes input groups is not an update of the "
+                         "grouped conv's weight (PEFT cannot merge it either); deltatune cannot represent it")
+    A = torch.stack([blocks[j, :, j] for j in range(g)]).reshape(R, -1)
+    B_full = torch.block_diag(*B.reshape(g, out // g, r))  # output o of group j reads block j's rows only
+    return B_full, A, {"kernel": kernel, "groups": g}
+
+
 def _conv_kind(cls: type) -> LayerKind:
     """``nn_conv1d`` / ``nn_conv2d`` / ``nn_conv3d`` (``conv1d`` names GPT-2's Conv1D, a linear layer, in files)."""
     return LayerKind(
@@ -199,7 +255,8 @@ def _conv_kind(cls: type) -> LayerKind:
         weight=lambda m: m.weight.view(m.weight.shape[0], -1),
         to_linear=lambda t: t.reshape(t.shape[0], -1), from_linear=lambda t, like: t.reshape(like.shape),
         add=lambda m, delta, out, x: out + conv_update(m, delta, x).to(out.dtype),
-        output=conv_update, replace=_conv_replace, stacked=False, family="conv", title=cls.__name__)
+        output=conv_update, replace=_conv_replace, stacked=False, family="conv", title=cls.__name__,
+        geometry=conv_geometry, lora_to_file=conv_lora_to_file, lora_from_file=conv_lora_from_file)
 
 
 for _cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d):

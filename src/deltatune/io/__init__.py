@@ -1,4 +1,5 @@
-"""Checkpoints: deltatune's own format and the PEFT LoRA format.
+"""Checkpoints: deltatune's own format, the PEFT LoRA format, and the LoRA files of diffusion models (diffusers'
+``pytorch_lora_weights.safetensors``: :mod:`.diffusers_format`; kohya / A1111: :mod:`.kohya_format`).
 
 Own format, one folder per adapter:
 
@@ -9,7 +10,9 @@ Own format, one folder per adapter:
 - training state (``dt.save(..., controller_state=True)``, the default): ``"controller": {"step", "state"}`` in the
   config, the state's tensors in the safetensors file as ``"@controller/<path>"`` (see :mod:`.state`).
 
-Several adapters saved together go to one subfolder each, named after the adapter.
+Several adapters saved together go to one subfolder each, named after the adapter. The diffusion formats are one
+file, ``pytorch_lora_weights.safetensors`` in the folder (what ``pipe.load_lora_weights(folder)`` finds); ``load``
+also reads such a file given by its own path (a downloaded kohya ``.safetensors``).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .._version import __version__
@@ -27,13 +31,17 @@ from ..layers import kind_of, unwrap
 from ..registry import adapted_layers, check_names, registry, sync
 from ..checks import export_rank_energy, finite_number, positive_int
 from ..methods import Method
-from ..files import (CONFIG_NAME, WEIGHTS_NAME, adapter_folders, check_output_folder, read_adapter, write_adapter,
-                    write_adapter_files, write_generation)
+from ..files import (CONFIG_NAME, WEIGHTS_NAME, adapter_folders, check_output_folder, read_adapter,
+                    write_adapter_files, write_generation, write_tensors)
 from .peft_format import NeedsBase, NotLowRank, from_peft, to_peft
+from .diffusers_format import DEFAULT_COMPONENT, WEIGHT_NAME as LORA_FILE, from_diffusers, to_diffusers
+from .kohya_format import from_kohya, is_kohya, to_kohya
 from .state import CONTROLLER_PREFIX, join_state, split_state
 from .record import FORMAT_VERSION, PLAIN_FORMAT_VERSION, AdapterRecord, build_deltas, check_fits, check_record, record_from_model
 
-FORMATS = ("deltatune", "peft")
+FORMATS = ("deltatune", "peft", "diffusers", "kohya")
+#: the formats written as one safetensors file with metadata (``LORA_FILE``), by their writers
+LORA_FILE_FORMATS = {"diffusers": to_diffusers, "kohya": to_kohya}
 PEFT_NUMBERS = ("r", "lora_alpha", "lora_dropout", "init_r", "target_r")  # numbers in a PEFT config
 PEFT_SIZES = ("r", "init_r", "target_r")  # of which positive integers
 
@@ -94,6 +102,68 @@ def read_record(folder: str | Path, name: str | None = None, model: nn.Module | 
     return record
 
 
+def model_kinds(model: nn.Module | None) -> dict[str, str]:
+    """``{module name: layer kind}`` of the model's adaptable modules (``{}`` without a model)."""
+    kinds = {}
+    for mod, base in (M.base_modules(model) if model is not None else ()):
+        try:
+            kinds[mod] = kind_of(base).name
+        except TypeError:
+            pass
+    return kinds
+
+
+def lora_files(path: str | Path) -> dict[str, Path] | None:
+    """``{name: file}`` of the diffusion LoRA files (diffusers, kohya) at ``path``: a ``.safetensors`` file itself,
+    a folder's ``pytorch_lora_weights.safetensors`` or one per subfolder (a multi-adapter save); ``None`` when
+    ``path`` holds adapter folders instead."""
+    path = Path(path)
+    if path.is_file():
+        return {"": path} if path.suffix == ".safetensors" else None
+    if not path.is_dir() or (path / CONFIG_NAME).is_file():
+        return None
+    if (path / LORA_FILE).is_file():
+        return {"": path / LORA_FILE}
+    subs = [p for p in sorted(path.iterdir()) if not p.name.startswith(".") and p.is_dir()]
+    if any((p / CONFIG_NAME).is_file() for p in subs):
+        return None
+    return {p.name: p / LORA_FILE for p in subs if (p / LORA_FILE).is_file()} or None
+
+
+def read_lora_file(file: str | Path, name: str, model: nn.Module) -> AdapterRecord:
+    """The adapter in a diffusers or kohya LoRA file, for ``model`` (kohya names need its module names; a file
+    with component-prefixed keys needs its top-level children). Every module is checked to fit the model before
+    anything is built; the first that does not raises ``ValueError`` naming the file and the module's key."""
+    source = str(file)
+    try:
+        with safe_open(source, framework="pt") as f:
+            metadata = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{source} is not a readable safetensors file ({e})") from None
+    if not tensors:
+        raise ValueError(f"{source} holds no tensors: not a LoRA file")
+    kinds = model_kinds(model)
+    try:
+        if is_kohya(tensors):
+            record, keys = from_kohya(tensors, name, kinds, source)
+        else:
+            children = {n for n, _ in unwrap(model).named_children()}
+            record = from_diffusers(tensors, metadata, name, kinds, children, source)
+            keys = {m: m for m in record.modules}
+        check_record(record)
+    except KeyError as e:
+        raise ValueError(f"{source}: missing key {e.args[0]!r} (the file is incomplete)") from None
+    except ValueError as e:
+        raise ValueError(str(e) if str(e).startswith(source) else f"{source}: {e}") from None
+    for mod, spec in record.modules.items():
+        try:
+            check_fits(model, AdapterRecord(record.name, record.method, {mod: spec}, {}, record.base_model))
+        except ValueError as e:
+            raise ValueError(f"{source}: key {keys[mod]!r}: {e}") from None
+    return record
+
+
 def _parse(folder, config: dict, tensors: dict, name: str | None, model: nn.Module | None) -> AdapterRecord:
     if config.get("format") == "deltatune":
         return from_own(config, tensors, name)
@@ -101,31 +171,41 @@ def _parse(folder, config: dict, tensors: dict, name: str | None, model: nn.Modu
         for key in PEFT_NUMBERS:  # PEFT's scalars, checked before any arithmetic uses them
             if config.get(key) is not None:
                 (positive_int if key in PEFT_SIZES else finite_number)(config[key], key)
-        kinds = {}
-        if model is not None:
-            for mod, base in M.base_modules(model):
-                try:
-                    kinds[mod] = kind_of(base).name
-                except TypeError:
-                    pass
-        return from_peft(config, tensors, name or "default", kinds, source=str(Path(folder) / CONFIG_NAME))
+        return from_peft(config, tensors, name or "default", model_kinds(model), source=str(Path(folder) / CONFIG_NAME))
     raise ValueError(f"{Path(folder) / CONFIG_NAME} is neither a deltatune nor a PEFT adapter config")
 
 
 def _convert(record: AdapterRecord, format: str, rank: int | None, errors: dict | None, energy: float | None = None,
-             base=None):
+             base=None, component: str | None = DEFAULT_COMPONENT):
+    """What :func:`write_files` writes: ``(config, tensors)`` of an adapter folder (deltatune, PEFT) or
+    ``(None, (tensors, metadata))`` of a LoRA file (diffusers, kohya; ``component``: the pipeline's name for the
+    model, which prefixes the keys)."""
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; choose one of {FORMATS}")
     export_rank_energy(rank, energy)
+    if format in LORA_FILE_FORMATS:
+        return None, LORA_FILE_FORMATS[format](record, component, rank, errors, energy, base)
     return to_peft(record, rank, errors, energy, base) if format == "peft" else to_own(record)
 
 
+def write_files(folder: Path, converted) -> None:
+    """The files of one converted adapter (:func:`_convert`) into a folder of a generation being filled."""
+    config, tensors = converted
+    if config is None:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_tensors(folder / LORA_FILE, *tensors)
+    else:
+        write_adapter_files(folder, config, tensors)
+
+
 def write_record(folder: str | Path, record: AdapterRecord, format: str = "deltatune", rank: int | None = None,
-                 energy: float | None = None, base=None) -> dict[str, float]:
+                 energy: float | None = None, base=None, component: str | None = DEFAULT_COMPONENT
+                 ) -> dict[str, float]:
     """Write one adapter; returns ``{module: relative error}`` of the modules factored by truncated SVD (PEFT format
     with ``rank`` or ``energy``). ``base(module, spec) -> (weight, bias)``: see :func:`to_peft`."""
     errors: dict[str, float] = {}
-    write_adapter(folder, *_convert(record, format, rank, errors, energy, base))
+    converted = _convert(record, format, rank, errors, energy, base, component)
+    write_generation(folder, lambda staging: write_files(staging, converted))
     return errors
 
 
@@ -144,13 +224,20 @@ def model_base(model: nn.Module):
 
 
 def save(model: nn.Module, path: str | Path, names: str | list[str] | None = None, format: str = "deltatune",
-         rank: int | None = None, energy: float | None = None, controller_state: bool = True) -> Path:
+         rank: int | None = None, energy: float | None = None, controller_state: bool = True,
+         component: str | None = DEFAULT_COMPONENT) -> Path:
     """Save adapters (default: all). One adapter goes to ``path`` itself; several to ``path/<name>/``.
 
     ``format="peft"`` writes PEFT's LoRA checkpoint (loads with ``PeftModel.from_pretrained``, servable by vLLM);
     structures that are not a LoRA (sparse, sliced, rotations, dense combinations) need ``rank`` (or ``energy``, the
     share of ``||dW||_F^2`` to keep per module): they are factored by truncated SVD and the relative error of each
     module is reported as a warning.
+
+    ``format="diffusers"`` writes the LoRA file diffusers reads (``pipe.load_lora_weights(path)``,
+    ``unet.load_lora_adapter(path, prefix="unet")``; keys ``<component>.<module>.lora_A.weight``, the config in the
+    file's metadata; ``component=None``: a model's own keys, ``unet.load_lora_adapter(path, prefix=None)``);
+    ``format="kohya"`` the kohya / A1111 file (``lora_unet_<module>.lora_down.weight``, ``.lora_up.weight``,
+    ``.alpha``). Both are ``path/pytorch_lora_weights.safetensors``; conv LoRA in PEFT's kernel-shaped layout.
 
     The save is atomic as a whole: all adapters are written into a hidden staging folder next to ``path`` and
     swapped in at once (see :mod:`deltatune.files`), so a crash at any point leaves either the previous content
@@ -178,11 +265,11 @@ def save(model: nn.Module, path: str | Path, names: str | list[str] | None = Non
     converted = []
     for rec in records:
         errors: dict[str, float] = {}
-        converted.append((rec, errors, _convert(rec, format, rank, errors, energy, base)))
+        converted.append((rec, errors, _convert(rec, format, rank, errors, energy, base, component)))
 
     def fill(staging: Path) -> None:
-        for rec, _, (config, tensors) in converted:
-            write_adapter_files(staging if len(records) == 1 else staging / rec.name, config, tensors)
+        for rec, _, files in converted:
+            write_files(staging if len(records) == 1 else staging / rec.name, files)
 
     write_generation(path, fill)
     for rec, errors, _ in converted:
@@ -220,7 +307,8 @@ def svd_error_summary(errors: dict[str, float]) -> str:
 
 def load(model: nn.Module, path: str | Path, name: str | None = None, activate: bool = True,
          is_trainable: bool = True, controller_state: bool = True) -> nn.Module:
-    """Load adapter(s) saved by :func:`save` (either format) or by PEFT onto ``model``.
+    """Load adapter(s) saved by :func:`save` (any format) or by PEFT onto ``model``; ``path`` may also be a
+    diffusers or kohya LoRA ``.safetensors`` file (``model.save_lora_adapter``, ``save_lora_weights``, A1111).
 
     ``name`` renames a single adapter. Every module is checked to fit (name, kind, shape) before the model
     is touched; the first mismatch raises ``ValueError``. The base model's parameters are frozen. With
@@ -231,10 +319,14 @@ def load(model: nn.Module, path: str | Path, name: str | None = None, activate: 
     ``controller_state``: restore the saved controller state and step counter (a resumed run's ``dt.begin``
     continues from that step); ``False`` starts them afresh.
     """
-    folders = adapter_folders(path)
+    files = lora_files(path)
+    folders = adapter_folders(path) if files is None else files
     if name is not None and len(folders) > 1:
         raise ValueError(f"{path} holds {len(folders)} adapters ({', '.join(folders)}); name= renames one only")
-    records = [read_record(f, name or sub or None, model) for sub, f in folders.items()]
+    if files is None:
+        records = [read_record(f, name or sub or None, model) for sub, f in folders.items()]
+    else:
+        records = [read_lora_file(f, name or sub or "default", model) for sub, f in files.items()]
     built = []
     for rec, folder in zip(records, folders.values()):
         try:
@@ -264,5 +356,5 @@ def restore_controllers(model: nn.Module, records: list[AdapterRecord]) -> None:
         raise
 
 
-__all__ = ["AdapterRecord", "CONFIG_NAME", "check_not_input", "NeedsBase", "NotLowRank", "WEIGHTS_NAME", "check_fits", "from_own", "from_peft",
+__all__ = ["AdapterRecord", "FORMATS", "lora_files", "read_lora_file", "write_files", "CONFIG_NAME", "check_not_input", "NeedsBase", "NotLowRank", "WEIGHTS_NAME", "check_fits", "from_own", "from_peft",
            "load", "model_base", "read_record", "record_from_model", "save", "svd_error_summary", "to_own", "to_peft", "write_record"]

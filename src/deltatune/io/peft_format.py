@@ -33,6 +33,7 @@ import math
 import re
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 
@@ -111,39 +112,70 @@ def _module_tensors(mod: str, spec: dict, t: dict, base, rank, energy):
         raise NotLowRank(f"{mod}: {e}") from None
 
 
-def to_peft(record: AdapterRecord, rank: int | None = None, errors: dict[str, float] | None = None,
-            energy: float | None = None, base=None) -> tuple[dict, dict[str, torch.Tensor]]:
-    """``(adapter_config, tensors)`` exactly as PEFT writes them. Deltas that are not a LoRA are factored by
-    truncated SVD at ``rank`` (or per module the fewest components holding ``energy`` of ``||dW||_F^2``; their
-    relative errors go into ``errors``); without either they raise :class:`NotLowRank`. ``base(module, spec)``
-    gives the base weight for deltas whose update depends on it (rotations); without it they raise
-    :class:`NeedsBase`."""
-    lora = _peft_lora(record.method)
-    rslora = lora["use_rslora"]
-    tensors: dict[str, torch.Tensor] = {}
-    ranks, alphas, saved = {}, {}, []
+@dataclass
+class ModuleLora:
+    """One module of an export: its layer ``kind``, and either a LoRA ``dW = scale B A`` with ``B``, ``A`` in the
+    kind's file layout (:attr:`~deltatune.layers.LayerKind.lora_to_file`; ``extra``: further PEFT tensors) or, with
+    ``saved``, the module's own parameters in module layout (PEFT's ``modules_to_save``)."""
+
+    kind: str
+    B: torch.Tensor | None = None
+    A: torch.Tensor | None = None
+    scale: float = 1.0
+    extra: dict | None = None
+    saved: dict | None = None
+
+    @property
+    def r(self) -> int:
+        return int(self.A.shape[0])
+
+
+def export_modules(record: AdapterRecord, rank: int | None = None, errors: dict[str, float] | None = None,
+                   energy: float | None = None, base=None):
+    """``(module, ModuleLora)`` for every module of ``record`` with an update, as :func:`to_peft` writes them (the
+    file formats built on PEFT's share this)."""
     for mod, spec in progress(record.modules.items(), "export"):
         kind = spec.get("layer") or DEFAULT_KIND
-        if kind_named(kind).family == "conv":  # PEFT keeps conv factors in the kernel's shape, which specs lack
-            raise NotLowRank(f"{mod}: a convolution; deltatune does not write conv LoRA in PEFT's layout yet: save "
-                             "the adapter in deltatune's format (dt.save(model, folder), format='deltatune')")
         out = _module_tensors(mod, spec, record.tensors[mod], base, rank, energy)
         if out.saved is not None:
-            saved.append(mod)
-            for pname, t in out.saved.items():
-                tensors[f"{PREFIX}{mod}.{pname}"] = _in_module_layout(t, kind) if pname == "weight" else t
+            yield mod, ModuleLora(kind, saved={p: _in_module_layout(t, kind) if p == "weight" else t
+                                               for p, t in out.saved.items()})
             continue
         if out.error is not None and errors is not None:
             errors[mod] = out.error
         if out.A.shape[0] == 0:  # every component pruned: the module has no update
             continue
-        a, b = LowRankDelta.peft_keys(kind)
-        tensors[f"{PREFIX}{mod}.{a}"] = out.A
-        tensors[f"{PREFIX}{mod}.{b}"] = out.B
-        for suffix, t in (out.extra or {}).items():
-            tensors[f"{PREFIX}{mod}.{suffix}"] = t
-        ranks[mod] = int(out.A.shape[0])
-        alphas[mod] = _number(_alpha(out.scale, ranks[mod], rslora))
+        try:
+            B, A = kind_named(kind).lora_to_file(out.B, out.A, spec)
+        except ValueError as e:
+            raise NotLowRank(f"{mod}: {e}") from None
+        yield mod, ModuleLora(kind, B.contiguous(), A.contiguous(), out.scale, out.extra)
+
+
+def to_peft(record: AdapterRecord, rank: int | None = None, errors: dict[str, float] | None = None,
+            energy: float | None = None, base=None, prefix: str = PREFIX) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(adapter_config, tensors)`` exactly as PEFT writes them. Deltas that are not a LoRA are factored by
+    truncated SVD at ``rank`` (or per module the fewest components holding ``energy`` of ``||dW||_F^2``; their
+    relative errors go into ``errors``); without either they raise :class:`NotLowRank`. ``base(module, spec)``
+    gives the base weight for deltas whose update depends on it (rotations); without it they raise
+    :class:`NeedsBase`. ``prefix``: what precedes module names in tensor keys (diffusers: none, or the
+    pipeline component's ``unet.``)."""
+    lora = _peft_lora(record.method)
+    rslora = lora["use_rslora"]
+    tensors: dict[str, torch.Tensor] = {}
+    ranks, alphas, saved = {}, {}, []
+    for mod, m in export_modules(record, rank, errors, energy, base):
+        if m.saved is not None:
+            saved.append(mod)
+            tensors.update({f"{prefix}{mod}.{pname}": t for pname, t in m.saved.items()})
+            continue
+        a, b = LowRankDelta.peft_keys(m.kind)
+        tensors[f"{prefix}{mod}.{a}"] = m.A
+        tensors[f"{prefix}{mod}.{b}"] = m.B
+        for suffix, t in (m.extra or {}).items():
+            tensors[f"{prefix}{mod}.{suffix}"] = t
+        ranks[mod] = m.r
+        alphas[mod] = _number(_alpha(m.scale, m.r, rslora))
     if not ranks:
         raise NotLowRank(f"adapter {record.name!r} has no low-rank deltas to export")
     r = Counter(ranks.values()).most_common(1)[0][0]
@@ -213,6 +245,20 @@ def _split_keys(tensors: dict[str, torch.Tensor], pattern: str) -> tuple[dict, d
     return found, rest
 
 
+def _from_file_layout(mod: str, t: dict[str, torch.Tensor], kind: str | None, source: str) -> tuple[dict, dict]:
+    """A module's LoRA tensors from its kind's file layout to the linear layout
+    (:attr:`~deltatune.layers.LayerKind.lora_from_file`), and the layer geometry they say (a conv's kernel and
+    groups, checked against the model's layer on load)."""
+    a, b = LowRankDelta.peft_keys(kind)
+    if kind is None or a not in t or b not in t:
+        return t, {}
+    try:
+        B, A, geometry = kind_named(kind).lora_from_file(t[b], t[a])
+    except ValueError as e:
+        raise ValueError(f"{source}: module {mod!r} ({kind_named(kind).title or kind}): {e}") from None
+    return {**t, a: A, b: B}, geometry
+
+
 def peft_reader(config: dict, source: str) -> type[Method]:
     """The method that reads a PEFT checkpoint of this ``config`` (the last registered one whose
     :meth:`~deltatune.methods.Method.reads_peft` accepts it)."""
@@ -240,9 +286,11 @@ def from_peft(config: dict, tensors: dict[str, torch.Tensor], name: str, kinds: 
     found, rest = _split_keys(tensors, "|".join(re.escape(n) for n in structure.peft_names()))
     modules, out = {}, {}
     for mod, t in found.items():
+        t, geometry = _from_file_layout(mod, t, kinds.get(mod), source)
         modules[mod], out[mod] = structure.from_peft(
             mod, t, kinds.get(mod), reader.peft_rank(config, mod, source),
             lambda r, mod=mod: reader.peft_scale(config, mod, r, source), source)
+        modules[mod].update(geometry)
     _saved_modules(rest, config, kinds, modules, out, source)
     method = reader.from_peft_config(config, sorted(m for m in modules if m in found),
                                      sorted(m for m in modules if m not in found))

@@ -1,8 +1,9 @@
 """An adapter in memory, independent of any model or file format.
 
 ``AdapterRecord`` is what every format reads into and writes from: the method config, and per adapted module
-its layer kind, the delta's spec (:meth:`Delta.spec`) and tensors (:meth:`Delta.tensors`), all in the linear
-layout (``out x in``).
+its layer kind, the layer's geometry where file formats need it (:attr:`~deltatune.layers.LayerKind.geometry`:
+a conv's ``kernel`` and ``groups``), the delta's spec (:meth:`Delta.spec`) and tensors (:meth:`Delta.tensors`),
+all in the linear layout (``out x in``).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ PLAIN_FORMAT_VERSION = 1  # an adapter without controller state: readable by eve
 class AdapterRecord:
     name: str
     method: dict
-    modules: dict[str, dict]  # module name -> {"layer": kind, **delta spec}
+    modules: dict[str, dict]  # module name -> {"layer": kind, **layer geometry, **delta spec}
     tensors: dict[str, dict[str, torch.Tensor]]  # module name -> delta tensors
     base_model: str | None = None
     task_type: str | None = None
@@ -49,7 +50,7 @@ def task_type_of(model: nn.Module) -> str | None:
                          ("ForSeq2SeqLM", "SEQ_2_SEQ_LM")):
         if cls.endswith(suffix):
             return task
-    return "FEATURE_EXTRACTION" if hasattr(model, "config") else None
+    return "FEATURE_EXTRACTION" if hasattr(getattr(model, "config", None), "model_type") else None  # transformers
 
 
 
@@ -59,7 +60,7 @@ def record_from_model(model: nn.Module, name: str, controller_state: bool = True
     for mod_name, layer in adapted_layers(model):
         if name in layer.deltas:
             delta = layer.deltas[name]
-            modules[mod_name] = {"layer": layer.kind, **delta.spec()}
+            modules[mod_name] = {"layer": layer.kind, **layer.layer_kind.geometry(layer.base), **delta.spec()}
             tensors[mod_name] = delta.tensors()
     config = getattr(model, "config", None)
     return AdapterRecord(name, M.method_of(model, name).to_dict(), modules, tensors,
@@ -85,6 +86,15 @@ def check_fits(model: nn.Module, record: AdapterRecord) -> dict[str, nn.Module]:
         except TypeError:
             raise ValueError(f"adapter {record.name!r} does not fit this model: {mod_name!r} is a "
                              f"{type(base).__name__}, which deltatune cannot adapt") from None
+        geometry = kind_of(base).geometry(base)
+        differs = sorted(k for k in geometry if k in spec and spec[k] != geometry[k])
+        if differs:
+            raise ValueError(
+                f"adapter {record.name!r} does not fit this model: {mod_name!r} is a {kind} with "
+                + ", ".join(f"{k} {geometry[k]}" for k in differs) + ", but the adapter's delta was made for "
+                + ", ".join(f"{k} {spec[k]}" for k in differs) + ". "
+                f"Load it onto the base model it was trained on ({record.base_model or 'unknown'})."
+            )
         shape = tuple(linear_weight(base).shape)
         want = (spec["out_features"], spec["in_features"])
         if shape != want or (spec.get("layer") and spec["layer"] != kind):

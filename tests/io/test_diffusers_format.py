@@ -1,0 +1,280 @@
+"""Diffusion LoRA files on a real diffusers UNet (tiny random config), checked with diffusers' and PEFT's own loaders:
+the diffusers format (``load_lora_adapter`` / ``save_lora_adapter`` / a pipeline's ``save_lora_weights``), the
+kohya format (diffusers' kohya converter), PEFT conv LoRA both ways, and bad files."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import changed_entries, randomize, state_snapshot
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import deltatune as dt
+from deltatune.cli import main
+from deltatune.io import NotLowRank
+
+diffusers = pytest.importorskip("diffusers")
+peft = pytest.importorskip("peft")
+from diffusers import UNet2DConditionModel  # noqa: E402
+from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin  # noqa: E402
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict  # noqa: E402
+
+CONFIG = dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, sample_size=8,
+              norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8)
+#: conv (3x3 conv1 / conv2, 1x1 conv_shortcut, the downsampler) and attention / linear targets
+TARGETS = ["conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "to_q", "to_v", "to_out.0", "proj_in",
+           "time_emb_proj"]
+FILE = "pytorch_lora_weights.safetensors"
+ATOL = 1e-5
+
+
+def tiny_unet(**changes) -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**{**CONFIG, **changes}).eval()
+
+
+def unet_output(unet) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    x, cond = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 32, generator=g)
+    with torch.no_grad():
+        return unet(x, torch.tensor([3, 700]), cond).sample
+
+
+@pytest.fixture(scope="module")
+def base_out():
+    return unet_output(tiny_unet())
+
+
+@pytest.fixture(scope="module")
+def adapted(base_out):
+    """A deltatune LoRA on conv and attention layers with alpha != r and a rank pattern, random non-zero B."""
+    unet = tiny_unet()
+    dt.attach(unet, dt.LoRA(r=4, alpha=8, targets=TARGETS, rank_pattern={"conv_shortcut": 2},
+                            alpha_pattern={"to_q": 3}), name="style")
+    randomize(unet, "style", std=0.1)
+    out = unet_output(unet)
+    assert (out - base_out).abs().max() > 0.05  # the delta is not zero
+    return unet, out
+
+
+@pytest.mark.parametrize("component", ["unet", None])
+def test_export_loads_in_diffusers_load_lora_adapter(tmp_path, adapted, component):
+    unet, ours = adapted
+    dt.save(unet, tmp_path, format="diffusers", component=component)
+    with safe_open(str(tmp_path / FILE), "pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    pre = "unet." if component else ""
+    assert meta[f"{pre}lora_alpha"] == 8 and meta[f"{pre}r"] == 4
+    assert shapes[f"{pre}down_blocks.0.resnets.0.conv1.lora_A.weight"] == (4, 32, 3, 3)
+    assert shapes[f"{pre}down_blocks.0.resnets.0.conv1.lora_B.weight"] == (32, 4, 1, 1)
+    assert shapes[f"{pre}down_blocks.1.resnets.0.conv_shortcut.lora_A.weight"] == (2, 32, 1, 1)
+    fresh = tiny_unet()
+    fresh.load_lora_adapter(str(tmp_path), prefix=component, use_safetensors=True)
+    torch.testing.assert_close(unet_output(fresh), ours, atol=ATOL, rtol=0)
+    back = tiny_unet()  # and deltatune reads its own file back
+    dt.load(back, tmp_path)
+    torch.testing.assert_close(unet_output(back), ours, atol=ATOL, rtol=0)
+
+
+def _diffusers_lora(unet) -> torch.Tensor:
+    """A LoRA that diffusers itself attaches (PEFT inside), random B, alpha != r; returns the UNet's output."""
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=6, target_modules=TARGETS, init_lora_weights=False,
+                                rank_pattern={"conv2": 2}), adapter_name="default")
+    return unet_output(unet)
+
+
+def test_diffusers_save_lora_adapter_loads_with_dt(tmp_path, base_out):
+    unet = tiny_unet()
+    theirs = _diffusers_lora(unet)
+    assert (theirs - base_out).abs().max() > 0.05
+    unet.save_lora_adapter(str(tmp_path))
+    fresh = tiny_unet()
+    dt.load(fresh, tmp_path / FILE)  # the file itself, as people download them
+    torch.testing.assert_close(unet_output(fresh), theirs, atol=ATOL, rtol=0)
+
+
+def test_pipeline_save_lora_weights_loads_with_dt(tmp_path):
+    unet = tiny_unet()
+    theirs = _diffusers_lora(unet)
+    StableDiffusionLoraLoaderMixin.save_lora_weights(
+        str(tmp_path), unet_lora_layers=get_peft_model_state_dict(unet),
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+    fresh = tiny_unet()
+    dt.load(fresh, tmp_path)  # keys carry 'unet.'; the folder's pytorch_lora_weights.safetensors
+    torch.testing.assert_close(unet_output(fresh), theirs, atol=ATOL, rtol=0)
+
+
+def test_file_without_metadata_reads_alpha_as_r(tmp_path, adapted):
+    """diffusers' own convention for a file without ``lora_adapter_metadata``: scale 1. deltatune reads it the
+    same way diffusers does."""
+    unet, _ = adapted
+    dt.save(unet, tmp_path, format="diffusers")
+    save_file(load_file(tmp_path / FILE), tmp_path / "bare.safetensors")  # the same tensors, no metadata
+    ours, theirs = tiny_unet(), tiny_unet()
+    dt.load(ours, tmp_path / "bare.safetensors")
+    theirs.load_lora_adapter(str(tmp_path), weight_name="bare.safetensors", prefix="unet")
+    torch.testing.assert_close(unet_output(ours), unet_output(theirs), atol=ATOL, rtol=0)
+
+
+def test_kohya_export_read_by_diffusers_converter(tmp_path, adapted):
+    unet, ours = adapted
+    dt.save(unet, tmp_path, format="kohya")
+    t = load_file(tmp_path / FILE)
+    n = "lora_unet_down_blocks_0_resnets_0_conv1"
+    assert t[f"{n}.lora_down.weight"].shape == (4, 32, 3, 3) and t[f"{n}.lora_up.weight"].shape == (32, 4, 1, 1)
+    assert t[f"{n}.alpha"].dim() == 0 and float(t[f"{n}.alpha"]) == 8
+    q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    assert float(t[f"{q}.alpha"]) == 8  # one alpha for all; to_q's own (alpha 3) is folded into its lora_up
+    B = dt.deltas(unet, "style")["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"].B.detach()
+    torch.testing.assert_close(t[f"{q}.lora_up.weight"], B * 3 / 8)
+    # diffusers' pipeline loader: lora_state_dict runs its kohya converter, load_lora_into_unet attaches it
+    state, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(str(tmp_path), use_safetensors=True)
+    fresh = tiny_unet()
+    StableDiffusionLoraLoaderMixin.load_lora_into_unet(state, alphas, fresh)
+    lora_layers = [n for n, m in fresh.named_modules() if hasattr(m, "lora_A")]
+    assert len(lora_layers) == len(dt.deltas(unet, "style"))  # every module was mapped back
+    torch.testing.assert_close(unet_output(fresh), ours, atol=ATOL, rtol=0)
+    back = tiny_unet()
+    dt.load(back, tmp_path)
+    torch.testing.assert_close(unet_output(back), ours, atol=ATOL, rtol=0)
+
+
+def test_kohya_missing_alpha_means_r(tmp_path, adapted):
+    unet, _ = adapted
+    dt.save(unet, tmp_path, format="kohya")
+    t = {k: v for k, v in load_file(tmp_path / FILE).items() if not k.endswith(".alpha")}
+    save_file(t, tmp_path / "noalpha.safetensors")
+    state, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(str(tmp_path / "noalpha.safetensors"))
+    theirs, ours = tiny_unet(), tiny_unet()
+    StableDiffusionLoraLoaderMixin.load_lora_into_unet(state, alphas, theirs)
+    dt.load(ours, tmp_path / "noalpha.safetensors")
+    torch.testing.assert_close(unet_output(ours), unet_output(theirs), atol=ATOL, rtol=0)
+    assert {d.scale for d in dt.deltas(ours, "default").values()} == {1.0}
+
+
+def test_peft_made_conv_lora_imports(tmp_path, base_out):
+    """A PEFT LoRA on the UNet's convs and attention, made and saved by PEFT (get_peft_model, save_pretrained)."""
+    unet = tiny_unet()
+    pm = get_peft_model(unet, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False,
+                                          rank_pattern={"conv_shortcut": 2}))
+    theirs = unet_output(pm)
+    assert (theirs - base_out).abs().max() > 0.05
+    pm.save_pretrained(str(tmp_path))
+    fresh = tiny_unet()
+    dt.load(fresh, tmp_path)
+    torch.testing.assert_close(unet_output(fresh), theirs, atol=ATOL, rtol=0)
+    conv1 = dt.deltas(fresh, "default")["down_blocks.0.resnets.0.conv1"]
+    assert conv1.A.shape == (4, 32 * 9) and conv1.scale == 2  # linear layout, alpha / r
+
+
+def test_peft_export_of_conv_loads_in_peft(tmp_path, adapted):
+    unet, ours = adapted
+    dt.save(unet, tmp_path, format="peft")
+    pm = PeftModel.from_pretrained(tiny_unet(), str(tmp_path))
+    torch.testing.assert_close(unet_output(pm), ours, atol=ATOL, rtol=0)
+
+
+class Grouped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(8, 12, 3, padding=1, groups=4)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_grouped_conv_export_is_exact_in_peft(tmp_path):
+    """PEFT's grouped-conv LoRA (``lora_A`` over all inputs, ``lora_B`` grouped) holds ours exactly at rank
+    ``groups * r`` with a block-diagonal ``lora_A``; PEFT runs it to the same output, and it reads back."""
+    x = torch.randn(2, 8, 6, 6, generator=torch.Generator().manual_seed(1))
+    m = Grouped()
+    dt.attach(m, dt.LoRA(r=2, alpha=4, targets=["conv"]), name="g")
+    randomize(m, "g", std=0.3)
+    ours = m(x).detach()
+    dt.save(m, tmp_path, format="peft")
+    t = load_file(tmp_path / "adapter_model.safetensors")
+    assert t["base_model.model.conv.lora_A.weight"].shape == (8, 8, 3, 3)  # R = 4 groups * r 2
+    assert t["base_model.model.conv.lora_B.weight"].shape == (12, 2, 1, 1)
+    pm = PeftModel.from_pretrained(Grouped(), str(tmp_path))
+    torch.testing.assert_close(pm(x), ours, atol=1e-5, rtol=0)
+    back = Grouped()
+    dt.load(back, tmp_path)
+    torch.testing.assert_close(back(x), ours, atol=1e-5, rtol=0)
+    with pytest.raises(NotLowRank, match="grouped convolution"):
+        dt.save(m, tmp_path / "k", format="kohya")
+
+
+def test_peft_grouped_lora_mixing_groups_is_refused(tmp_path):
+    pm = get_peft_model(Grouped(), LoraConfig(r=4, target_modules=["conv"], init_lora_weights=False))
+    pm.save_pretrained(str(tmp_path))
+    m = Grouped()
+    before = state_snapshot(m)
+    with pytest.raises(ValueError, match="mixes input groups"):
+        dt.load(m, tmp_path)
+    assert dt.adapters(m) == [] and changed_entries(m, before) == []
+
+
+# -- bad files: a clear error naming the file and the key, and nothing attached ------------------------------------
+def _refused(unet, path, match):
+    before = state_snapshot(unet)
+    with pytest.raises(ValueError, match=match) as e:
+        dt.load(unet, path)
+    assert dt.adapters(unet) == [] and changed_entries(unet, before) == []
+    return str(e.value)
+
+
+def test_kohya_file_for_another_unet_is_refused(tmp_path, adapted):
+    unet, _ = adapted
+    dt.save(unet, tmp_path, format="kohya")
+    t = load_file(tmp_path / FILE)
+    renamed = {k.replace("down_blocks_1_resnets_0_conv1", "down_blocks_7_resnets_0_conv1"): v for k, v in t.items()}
+    save_file(renamed, tmp_path / "other.safetensors")
+    msg = _refused(tiny_unet(), tmp_path / "other.safetensors", "lacks")
+    assert "other.safetensors" in msg and "lora_unet_down_blocks_7_resnets_0_conv1" in msg
+    # a UNet of other widths: the names exist, the shapes do not fit
+    wide = tiny_unet(block_out_channels=(16, 32))
+    msg = _refused(wide, tmp_path, "does not fit")
+    assert FILE in msg and "key 'lora_unet_" in msg
+
+
+def test_kernel_mismatch_is_refused(tmp_path, adapted):
+    """A 3x3 lora_A for the 1x1 conv_shortcut (whose flattened size would fit a 3x3 on fewer channels)."""
+    unet, _ = adapted
+    dt.save(unet, tmp_path, format="diffusers")
+    t = load_file(tmp_path / FILE)
+    key = "unet.down_blocks.1.resnets.0.conv_shortcut.lora_A.weight"
+    r, c = t[key].shape[:2]
+    t[key] = torch.randn(r, c, 3, 3)
+    save_file(t, tmp_path / "bad.safetensors")
+    msg = _refused(tiny_unet(), tmp_path / "bad.safetensors", "kernel")
+    assert "bad.safetensors" in msg and "down_blocks.1.resnets.0.conv_shortcut" in msg
+
+
+def test_dora_files_are_refused(tmp_path, adapted):
+    unet, _ = adapted
+    dt.save(unet, tmp_path, format="kohya")
+    t = load_file(tmp_path / FILE)
+    t["lora_unet_down_blocks_0_resnets_0_conv1.dora_scale"] = torch.ones(32, 1, 1, 1)
+    save_file(t, tmp_path / "dora.safetensors")
+    msg = _refused(tiny_unet(), tmp_path / "dora.safetensors", "DoRA")
+    assert "dora.safetensors" in msg and "lora_unet_down_blocks_0_resnets_0_conv1.dora_scale" in msg
+
+
+def test_cli_export_to_diffusers_and_kohya(tmp_path, adapted):
+    unet, ours = adapted
+    dt.save(unet, tmp_path / "own")
+    assert main(["export", str(tmp_path / "own"), "--to", "kohya", str(tmp_path / "kohya")]) == 0
+    assert main(["export", str(tmp_path / "own"), "--to", "diffusers", str(tmp_path / "diff")]) == 0
+    for folder in ("kohya", "diff"):
+        back = tiny_unet()
+        dt.load(back, tmp_path / folder)
+        torch.testing.assert_close(unet_output(back), ours, atol=ATOL, rtol=0)
+    fresh = tiny_unet()
+    fresh.load_lora_adapter(str(tmp_path / "diff"), prefix="unet", use_safetensors=True)
+    torch.testing.assert_close(unet_output(fresh), ours, atol=ATOL, rtol=0)
