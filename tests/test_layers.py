@@ -278,3 +278,32 @@ def test_combine_interference_and_saved_records_work_on_convs(tmp_path):
     record = read_record(tmp_path / "all" / "ab")
     assert {m: (s["layer"], s["out_features"], s["in_features"]) for m, s in record.modules.items()} == \
         {"0": ("nn_conv2d", 4, 27), "2": ("nn_conv2d", 4, 18)}  # linear layout: in/groups x kernel
+
+
+def test_saved_conv_adapters_combined_without_a_model_keep_the_kernel_and_export(tmp_path):
+    """``combine_records`` (``deltatune merge``) carries each conv's kernel and groups into the combination, so it
+    exports to PEFT's conv layout and loads back with the sum's output."""
+    from deltatune.combine.merge import combine_records
+    from deltatune.io import read_record, write_record
+
+    net = _two_conv_loras()
+    dt.save(net, tmp_path / "ab", names=["a", "b"])
+    record, errors = combine_records([read_record(tmp_path / "ab" / n) for n in ("a", "b")], method="sum")
+    assert errors == {"0": 0.0, "2": 0.0}
+    assert {m: (s["kernel"], s["groups"]) for m, s in record.modules.items()} == {"0": ([3, 3], 1), "2": ([3, 3], 2)}
+    write_record(tmp_path / "sum", record)
+    fresh = _two_conv_loras()
+    for n in ("a", "b"):
+        dt.delete(fresh, n)
+    dt.load(fresh, tmp_path / "sum", name="sum")
+    dt.save(fresh, tmp_path / "sum-peft", format="peft")
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        dt.set_active(net, ["a", "b"])
+        want = net(x)
+        torch.testing.assert_close(fresh(x), want, atol=1e-5, rtol=1e-5)
+        again = _two_conv_loras()
+        for n in ("a", "b"):
+            dt.delete(again, n)
+        dt.load(again, tmp_path / "sum-peft")
+        torch.testing.assert_close(again(x), want, atol=1e-5, rtol=1e-5)

@@ -62,6 +62,8 @@ class LayerKind:
     title: str = ""
     family: str = "linear"
     geometry: Callable[[nn.Module], dict] = lambda m: {}
+    #: the keys ``geometry`` gives (a record made without the module, e.g. a combination, copies them over)
+    geometry_keys: tuple[str, ...] = ()
     lora_to_file: Callable = lambda B, A, spec: (B, A)
     lora_from_file: Callable = lambda B, A: (B, A, {})
 
@@ -256,7 +258,7 @@ def _conv_kind(cls: type) -> LayerKind:
         to_linear=lambda t: t.reshape(t.shape[0], -1), from_linear=lambda t, like: t.reshape(like.shape),
         add=lambda m, delta, out, x: out + conv_update(m, delta, x).to(out.dtype),
         output=conv_update, replace=_conv_replace, stacked=False, family="conv", title=cls.__name__,
-        geometry=conv_geometry, lora_to_file=conv_lora_to_file, lora_from_file=conv_lora_from_file)
+        geometry=conv_geometry, geometry_keys=("kernel", "groups"), lora_to_file=conv_lora_to_file, lora_from_file=conv_lora_from_file)
 
 
 for _cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d):

@@ -28,7 +28,7 @@ from ..util import progress as progress_bar
 from ..checks import export_rank_energy
 from ..svd import factored_svd, keep_count, svd_factors, tail_error
 from .. import model as M
-from ..layers import linear_weight, unwrap
+from ..layers import kind_named, linear_weight, unwrap
 from ..registry import check_names, check_new_name
 from ..io.peft_format import bound_delta
 from ..io.record import AdapterRecord
@@ -209,6 +209,13 @@ class RecordDeltas(Mapping):
         return len(self.record.modules)
 
 
+def layer_entries(spec: dict) -> dict:
+    """The layer part of a saved module spec: its kind and the geometry file formats need (a conv's kernel)."""
+    kind = spec.get("layer")
+    keys = kind_named(kind).geometry_keys if kind else ()
+    return {"layer": kind, **{k: spec[k] for k in keys if k in spec}}
+
+
 def combine_records(records: list, method: str = "sum", weights=None, density: float | None = None,
                     rank: int | None = None, energy: float | None = None, seed: int = 0, name: str = "combined",
                     base=None):
@@ -220,10 +227,10 @@ def combine_records(records: list, method: str = "sum", weights=None, density: f
         raise ValueError("give at least one adapter to combine")
     per_adapter = [RecordDeltas(rec, base) for rec in records]
     built, errors, weights, density = combine_deltas(per_adapter, method, weights, density, rank, energy, seed)
-    kinds = {mod: spec.get("layer") for rec in reversed(records) for mod, spec in rec.modules.items()}
+    layer = {mod: layer_entries(spec) for rec in reversed(records) for mod, spec in rec.modules.items()}
     config = Combined(targets=list(built), sources=[r.name for r in records], how=method, weights=weights,
                       density=density, rank=rank, energy=energy, seed=seed)
-    record = AdapterRecord(name, config.to_dict(), {m: {"layer": kinds[m], **d.spec()} for m, d in built.items()},
+    record = AdapterRecord(name, config.to_dict(), {m: {**layer[m], **d.spec()} for m, d in built.items()},
                            {m: d.tensors() for m, d in built.items()}, base_model=records[0].base_model,
                            task_type=records[0].task_type)
     return record, errors
