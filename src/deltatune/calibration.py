@@ -120,12 +120,17 @@ def calibrate(model: nn.Module, data: Iterable, targets="all-linear", stats: tup
     if unknown:
         raise ValueError(f"unknown statistics {unknown}; choose from {STATS}")
     base = unwrap(model)
-    names = resolve_targets(BaseView(base), targets, exclude, accept=is_linear)
+    names = resolve_targets(BaseView(base), targets, exclude)
+    modules = dict(base_modules(base))
+    other = [n for n in names if not is_linear(modules[n])]
+    if other:  # statistics of a conv's input would be those of its unfolded patches: not collected
+        raise ValueError(f"calibration collects the inputs of linear layers only, and {other[0]!r} is a "
+                         f"{type(modules[other[0]]).__name__} ({len(other)} such targets): target linear layers "
+                         "(targets='all-linear', or exclude the others)")
     if cache is not None and Path(cache).is_file():
         found = load_calibration(cache)
         if set(names) <= set(found) and all(s in found[n].sums for n in names for s in stats):
             return Calibration({n: found[n] for n in names})
-    modules = dict(base_modules(base))
     if verbose:
         widths = sorted({linear_weight(modules[n]).shape[1] for n in names})
         need = sum(linear_weight(modules[n]).shape[1] ** 2 for n in names) * 8 * sum(s != "mean" for s in stats)

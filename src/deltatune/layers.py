@@ -92,11 +92,28 @@ def find_kind(module: nn.Module) -> LayerKind | None:
     return next((k for k in _KINDS if k.matches(module)), None)
 
 
+#: module types that look adaptable but are refused, with the reason errors give (see :func:`register_refusal`)
+_REFUSED: dict[type, str] = {}
+
+
+def register_refusal(cls: type, reason: str) -> None:
+    """Refuse modules of type ``cls`` (and subclasses) with ``reason`` in the error, instead of the generic
+    "cannot adapt"."""
+    _REFUSED[cls] = reason
+
+
+def refusal(module: nn.Module) -> str | None:
+    """Why ``module`` is refused (a registered refusal), or ``None``."""
+    return next((r for cls, r in _REFUSED.items() if isinstance(module, cls)), None)
+
+
 def kind_of(module: nn.Module) -> LayerKind:
-    """The registered kind of ``module``; ``TypeError`` naming the adaptable kinds otherwise."""
+    """The registered kind of ``module``; ``TypeError`` naming the adaptable kinds (or the refusal) otherwise."""
     kind = find_kind(module)
     if kind is None:
-        raise TypeError(f"deltatune cannot adapt {type(module).__name__}; adaptable: {', '.join(titles())}")
+        why = refusal(module)
+        raise TypeError(f"deltatune cannot adapt {type(module).__name__}" + (f": {why}" if why else "") +
+                        f"; adaptable: {', '.join(titles())}")
     return kind
 
 
@@ -263,6 +280,9 @@ def _conv_kind(cls: type) -> LayerKind:
 
 for _cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
     register_kind(_conv_kind(_cls))
+for _cls in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+    register_refusal(_cls, "transposed convolutions are not supported (their weight is in x out/groups x kernel and "
+                     "they scatter their input); exclude the module or target the convolutions around it")
 
 
 # -- module trees with wrapped layers -------------------------------------------------------------------------------

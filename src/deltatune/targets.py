@@ -34,7 +34,7 @@ import regex
 import torch
 from torch import nn
 
-from .layers import adaptable, find_kind, titles
+from .layers import adaptable, find_kind, linear_weight, refusal, titles
 
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
 
@@ -169,11 +169,7 @@ def resolve_targets(
         selected = [n for n, m in named if match(n)]
         wrong = [n for n in selected if not accept(dict(named)[n])]
         if wrong:
-            kinds_found = sorted({type(dict(named)[n]).__name__ for n in wrong})
-            raise ValueError(
-                f"targets {targets!r} select modules deltatune cannot adapt ({', '.join(kinds_found)}), e.g. "
-                f"{wrong[0]!r}; adaptable layers are {_and(titles())}. Narrow the pattern to leaf layers."
-            )
+            raise ValueError(_refused_message(targets, [(n, dict(named)[n]) for n in wrong]))
         if not isinstance(targets, str):
             missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in selected)]
             if missing:
@@ -192,6 +188,19 @@ def resolve_targets(
         raise ValueError(_unknown_message(targets if isinstance(targets, str) else str(list(targets)), named,
                                           accept, excluded=exclude))
     return selected
+
+
+def _refused_message(targets: TargetSpec, wrong: list[tuple[str, nn.Module]]) -> str:
+    """Why ``targets`` cannot be adapted: a refused module type (a transposed conv) with its reason, else the
+    module types found and the adaptable ones."""
+    refused = [(n, m, why) for n, m in wrong if (why := refusal(m)) is not None]
+    if refused:
+        n, m, why = refused[0]
+        return (f"targets {targets!r} select module {n!r}, and deltatune cannot adapt {type(m).__name__}: {why}"
+                + (f" ({len(wrong) - 1} more unadaptable modules selected)" if len(wrong) > 1 else ""))
+    kinds_found = sorted({type(m).__name__ for _, m in wrong})
+    return (f"targets {targets!r} select modules deltatune cannot adapt ({', '.join(kinds_found)}), e.g. "
+            f"{wrong[0][0]!r}; adaptable layers are {_and(titles())}. Narrow the pattern to leaf layers.")
 
 
 def _unknown_message(target: str, named, accept, excluded=None) -> str:
@@ -218,7 +227,8 @@ def pattern_value(name: str, patterns: dict | None, default, what: str = "patter
 # ``h*hd:(h+1)*hd`` of ``q`` and the same columns of ``o``; under grouped-query attention it reads key/value head
 # ``g = h // (H / H_kv)``, whose rows ``g*hd:(g+1)*hd`` of ``k`` and ``v`` are shared by the ``H / H_kv`` query heads
 # of its group. FFN: channel ``j`` owns row ``j`` of ``up`` (and of ``gate`` in gated FFNs) and column ``j`` of
-# ``down``. A new architecture is one :data:`UNIT_MAPS` entry: the block-relative names of its projections.
+# ``down``. A new architecture is one :data:`UNIT_MAPS` entry: the block-relative names of its projections, under
+# the key :func:`architecture` reads from the model.
 
 
 @dataclass(frozen=True)
@@ -241,11 +251,22 @@ _LLAMA = UnitMap(q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj
                  gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj")
 _BERT = UnitMap(q="attention.self.query", k="attention.self.key", v="attention.self.value",
                 o="attention.output.dense", up="intermediate.dense", down="output.dense")
-#: ``config.model_type`` -> unit map
+#: diffusers' ``BasicTransformerBlock`` (DiT): self-attention ``attn1`` and a non-gated feed-forward ``ff`` (``ff.net.0``
+#: is the activation module holding the up projection ``proj``; ``ff.net.2`` the down projection)
+_DIT = UnitMap(q="attn1.to_q", k="attn1.to_k", v="attn1.to_v", o="attn1.to_out.0", up="ff.net.0.proj",
+               down="ff.net.2")
+#: :func:`architecture` (transformers' ``config.model_type``, else the model's class name) -> unit map
 UNIT_MAPS: dict[str, UnitMap] = {
     **{t: _LLAMA for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "granite")},
     **{t: _BERT for t in ("bert", "roberta", "xlm-roberta", "electra", "camembert")},
+    **{t: _DIT for t in ("DiTTransformer2DModel", "Transformer2DModel")},
 }
+
+
+def architecture(model: nn.Module) -> str:
+    """The :data:`UNIT_MAPS` key of ``model``: transformers' ``config.model_type``, or the class name for models whose
+    config has none (diffusers: ``DiTTransformer2DModel``)."""
+    return getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
 
 
 @dataclass
@@ -313,7 +334,7 @@ def find_blocks(model: nn.Module, unit_map: UnitMap | None = None, modules: dict
     of ``model.named_modules()`` (used to look past adapter wrappers)."""
     config = getattr(model, "config", None)
     if unit_map is None:
-        model_type = getattr(config, "model_type", None)
+        model_type = architecture(model)
         if model_type not in UNIT_MAPS:
             raise ValueError(f"no unit map for model type {model_type!r} (known: {sorted(UNIT_MAPS)}); pass "
                              "unit_map=deltatune.targets.UnitMap(q=..., k=..., v=..., o=..., up=..., down=...) with "
@@ -334,17 +355,25 @@ def find_blocks(model: nn.Module, unit_map: UnitMap | None = None, modules: dict
         missing = [n for n in names.values() if n not in modules]
         if missing:
             raise ValueError(f"block {prefix!r} has no module {missing[0]!r}; fix the unit map")
-        head_dim = _config_int(config, "head_dim") or _out(modules[names["q"]]) // heads
+        head_dim = _config_int(config, "head_dim", "attention_head_dim") or _out(modules[names["q"]]) // heads
         if head_dim * heads != _out(modules[names["q"]]) or head_dim * kv_heads != _out(modules[names["v"]]):
             raise ValueError(f"block {prefix!r}: q/v output sizes do not match {heads} heads, {kv_heads} KV heads of "
                              f"dimension {head_dim}")
+        channels = _out(modules[names["up"]])
+        if _in(modules[names["down"]]) != channels:  # e.g. a gated FFN whose up projection packs gate and up rows
+            raise ValueError(f"block {prefix!r}: {names['up']!r} has {channels} outputs but {names['down']!r} "
+                             f"{_in(modules[names['down']])} inputs; FFN channels need one row of up per column of "
+                             "down (a packed gate/up projection such as GEGLU has no unit map)")
         digits = [int(p) for p in prefix.split(".") if p.isdigit()]
-        blocks.append(Block(digits[-1] if digits else len(blocks), names, heads, kv_heads, head_dim,
-                            _out(modules[names["up"]])))
+        blocks.append(Block(digits[-1] if digits else len(blocks), names, heads, kv_heads, head_dim, channels))
     if not blocks:
         raise ValueError(f"no transformer blocks found: no module name ends in {unit_map.v!r}")
     return sorted(blocks, key=lambda b: b.index)
 
 
 def _out(module: nn.Module) -> int:
-    return module.out_features if hasattr(module, "out_features") else module.weight.shape[-1]
+    return linear_weight(module).shape[0]
+
+
+def _in(module: nn.Module) -> int:
+    return linear_weight(module).shape[1]
