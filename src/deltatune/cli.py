@@ -113,9 +113,12 @@ def _cmd_inspect(args) -> int:
     print(f"modules   {len(info['modules'])} (" + ", ".join(f"{n} {s}" for s, n in structures.items()) + ")")
     print(f"params    {info['params']:,}")
     extra_keys = sorted({k for r in info["modules"] for k in r} - {"module", "structure", "layer", "shape", "params"})
-    header = ["module", "structure", "shape", *extra_keys, "params"]
-    table = [[r["module"], r["structure"], "x".join(map(str, r["shape"])),
-              *(_fmt(r.get(k, "")) for k in extra_keys), f"{r['params']:,}"] for r in info["modules"]]
+    # the layer kind says how to read the shape (a conv's is out x in/groups*kernel); shown unless all are Linear
+    layer = ["layer"] if any(r["layer"] not in (None, "linear") for r in info["modules"]) else []
+    header = ["module", "structure", *layer, "shape", *extra_keys, "params"]
+    table = [[r["module"], r["structure"], *([r["layer"] or "linear"] if layer else []),
+              "x".join(map(str, r["shape"])), *(_fmt(r.get(k, "")) for k in extra_keys), f"{r['params']:,}"]
+             for r in info["modules"]]
     print_table(header, table)
     return 0
 

@@ -9,9 +9,11 @@ approximation in Frobenius norm)::
 with ``k = rank``, or per layer the fewest components holding ``energy`` of ``||dW||_F^2``. The relative error
 ``||dW - B A||_F / ||dW||_F = sqrt(sum_{i>k} S_i^2 / sum_i S_i^2)`` is reported per layer.
 
-Layer kinds come from the model's ``config.json`` (built on the meta device), so GPT-2's ``Conv1D`` (stored
-``in x out``) and embedding tables (``dW`` of the transposed table: an embedding LoRA) are handled; without a
-config, tables are recognized by name. Tensors are streamed from the two safetensors checkpoints one pair at a time
+Layer kinds come from the model's ``config.json`` (a transformers or diffusers model, built on the meta device),
+so GPT-2's ``Conv1D`` (stored ``in x out``), embedding tables (``dW`` of the transposed table: an embedding LoRA)
+and convolutions (``out x in/groups x kernel``, linear layout ``out x (in/groups * prod(kernel))``: the LoRA is a
+LoCon, ``A`` a conv with the base's kernel and ``B`` a 1x1 conv) are handled; without a config, tables are
+recognized by name and convolutions by their 3-, 4- or 5-D weights. Tensors are streamed from the two safetensors checkpoints one pair at a time
 (:class:`deltatune.io.weights.WeightStore`), so peak memory is about one layer's ``W``, ``W'`` and its SVD, whatever
 the model size. Modules present only in the fine-tuned model (a new classification head) are kept whole (PEFT's
 ``modules_to_save``); other changed tensors that are not weight matrices (norms, biases), and resized ones, cannot
@@ -19,6 +21,7 @@ be a LoRA and are listed in the report.
 """
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -37,6 +40,16 @@ from .targets import TargetSpec, spec_matcher
 
 #: tensor names of lookup tables (their LoRA is an embedding LoRA, ``dW`` taken on the transposed table)
 EMBEDDING = re.compile(r".*(embed|\bwte|\bwpe|\bshared)[^.]*$")
+
+
+#: without a config: the layer kind of a ``weight`` tensor by its number of dimensions (a 3-, 4- or 5-D weight is a
+#: convolution's ``out x in/groups x kernel``; a transposed convolution's would be misread, so give a config or kinds)
+GUESSED_KINDS = {2: "linear", 3: "nn_conv1d", 4: "nn_conv2d", 5: "nn_conv3d"}
+
+
+def guess_kind(module: str, ndim: int) -> str:
+    """The layer kind of a module without a config: by dimensions, and lookup tables by name (:data:`EMBEDDING`)."""
+    return "embedding" if ndim == 2 and EMBEDDING.fullmatch(module) else GUESSED_KINDS[ndim]
 
 
 @dataclass
@@ -103,22 +116,35 @@ def common_precision(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, to
     return a.to(coarse), b.to(coarse)
 
 
+def _transformers_model(folder: Path):
+    import transformers  # optional third-party dependency (the hf extra)
+
+    config = transformers.AutoConfig.from_pretrained(folder)
+    cls = getattr(transformers, (config.architectures or [""])[0], None)
+    return cls(config) if cls is not None else transformers.AutoModel.from_config(config)
+
+
+def _diffusers_model(folder: Path, class_name: str):
+    import diffusers  # optional third-party dependency (the diffusion extra)
+
+    cls = getattr(diffusers, class_name)
+    return cls.from_config(cls.load_config(folder))
+
+
 def module_kinds(path: str | Path) -> dict[str, str] | None:
-    """``{module name: "linear" | "conv1d" | "embedding"}`` of the model whose ``config.json`` sits beside the weights
-    (built on the meta device: no memory, no weights); ``None`` without a usable config."""
+    """``{module name: layer kind name}`` (``"linear"``, ``"conv1d"``, ``"embedding"``, ``"nn_conv2d"``, ...) of the
+    model whose ``config.json`` sits beside the weights: a transformers model, or a diffusers one (its config names
+    its ``_class_name``), built on the meta device (no memory, no weights); ``None`` without a usable config."""
     folder = Path(path) if Path(path).is_dir() else Path(path).parent
     if not (folder / "config.json").is_file():
         return None
     try:
-        import transformers  # optional third-party dependency (the hf extra)
-
-        config = transformers.AutoConfig.from_pretrained(folder)
-        cls = getattr(transformers, (config.architectures or [""])[0], None)
+        class_name = json.loads((folder / "config.json").read_text()).get("_class_name")
         with torch.device("meta"):
-            model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
-    except Exception as e:  # an architecture this transformers does not know: fall back on names
+            model = _transformers_model(folder) if class_name is None else _diffusers_model(folder, class_name)
+    except Exception as e:  # an architecture this transformers / diffusers does not know: fall back on names
         warnings.warn(f"could not build the model of {folder / 'config.json'} to read its layer kinds ({e}); "
-                      "guessing embeddings from tensor names", stacklevel=3)
+                      "guessing embeddings from tensor names and convolutions from their dimensions", stacklevel=3)
         return None
     kinds = {}
     for name, module in model.named_modules():
@@ -137,8 +163,8 @@ def extract(base: str | Path, tuned: str | Path, rank: int | None = None, energy
     ``rank``: components per module; ``energy``: instead, per module the fewest components holding this share of
     ``||dW||_F^2`` (both given: the smaller of the two). ``targets`` / ``exclude``: which modules (a list of names
     or suffixes, or a regular expression over the whole module name; default every changed weight matrix).
-    ``kinds``: ``{module: "linear" | "conv1d" | "embedding"}``; by default read from the fine-tuned model's
-    ``config.json`` (GPT-2's ``Conv1D`` stores ``in x out``), else guessed from names (``embed``, ``wte``, ...).
+    ``kinds``: ``{module: "linear" | "conv1d" | "embedding" | "nn_conv2d" | ...}``; by default read from the
+    fine-tuned model's ``config.json`` (GPT-2's ``Conv1D`` stores ``in x out``), else guessed (:func:`guess_kind`).
     Tensor names may differ by a prefix between the two checkpoints. Returns the adapter (write it with
     :func:`deltatune.io.write_record`, e.g. in PEFT format) and the report.
     """
@@ -159,11 +185,12 @@ def extract(base: str | Path, tuned: str | Path, rank: int | None = None, energy
             if old_key is not None and old.shape(old_key) != shape:
                 report.resized.append(key)
                 continue
-            if len(shape) != 2 or param != "weight" or (kinds is not None and mod not in kinds):
+            if param != "weight" or (kinds is not None and mod not in kinds) or \
+                    (kinds is None and len(shape) not in GUESSED_KINDS):
                 if old_key is not None and len(shape) and not (new_t := new[key]).equal(old_t := old[old_key]):
                     report.skipped[key] = _relative_change(new_t, old_t)
                 continue
-            kind = kinds[mod] if kinds is not None else ("embedding" if EMBEDDING.fullmatch(mod) else "linear")
+            kind = kinds[mod] if kinds is not None else guess_kind(mod, len(shape))
             W_new = kind_named(kind).to_linear(new[key])
             if old_key is None:  # a module only the fine-tuned model has: keep it whole
                 bias = f"{mod}.bias"
