@@ -12,6 +12,7 @@ from torch import nn
 
 import deltatune as dt
 from deltatune.cli import main
+from deltatune.insight import module_ranks, rank_grid
 from deltatune.io import read_record, write_record
 from deltatune.targets import find_blocks
 
@@ -319,6 +320,41 @@ def test_inspect_reports_conv_modules_and_parameters_of_a_unet_adapter(tmp_path,
     line = next(x for x in lines if x.startswith("down_blocks.1.resnets.0.conv1 "))
     assert line.split() == ["down_blocks.1.resnets.0.conv1", "lowrank", "nn_conv2d", "64x288", "2", "1", "704"]
     assert sum(" nn_conv2d " in x for x in out.splitlines()) == n_conv
+    # the rank heatmap keeps the UNet's stacks apart (down_blocks.0 and up_blocks.0 are different layers)
+    layers, types, grid = rank_grid(module_ranks(read_record(tmp_path / "a").modules))
+    numbered = [m for m in rows if any(p.isdigit() for p in m.split("."))]
+    assert sum(v == v for row in grid for v in row) == len(numbered) and "up_blocks/resnets.0.conv1" in types
+    assert main(["inspect", str(tmp_path / "a"), "--plot", str(tmp_path / "ranks.png")]) == 0
+    assert (tmp_path / "ranks.png").stat().st_size > 1000
+
+
+def test_mixed_adapter_batches_combine_and_interference_on_a_unet():
+    model, batch = unet_cond(), MODELS["unet_cond"][1]()
+    for name, method in (("a", dt.LoRA(r=2, targets="all")), ("b", dt.LoRA(r=3, targets="all-conv")),
+                         ("c", dt.SpIEL(density=0.01, targets="all")), ("o", dt.OFT(block_size=4, targets="all"))):
+        dt.attach(model, method, name=name, activate=False)
+        with torch.no_grad():
+            for d in dt.deltas(model, name).values():
+                for p in d.parameters():  # non-zero updates (inactive adapters' parameters are frozen, not fixed)
+                    p.normal_(0, 0.05)
+    rows = ["a", "c", None, "o"]
+    four = {k: torch.cat([v, v]) for k, v in batch.items()}
+    with torch.no_grad():
+        mixed = model(**four, adapter_names=rows).sample
+    for i, name in enumerate(rows):
+        row = {k: v[i:i + 1] for k, v in four.items()}
+        with dt.adapter_rows(model, [name]):
+            alone = _out(model, row)
+        _close(mixed[i:i + 1], alone)
+        with dt.adapter_rows(model, [None]):
+            assert name is None or (alone - _out(model, row)).abs().max() > 1e-3  # every adapter does something
+    errors = dt.combine(model, ["a", "b"], method="sum", name="ab")
+    assert set(errors) == set(dt.deltas(model, "a")) and max(errors.values()) == 0.0  # exact: ranks side by side
+    combined = _out(model, batch)
+    dt.set_active(model, ["a", "b"])
+    _close(combined, _out(model, batch))
+    overlaps = {r["module"]: r for r in dt.interference(model, ["a", "b"], inputs=[batch])}
+    assert set(overlaps) == set(dt.deltas(model, "b")) and all(r["crosstalk_ab"] > 0 for r in overlaps.values())
 
 
 # -- bad input -----------------------------------------------------------------------------------------------------

@@ -18,14 +18,21 @@ def split_layer(module: str) -> tuple[int | None, str]:
     return None, module
 
 
+def _stack(module: str) -> str:
+    """The dotted path before the first numeric part (``down_blocks`` of ``down_blocks.0.resnets.0.conv1``)."""
+    parts = module.split(".")
+    return ".".join(parts[:next((i for i, p in enumerate(parts) if p.isdigit()), len(parts))])
+
+
 def rank_grid(ranks: dict[str, int]) -> tuple[list[int], list[str], list[list[float]]]:
     """``(layers, types, grid)`` with ``grid[i][j]`` the rank of type ``j`` in layer ``i`` (NaN where absent).
-    Modules outside numbered blocks are left out."""
+    Modules outside numbered blocks are left out. A model with several numbered stacks (a UNet's ``down_blocks``,
+    ``up_blocks``) names each type with its stack (``down_blocks/resnets.0.conv1``), so no two modules share a cell."""
+    numbered = {m: split_layer(m) for m in ranks if split_layer(m)[0] is not None}
+    several = len({_stack(m) for m in numbered}) > 1
     cells = {}
-    for module, r in ranks.items():
-        layer, kind = split_layer(module)
-        if layer is not None:
-            cells[(layer, kind)] = r
+    for module, (layer, kind) in numbered.items():
+        cells[(layer, f"{_stack(module)}/{kind}" if several else kind)] = ranks[module]
     layers = sorted({layer for layer, _ in cells})
     types = sorted({kind for _, kind in cells})
     grid = [[float(cells.get((layer, kind), float("nan"))) for kind in types] for layer in layers]
