@@ -14,7 +14,7 @@ import deltatune as dt
 from deltatune.cli import main
 from deltatune.insight import module_ranks, rank_grid
 from deltatune.io import read_record, write_record
-from deltatune.targets import find_blocks
+from deltatune.targets import FAMILIES, family, find_blocks
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -108,8 +108,10 @@ DATA_AWARE = {"corda", "eva"}
 #: S2FT selects heads and FFN channels of transformer blocks (a unit map): the DiT's blocks, not a UNet's (GEGLU)
 UNIT_BASED = {"s2ft"}
 SUBSET = ["lora", "adalora", "spiel", "orthogonal", "oft", "sorsa"]  # one per structure family
-CASES = [("unet_cond", m) for m in METHODS if m not in UNIT_BASED] + [("unet_class", m) for m in SUBSET] + \
-    [("dit", m) for m in [*SUBSET, "s2ft", "pissa", "vera"]]
+CASES = [("unet_cond", m, "all-linear" if m in DATA_AWARE else "all") for m in METHODS if m not in UNIT_BASED] + \
+    [("unet_cond", m, "all-conv") for m in ("lora", "oft", "spiel")] + \
+    [("unet_class", m, "all") for m in SUBSET] + [("dit", m, "all") for m in [*SUBSET, "s2ft", "pissa", "vera"]] + \
+    [("dit", "lora", "all-linear")]
 
 
 def _out(model, batch):
@@ -143,25 +145,25 @@ def _close(a, b, rel=1e-5):
     torch.testing.assert_close(a, b, rtol=0, atol=rel * float(b.abs().max()))
 
 
-@pytest.mark.parametrize("model_name,method", CASES, ids=[f"{a}-{b}" for a, b in CASES])
-def test_every_method_attaches_trains_merges_and_round_trips(model_name, method, tmp_path):
+@pytest.mark.parametrize("model_name,method,targets", CASES, ids=["-".join(c) for c in CASES])
+def test_every_method_attaches_trains_merges_and_round_trips(model_name, method, targets, tmp_path):
     build, make_batch, required = MODELS[model_name]
     make_method, exact_at_init = METHODS[method]
     model, batch = build(), make_batch()
     target = _noise(*_out(model, batch).shape, seed=3)
     base_params = [(p, p.detach().clone()) for p in model.parameters()]
     y0 = _out(model, batch)
-    targets = "all-linear" if method in DATA_AWARE else "all"
     dt.attach(model, make_method(targets), data=[batch] if method in DATA_AWARE else None)
 
     adapted = dt.deltas(model, "default")
     if method in UNIT_BASED:  # heads and FFN channels of every block: the attention and FFN projections only
         assert {n.split(".", 2)[2] for n in adapted} <= {"attn1.to_v", "attn1.to_out.0", "ff.net.0.proj", "ff.net.2"}
     elif method != "eva":  # EVA redistributes the rank budget (a layer may get none)
-        kinds = {n: type(model.get_submodule(n).base).__name__ for n in adapted}
-        want = [n for n in required if targets == "all" or isinstance(build().get_submodule(n), nn.Linear)]
+        plain = build()
+        families = {family(model.get_submodule(n).base) for n in adapted}
+        want = [n for n in required if family(plain.get_submodule(n)) in FAMILIES[targets]]
         assert set(want) <= set(adapted), sorted(set(want) - set(adapted))
-        assert {"Linear", "Conv2d"} <= set(kinds.values()) or targets == "all-linear"
+        assert families == set(FAMILIES[targets])
     y_init = _out(model, batch)
     if exact_at_init:
         assert torch.equal(y_init, y0)

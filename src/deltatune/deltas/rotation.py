@@ -192,11 +192,13 @@ class RotationDelta(Delta):
 
     # -- materialization and merging ----------------------------------------------------------------------------
     def dense(self) -> torch.Tensor:
-        """``W (R^T - I)`` for the weight this delta is bound to (:meth:`Delta.bind`; it must not be merged into it)."""
+        """``W (R^T - I)`` for the weight this delta is bound to (:meth:`Delta.bind`; it must not be merged into it),
+        differentiable in ``q`` like every structure's ``dense()`` (layer kinds that apply ``dense()``, convolutions,
+        train through it)."""
         if self.is_merged():
             raise RuntimeError("the additive form W (R^T - I) of a merged rotation is undefined; dt.unmerge it first")
         W = self.base_weight()[0].detach()
-        R = self.rotation().detach()
+        R = self.rotation()
         return rotate_weight(W.to(R.dtype), R) - W.to(R.dtype)
 
     @torch.no_grad()
