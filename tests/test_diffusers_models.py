@@ -291,14 +291,18 @@ def test_extract_recovers_known_low_rank_conv_and_linear_updates(tmp_path, with_
     assert report.ranks == dict.fromkeys(deltas, 2) and max(report.errors.values()) < 1e-5
     assert report.unchanged > 40 and not report.skipped and not report.kept_whole
     conv1 = record.modules["down_blocks.1.resnets.0.conv1"]
-    assert (conv1["layer"], conv1["out_features"], conv1["in_features"]) == ("nn_conv2d", 64, 32 * 3 * 3)
+    assert (conv1["layer"], conv1["out_features"], conv1["in_features"], conv1["kernel"]) == \
+        ("nn_conv2d", 64, 32 * 3 * 3, [3, 3])
+    assert conv1.get("groups") == (1 if with_config else None)  # the groups are not in a weight's shape
     for name, dW in want.items():
         t = record.tensors[name]
         torch.testing.assert_close(t["B"] @ t["A"], dW, rtol=0, atol=1e-5 * float(dW.abs().max()))
-    write_record(tmp_path / "extracted", record)
     batch = MODELS["unet_cond"][1]()
-    dt.load(base, tmp_path / "extracted")
-    _close(_out(base, batch), _out(tuned, batch))
+    want = _out(tuned, batch)
+    for fmt in ("deltatune", "peft", "diffusers"):  # the conv factors go to the kernel-shaped file layouts too
+        write_record(tmp_path / fmt, record, format=fmt)
+        loaded = dt.load(unet_cond(), tmp_path / fmt)
+        _close(_out(loaded, batch), want)
 
 
 def test_inspect_reports_conv_modules_and_parameters_of_a_unet_adapter(tmp_path, capsys):
@@ -310,7 +314,8 @@ def test_inspect_reports_conv_modules_and_parameters_of_a_unet_adapter(tmp_path,
     rows = {r["module"]: r for r in info["modules"]}
     assert info["params"] == dt.trainable_parameters(model)[0]
     conv1 = rows["down_blocks.1.resnets.0.conv1"]
-    assert (conv1["layer"], conv1["shape"], conv1["r"], conv1["params"]) == ("nn_conv2d", [64, 288], 2, 2 * (64 + 288))
+    assert (conv1["layer"], conv1["shape"], conv1["kernel"], conv1["r"], conv1["params"]) == \
+        ("nn_conv2d", [64, 288], [3, 3], 2, 2 * (64 + 288))
     assert rows["time_embedding.linear_1"]["layer"] == "linear"
     assert main(["inspect", str(tmp_path / "a")]) == 0
     out = capsys.readouterr().out
@@ -318,9 +323,10 @@ def test_inspect_reports_conv_modules_and_parameters_of_a_unet_adapter(tmp_path,
     assert f"modules   {len(rows)} ({len(rows)} lowrank)" in out and f"params    {info['params']:,}" in out
     lines = out.splitlines()
     header = next(x for x in lines if x.startswith("module "))
-    assert header.split() == ["module", "structure", "layer", "shape", "r", "scale", "params"]
+    assert header.split() == ["module", "structure", "layer", "shape", "groups", "kernel", "r", "scale", "params"]
     line = next(x for x in lines if x.startswith("down_blocks.1.resnets.0.conv1 "))
-    assert line.split() == ["down_blocks.1.resnets.0.conv1", "lowrank", "nn_conv2d", "64x288", "2", "1", "704"]
+    assert line.split() == ["down_blocks.1.resnets.0.conv1", "lowrank", "nn_conv2d", "64x288", "1", "[3,", "3]", "2",
+                            "1", "704"]
     assert sum(" nn_conv2d " in x for x in out.splitlines()) == n_conv
     # the rank heatmap keeps the UNet's stacks apart (down_blocks.0 and up_blocks.0 are different layers)
     layers, types, grid = rank_grid(module_ranks(read_record(tmp_path / "a").modules))

@@ -133,8 +133,22 @@ def _diffusers_model(folder: Path, class_name: str):
 
 def module_kinds(path: str | Path) -> dict[str, str] | None:
     """``{module name: layer kind name}`` (``"linear"``, ``"conv1d"``, ``"embedding"``, ``"nn_conv2d"``, ...) of the
-    model whose ``config.json`` sits beside the weights: a transformers model, or a diffusers one (its config names
-    its ``_class_name``), built on the meta device (no memory, no weights); ``None`` without a usable config."""
+    model whose ``config.json`` sits beside the weights (see :func:`model_layers`); ``None`` without a usable config."""
+    layers = model_layers(path)
+    return None if layers is None else {n: kind for n, (kind, _) in layers.items()}
+
+
+def weight_geometry(shape) -> dict:
+    """What a stored weight says of its layer beyond the linear layout: a conv's ``kernel`` (its dims after the
+    first two; the groups are not in the shape)."""
+    return {"kernel": list(shape[2:])} if len(shape) > 2 else {}
+
+
+def model_layers(path: str | Path) -> dict[str, tuple[str, dict]] | None:
+    """``{module name: (layer kind name, geometry)}`` (geometry: what file formats need, a conv's kernel and groups,
+    :attr:`deltatune.layers.LayerKind.geometry`) of the model whose ``config.json`` sits beside the weights: a
+    transformers model, or a diffusers one (its config names its ``_class_name``), built on the meta device (no
+    memory, no weights); ``None`` without a usable config."""
     folder = Path(path) if Path(path).is_dir() else Path(path).parent
     if not (folder / "config.json").is_file():
         return None
@@ -146,13 +160,14 @@ def module_kinds(path: str | Path) -> dict[str, str] | None:
         warnings.warn(f"could not build the model of {folder / 'config.json'} to read its layer kinds ({e}); "
                       "guessing embeddings from tensor names and convolutions from their dimensions", stacklevel=3)
         return None
-    kinds = {}
+    layers = {}
     for name, module in model.named_modules():
         try:
-            kinds[name] = kind_of(module).name
+            kind = kind_of(module)
         except TypeError:
-            pass
-    return kinds
+            continue
+        layers[name] = (kind.name, kind.geometry(module))
+    return layers
 
 
 def extract(base: str | Path, tuned: str | Path, rank: int | None = None, energy: float | None = None,
@@ -172,7 +187,9 @@ def extract(base: str | Path, tuned: str | Path, rank: int | None = None, energy
         raise ValueError("give rank= (components per module) or energy= (share of ||dW||^2 to keep, e.g. 0.9)")
     if rank is not None and rank <= 0 or energy is not None and not 0 < energy <= 1:
         raise ValueError(f"rank must be positive and energy in (0, 1], got rank={rank}, energy={energy}")
-    kinds = kinds if kinds is not None else module_kinds(tuned)
+    layers = model_layers(tuned) if kinds is None else None
+    if layers is not None:
+        kinds = {n: kind for n, (kind, _) in layers.items()}
     modules, tensors, report = {}, {}, ExtractionReport()
     selected, excluded = spec_matcher(targets), spec_matcher(exclude, "exclude")
     matched = 0
@@ -191,10 +208,11 @@ def extract(base: str | Path, tuned: str | Path, rank: int | None = None, energy
                     report.skipped[key] = _relative_change(new_t, old_t)
                 continue
             kind = kinds[mod] if kinds is not None else guess_kind(mod, len(shape))
+            geometry = layers[mod][1] if layers is not None else weight_geometry(shape)
             W_new = kind_named(kind).to_linear(new[key])
             if old_key is None:  # a module only the fine-tuned model has: keep it whole
                 bias = f"{mod}.bias"
-                modules[mod] = FullDelta.spec_for(*W_new.shape, layer=kind)
+                modules[mod] = {**FullDelta.spec_for(*W_new.shape, layer=kind), **geometry}
                 tensors[mod] = {"weight": W_new, **({"bias": new[bias]} if bias in new else {})}
                 report.kept_whole.append(mod)
                 continue
@@ -206,7 +224,7 @@ def extract(base: str | Path, tuned: str | Path, rank: int | None = None, energy
                 continue
             B, A, err = lowrank_update(W_new, W_old, rank, energy)
             dtype = W_new.dtype if W_new.is_floating_point() else torch.float32
-            modules[mod] = LowRankDelta.spec_for(B.shape[0], A.shape[1], A.shape[0], 1.0, layer=kind)
+            modules[mod] = {**LowRankDelta.spec_for(B.shape[0], A.shape[1], A.shape[0], 1.0, layer=kind), **geometry}
             tensors[mod] = {"A": A.to(dtype), "B": B.to(dtype)}
             report.ranks[mod], report.errors[mod] = int(A.shape[0]), err
     if not matched and report.kept_whole:
