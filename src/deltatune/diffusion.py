@@ -163,6 +163,14 @@ def class_tables(model: nn.Module) -> list[str]:
             if isinstance(m, nn.Embedding) and (n.endswith("class_embedding") or n.endswith("embedding_table"))]
 
 
+def _classes(mods: dict, table: str) -> int:
+    """How many class ids table ``table`` holds: its rows, less the classifier-free-guidance null row of a label
+    embedder that has one (DiT's ``LabelEmbedding``: ``num_classes`` classes plus one "no class" row)."""
+    parent = mods.get(table.rpartition(".")[0]) if "." in table else None
+    n = mods[table].num_embeddings
+    return min(n, int(getattr(parent, "num_classes", n)))
+
+
 class Concepts(nn.Module):
     """New concepts as trainable rows ``e_c`` of the model's class-embedding tables: label ``c`` reads ``e_c`` from
     here instead of the base table (one row per table: a DiT has one table per block). The base weights are never
@@ -181,7 +189,7 @@ class Concepts(nn.Module):
         if missing:
             raise ValueError(f"Concepts: {missing[0]!r} is not an nn.Embedding of {type(base).__name__}")
         labels = [int(c) for c in ([labels] if isinstance(labels, int) else labels)]
-        n = mods[names[0]].num_embeddings
+        n = min(_classes(mods, name) for name in names)
         bad = [c for c in labels if not 0 <= c < n]
         if bad or len(set(labels)) != len(labels):
             raise ValueError(f"Concepts: labels must be distinct class ids in [0, {n}), got {labels}")
@@ -232,20 +240,26 @@ class Concepts(nn.Module):
                 seen[c] = p
                 labels.append(c)
         tables = [k[len("rows."):] for k in parts[0][1] if k.startswith("rows.")]
+        mods = dict(unwrap(model).named_modules())
+        for p, d in parts:  # every file checked before anything is hooked
+            n = len(d["labels"])
+            for name in tables:
+                table = mods.get(name)
+                if not isinstance(table, nn.Embedding):
+                    raise ValueError(f"{p}: rows for {name!r}, which is not a class-embedding table of "
+                                     f"{type(unwrap(model)).__name__} (written for another model?)")
+                if f"rows.{name}" not in d:
+                    raise ValueError(f"{p}: no rows for table {name!r} (written for another model?)")
+                if d[f"rows.{name}"].shape != (n, table.embedding_dim):
+                    raise ValueError(f"{p}: rows for {name!r} have shape {tuple(d[f'rows.{name}'].shape)}, the "
+                                     f"model's table needs ({n}, {table.embedding_dim})")
         made = cls(model, labels, tables=tables)
         with torch.no_grad():
             k = 0
             for p, d in parts:
                 n = len(d["labels"])
                 for i, name in enumerate(tables):
-                    if f"rows.{name}" not in d:
-                        raise ValueError(f"{p}: no rows for table {name!r} (written for another model?)")
-                    row = d[f"rows.{name}"]
-                    if row.shape != (n, made.rows[i].shape[1]):
-                        made.remove()
-                        raise ValueError(f"{p}: rows for {name!r} have shape {tuple(row.shape)}, the model's table "
-                                         f"needs ({n}, {made.rows[i].shape[1]})")
-                    made.rows[i][k:k + n] = row
+                    made.rows[i][k:k + n] = d[f"rows.{name}"]
                 k += n
         return made
 
@@ -335,7 +349,7 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None = 
         last = step + 1 == steps
         if sample_every and sample_dir is not None and ((step + 1) % sample_every == 0 or last):
             with (ema.applied() if ema is not None else _nothing()):
-                imgs = sample(model, _repeat(sample_labels, 8), images.shape[1:], scheduler=scheduler,
+                imgs = sample(model, _repeat(sample_labels, 8), images.shape[1:], n=8, scheduler=scheduler,
                               steps=sample_steps, seed=seed)
             model.train()
             history.grids.append(save_grid(imgs, Path(sample_dir) / f"{desc}-step{step + 1:06d}.png", nrow=8))
