@@ -206,7 +206,7 @@ class _LoConConv(torch.autograd.Function):
     output channels (``x`` read once, one input gradient), ``B`` a batched matrix product over the positions, and
     the backward written out (``g = dL/dy``, ``u = conv(x, A)``, ``g_u = s B^T g``)::
 
-        dL/dB = s sum_n g_n u_n^T        dL/dA = conv_weight_grad(g_u, x)        dL/dx = conv_input_grad([g; g_u], [W; A])
+        dL/dB = s sum_n g_n u_n^T      dL/dA = conv_weight_grad(g_u, x)      dL/dx = conv_input_grad([g; g_u], [W; A])
 
     Positions are flattened (``N x C x P``); a pointwise conv (1x1, unit stride, no padding) runs every product as
     a matrix product, which on CPU is several times faster than the conv kernels for the same sums."""
@@ -227,15 +227,16 @@ class _LoConConv(torch.autograd.Function):
             y3, spatial = y.view(n, out_ch + r, -1), y.shape[2:]
         u = y3[:, out_ch:].contiguous()  # saved on its own, so that the (out + r)-channel output can be freed
         out = torch.baddbmm(y3[:, :out_ch], B.expand(n, *B.shape), u, alpha=s)
-        ctx.save_for_backward(x, Wc, B, u)
+        ctx.save_for_backward(x, W, A, B, u)  # not Wc: a copy of the base weight would live until the backward
         ctx.s, ctx.geometry, ctx.kernel, ctx.pointwise = s, (stride, padding, dilation), W.shape[1:], pointwise
         return out.view(n, out_ch, *spatial)
 
     @staticmethod
     def backward(ctx, g):
-        x, Wc, B, u = ctx.saved_tensors
+        x, W, A, B, u = ctx.saved_tensors
         need_x, _, _, need_A, need_B = ctx.needs_input_grad[:5]
         n, out_ch, r = g.shape[0], g.shape[1], u.shape[1]
+        Wc = torch.cat([W.reshape(out_ch, -1), A]) if need_x else None
         g3 = g.reshape(n, out_ch, -1)
         gB = torch.bmm(g3, u.transpose(1, 2)).sum(0).mul_(ctx.s) if need_B else None
         gu = torch.matmul(B.t(), g3).mul_(ctx.s) if need_A or need_x else None
@@ -252,7 +253,7 @@ class _LoConConv(torch.autograd.Function):
                 gx = torch.ops.aten.convolution_backward(gc, x, Wc.view(out_ch + r, *kernel), None, *geometry,
                                                          (True, False, False))[0]
             if need_A:
-                Ak = Wc[out_ch:].view(r, *kernel)
+                Ak = A.view(r, *kernel)
                 gA = torch.ops.aten.convolution_backward(gu.view(n, r, *spatial), x, Ak, None, *geometry,
                                                          (False, True, False))[1].reshape(r, -1)
         return gx, None, None, gA, gB, None, None, None, None
@@ -261,12 +262,13 @@ class _LoConConv(torch.autograd.Function):
 def locon_conv(m: nn.Module, delta, x: torch.Tensor) -> torch.Tensor | None:
     """The whole output of conv ``m`` plus a LoCon ``delta`` (``dW = s B A``) as one autograd node
     (:class:`_LoConConv`), or ``None`` where that node does not apply: other structures, input dropout, conv
-    subclasses, grouped convs, trainable base weights, mixed dtypes or autocast, unbatched, non-contiguous or string-padded inputs (the
-    layer then runs the base conv plus :func:`conv_update`)."""
+    subclasses, grouped convs, trainable base weights, mixed dtypes or autocast, unbatched, non-contiguous or
+    string-padded inputs (the layer then runs the base conv plus :func:`conv_update`)."""
     factors = delta.live_factors()
     W, b = m.weight, m.bias
-    if (factors is None or type(m) not in _CONV_TYPES or m.groups != 1 or W.requires_grad or (b is not None and b.requires_grad)
-            or x.dim() != W.dim() or not x.is_contiguous() or torch.is_autocast_enabled(x.device.type)):
+    frozen = not W.requires_grad and (b is None or not b.requires_grad)
+    if (factors is None or type(m) not in _CONV_TYPES or m.groups != 1 or not frozen or x.dim() != W.dim()
+            or not x.is_contiguous() or torch.is_autocast_enabled(x.device.type)):
         return None
     B, A, s = factors
     xin, padding = conv_input(m, x)
