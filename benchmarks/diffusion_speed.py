@@ -218,7 +218,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma list out of " + ",".join(VARIANTS))
     ap.add_argument("--what", default="speed", help="comma list: speed, memory")
     ap.add_argument("--mem-steps", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 is steadier on a shared machine)")
     ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     ap.add_argument("--mem-child", help=argparse.SUPPRESS)
     return ap
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     what = set(args.what.split(","))
     variants = [v for v in args.variants.split(",") if v]
     base = make_unet()
-    body = [header("Conv LoRA training step on a diffusers UNet2DConditionModel"),
+    body = [header(f"Conv LoRA training step on a diffusers UNet2DConditionModel, {args.threads} thread(s)"),
             f"- model: `UNet2DConditionModel({', '.join(f'{k}={v!r}' for k, v in UNET.items())})`, random init, "
             f"{sum(p.numel() for p in base.parameters()):,} parameters; batch {args.batch} of "
             f"{UNET['in_channels']}x{UNET['sample_size']}x{UNET['sample_size']} latents, {TOKENS} text tokens; "
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     text = "\n".join(body)
     print(text)
     if not args.no_write:
-        update_section("bench_diffusion:speed", text)
+        update_section(f"bench_diffusion:speed:threads{args.threads}", text)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ tests module types. This floor imports only torch.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -219,12 +220,12 @@ class _LoConConv(torch.autograd.Function):
         bc = None if b is None else torch.cat([b, b.new_zeros(r)])
         pointwise = _pointwise(W.shape[2:], stride, padding, dilation)
         if pointwise:
-            x3 = x.reshape(n, x.shape[1], -1)
+            x3 = x.reshape(n, x.shape[1], math.prod(x.shape[2:]))
             y3 = torch.matmul(Wc, x3) if bc is None else torch.baddbmm(bc[:, None], Wc.expand(n, *Wc.shape), x3)
             spatial = x.shape[2:]
         else:
             y = _CONV[W.dim() - 2](x, Wc.view(out_ch + r, *W.shape[1:]), bc, stride, padding, dilation)
-            y3, spatial = y.view(n, out_ch + r, -1), y.shape[2:]
+            y3, spatial = y.view(n, out_ch + r, math.prod(y.shape[2:])), y.shape[2:]
         u = y3[:, out_ch:].contiguous()  # saved on its own, so that the (out + r)-channel output can be freed
         out = torch.baddbmm(y3[:, :out_ch], B.expand(n, *B.shape), u, alpha=s)
         ctx.save_for_backward(x, W, A, B, u)  # not Wc: a copy of the base weight would live until the backward
@@ -237,12 +238,12 @@ class _LoConConv(torch.autograd.Function):
         need_x, _, _, need_A, need_B = ctx.needs_input_grad[:5]
         n, out_ch, r = g.shape[0], g.shape[1], u.shape[1]
         Wc = torch.cat([W.reshape(out_ch, -1), A]) if need_x else None
-        g3 = g.reshape(n, out_ch, -1)
+        g3 = g.reshape(n, out_ch, math.prod(g.shape[2:]))
         gB = torch.bmm(g3, u.transpose(1, 2)).sum(0).mul_(ctx.s) if need_B else None
         gu = torch.matmul(B.t(), g3).mul_(ctx.s) if need_A or need_x else None
         gx = gA = None
         if ctx.pointwise:
-            x3 = x.reshape(n, x.shape[1], -1)
+            x3 = x.reshape(n, x.shape[1], math.prod(x.shape[2:]))
             gx = torch.matmul(Wc.t(), torch.cat([g3, gu], 1)).view(x.shape) if need_x else None
             gA = torch.bmm(gu, x3.transpose(1, 2)).sum(0) if need_A else None
         else:
