@@ -19,3 +19,5 @@ python benchmarks/bench_sparse.py --what quality
 python benchmarks/bench_sparse.py --what sst2
 python benchmarks/bench_modular.py
 python benchmarks/bench_combine.py --what all --rounds 3
+python benchmarks/diffusion_speed.py --rounds 12 --steps 3 --threads 1 --what speed,memory
+python benchmarks/diffusion_speed.py --rounds 12 --steps 3 --threads 2

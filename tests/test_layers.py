@@ -134,6 +134,8 @@ CONVS = {
                                                                dilation=2, groups=2),
     "conv2d-replicate-nobias": lambda: nn.Conv2d(4, 5, (3, 1), padding=(1, 0), padding_mode="replicate", bias=False),
     "conv3d-grouped": lambda: nn.Conv3d(4, 4, (1, 3, 3), padding=(0, 1, 1), groups=2),
+    "conv2d-strided": lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1),
+    "conv2d-pointwise": lambda: nn.Conv2d(4, 6, 1),  # the fused LoCon node runs it as matrix products
 }
 CONV_METHODS = {
     "lora": lambda: dt.LoRA(r=2, targets=["0"]),
@@ -205,16 +207,19 @@ def test_every_structure_on_every_conv_geometry_is_exact(geometry, method, tmp_p
 
 @pytest.mark.parametrize("geometry", CONVS)
 def test_locon_gradients_equal_the_dense_reference(geometry):
-    """LoRA on a conv runs as two convs (A with the base's geometry, B 1x1) and never builds dW; its gradients are
-    those of the conv with W + s B A."""
+    """LoRA on a conv runs as LoCon (A a conv with the base's geometry, B 1x1) and never builds dW; its gradients are
+    those of the conv with W + s B A. An ungrouped conv runs it fused with the base conv as one autograd node, a
+    grouped one as separate convs: both are checked."""
     net, conv = _conv_net(CONVS[geometry])
     dt.attach(net, dt.LoRA(r=3, alpha=6, targets=["0"]))
     d = dt.deltas(net, "default")["0"]
     with torch.no_grad():
         d.B.normal_(std=0.1)
     x = _conv_input(conv).requires_grad_(True)
-    g = torch.randn_like(net(x))
-    (net(x) * g).sum().backward()
+    out = net(x)
+    assert ("LoConConv" in type(out.grad_fn).__name__) == (conv.groups == 1)
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
     got = d.A.grad.clone(), d.B.grad.clone(), x.grad.clone()
     d.A.grad = d.B.grad = x.grad = None
     ref = _reference(net[0].base, d.scale * d.B @ d.A, None, x)

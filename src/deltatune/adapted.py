@@ -104,7 +104,12 @@ class AdaptedLayer(LayerWrapper):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.routing is not None:
             return self.routing.forward(self, x, *args, **kwargs)
-        if not self._plain or hooked(self.base):
+        hooks = hooked(self.base)
+        if not self._plain or hooks:
+            if not hooks and len(self._live) == 1 and self._replacing is None and not args and not kwargs:
+                out = self.layer_kind.fuse(self.base, self._live[0], x)  # a kind's own fused kernel (convs)
+                if out is not None:
+                    return out
             # hooks and Linear subclasses see the layer as its callers do: original shapes, outputs left untouched
             out = self._base_output(x, *args, **kwargs)
             for d in self._live:

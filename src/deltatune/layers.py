@@ -12,7 +12,8 @@ says, for one family of modules:
 - ``stacked``: inputs are features on the last dimension, so mixed-adapter batches may apply stacked low-rank
   factors to them (:mod:`deltatune.serving`);
 - ``fusable(m)``: the module computes exactly ``x W^T + b`` over the last dimension, so a delta may run it on a 2-D
-  view in one fused node (:meth:`deltatune.deltas.Delta.fuse`); ``has_bias``: deltas may update the bias;
+  view in one fused node (:meth:`deltatune.deltas.Delta.fuse`); ``fuse(m, delta, x)``: the same for other kinds
+  (a kernel of the kind's own, or ``None``); ``has_bias``: deltas may update the bias;
 - ``family``: what ``"all-linear"`` (``"linear"``), ``"all-conv"`` (``"conv"``) and ``"all"`` (both) select;
 - ``geometry(m)``: what file formats need of the module beyond the linear layout (a conv's ``kernel`` and
   ``groups``), recorded in adapter specs; ``lora_to_file(B, A, spec)`` / ``lora_from_file(B, A)``: LoRA factors
@@ -24,13 +25,15 @@ linear layout ``out x (in/groups * prod(kernel))``: the weight reshaped, as LyCO
 that is a product ``dW = s B A`` (:meth:`~deltatune.deltas.Delta.live_factors`) runs as LoCon, ``A`` a conv with
 the base's geometry and ``B`` a 1x1 conv (grouped convs: ``A`` shared by the groups, ``B`` grouped), without
 materializing ``dW``; any other structure runs as one conv with its ``dense()`` update. Transposed convolutions
-are not adaptable.
+are not adaptable. When a LoCon delta is the only one live on an ungrouped conv with frozen weights, the layer runs
+as one autograd node (:func:`locon_conv`): the base kernel and ``A`` are one conv with ``out + r`` output channels.
 
 Adding a kind (e.g. ``nn.Conv2d``) is one :func:`register_kind` call plus its tests; nothing else in the library
 tests module types. This floor imports only torch.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -56,6 +59,10 @@ class LayerKind:
     output: Callable = lambda m, delta, x: delta(x)
     replace: Callable = lambda m, delta, x: delta.replace(x, embedding=False)
     fusable: Callable[[nn.Module], bool] = lambda m: False
+    #: ``fuse(m, delta, x)``: the output of ``m`` plus the contribution of ``delta`` (the only live one, ``m`` not
+    #: hooked) as one fused autograd node, or ``None`` when the kind has no fused kernel for this case (the layer
+    #: then runs ``m`` and :attr:`add`); kinds that are :attr:`fusable` use :meth:`deltatune.deltas.Delta.fuse`
+    fuse: Callable = lambda m, delta, x: None
     has_bias: bool = True
     stacked: bool = True
     #: how errors name the kind (the module type users know)
@@ -180,6 +187,8 @@ register_kind(LayerKind(
 
 # -- convolutions: pure functions of the module's geometry ---------------------------------------------------------
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+#: exactly these compute the plain conv (a subclass, e.g. a quantized conv, may compute something else)
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def conv_input(m: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, object]:
@@ -207,6 +216,96 @@ def conv_update(m: nn.Module, delta, x: torch.Tensor) -> torch.Tensor:
     u = conv(delta.drop(xin), A_k, None, m.stride, padding, m.dilation, m.groups)
     B_k = (B * s).reshape(B.shape[0], B.shape[1], *([1] * (len(kernel) - 1)))
     return conv(u, B_k, None, 1, 0, 1, m.groups)
+
+
+def _int_list(v, dims: int) -> list[int]:
+    return [v] * dims if isinstance(v, int) else list(v)
+
+
+def _pointwise(kernel, stride, padding, dilation) -> bool:
+    """A 1x1(x1) conv with unit stride and no padding (geometry as int lists): a matrix product over the channels
+    at each position."""
+    return all(v == 1 for v in (*kernel, *stride, *dilation)) and not any(padding)
+
+
+class _LoConConv(torch.autograd.Function):
+    """``y = conv(x, W) + b + s * B conv(x, A)`` for a frozen ``W, b``, with ``[W; A]`` as one conv of ``out + r``
+    output channels (``x`` read once, one input gradient), ``B`` a batched matrix product over the positions, and
+    the backward written out (``g = dL/dy``, ``u = conv(x, A)``, ``g_u = s B^T g``)::
+
+        dL/dB = s sum_n g_n u_n^T      dL/dA = conv_weight_grad(g_u, x)      dL/dx = conv_input_grad([g; g_u], [W; A])
+
+    Positions are flattened (``N x C x P``); a pointwise conv (1x1, unit stride, no padding) runs every product as
+    a matrix product. Why, measured on 2 CPU threads (3x3 conv 128 -> 128 on 8 x 128 x 8 x 8, r = 8): the ``[W; A]``
+    conv takes 642 us against 576 + 150 us for two convs, its input gradient 681 against 596 + 160 us, ``B`` as a
+    batched matmul 10 / 31 us (forward / backward) against 92 / 202 us as a 1x1 conv, and a 1x1 conv 60 us as a
+    matmul against 137 us as a conv. On one thread the conv kernels' fixed costs are smaller and the node only ties
+    the separate kernels (BENCHMARKS.md, "Convolutions and diffusion (issue 17): speed")."""
+
+    @staticmethod
+    def forward(ctx, x, W, b, A, B, s, stride, padding, dilation):
+        out_ch, r, n, dims = W.shape[0], A.shape[0], x.shape[0], x.dim() - 2
+        stride, padding, dilation = (_int_list(v, dims) for v in (stride, padding, dilation))
+        Wc = torch.cat([W.reshape(out_ch, -1), A])  # (out + r) x (in * prod(kernel)), linear layout
+        bc = None if b is None else torch.cat([b, b.new_zeros(r)])
+        pointwise = _pointwise(W.shape[2:], stride, padding, dilation)
+        if pointwise:
+            x3 = x.reshape(n, x.shape[1], math.prod(x.shape[2:]))
+            y3 = torch.matmul(Wc, x3) if bc is None else torch.baddbmm(bc[:, None], Wc.expand(n, *Wc.shape), x3)
+            spatial = x.shape[2:]
+        else:
+            y = _CONV[W.dim() - 2](x, Wc.view(out_ch + r, *W.shape[1:]), bc, stride, padding, dilation)
+            y3, spatial = y.view(n, out_ch + r, math.prod(y.shape[2:])), y.shape[2:]
+        u = y3[:, out_ch:].contiguous()  # saved on its own, so that the (out + r)-channel output can be freed
+        out = torch.baddbmm(y3[:, :out_ch], B.expand(n, *B.shape), u, alpha=s)
+        ctx.save_for_backward(x, W, A, B, u)  # not Wc: a copy of the base weight would live until the backward
+        ctx.s, ctx.geometry, ctx.kernel, ctx.pointwise = s, (stride, padding, dilation), W.shape[1:], pointwise
+        return out.view(n, out_ch, *spatial)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, W, A, B, u = ctx.saved_tensors
+        need_x, _, _, need_A, need_B = ctx.needs_input_grad[:5]
+        n, out_ch, r = g.shape[0], g.shape[1], u.shape[1]
+        Wc = torch.cat([W.reshape(out_ch, -1), A]) if need_x else None
+        g3 = g.reshape(n, out_ch, math.prod(g.shape[2:]))
+        gB = torch.bmm(g3, u.transpose(1, 2)).sum(0).mul_(ctx.s) if need_B else None
+        gu = torch.matmul(B.t(), g3).mul_(ctx.s) if need_A or need_x else None
+        gx = gA = None
+        if ctx.pointwise:
+            x3 = x.reshape(n, x.shape[1], math.prod(x.shape[2:]))
+            gx = torch.matmul(Wc.t(), torch.cat([g3, gu], 1)).view(x.shape) if need_x else None
+            gA = torch.bmm(gu, x3.transpose(1, 2)).sum(0) if need_A else None
+        else:
+            kernel, spatial = ctx.kernel, g.shape[2:]
+            geometry = (*ctx.geometry, False, [0] * (x.dim() - 2), 1)  # not transposed, no output padding, 1 group
+            if need_x:
+                gc = torch.cat([g3, gu], 1).view(n, out_ch + r, *spatial)
+                gx = torch.ops.aten.convolution_backward(gc, x, Wc.view(out_ch + r, *kernel), None, *geometry,
+                                                         (True, False, False))[0]
+            if need_A:
+                Ak = A.view(r, *kernel)
+                gA = torch.ops.aten.convolution_backward(gu.view(n, r, *spatial), x, Ak, None, *geometry,
+                                                         (False, True, False))[1].reshape(r, -1)
+        return gx, None, None, gA, gB, None, None, None, None
+
+
+def locon_conv(m: nn.Module, delta, x: torch.Tensor) -> torch.Tensor | None:
+    """The whole output of conv ``m`` plus a LoCon ``delta`` (``dW = s B A``) as one autograd node
+    (:class:`_LoConConv`), or ``None`` where that node does not apply: other structures, input dropout, conv
+    subclasses, grouped convs, trainable base weights, mixed dtypes or autocast, unbatched, non-contiguous or
+    string-padded inputs (the layer then runs the base conv plus :func:`conv_update`)."""
+    factors = delta.live_factors()
+    W, b = m.weight, m.bias
+    frozen = not W.requires_grad and (b is None or not b.requires_grad)
+    if (factors is None or factors[1].shape[0] == 0 or type(m) not in _CONV_TYPES or m.groups != 1 or not frozen or x.dim() != W.dim()
+            or not x.is_contiguous() or torch.is_autocast_enabled(x.device.type)):
+        return None
+    B, A, s = factors
+    xin, padding = conv_input(m, x)
+    if isinstance(padding, str) or delta.drop(xin) is not xin or not x.dtype == W.dtype == A.dtype == B.dtype:
+        return None
+    return _LoConConv.apply(xin, W, b, A, B, float(s), m.stride, padding, m.dilation)
 
 
 def _conv_replace(m, delta, x):
@@ -274,8 +373,9 @@ def _conv_kind(cls: type) -> LayerKind:
         weight=lambda m: m.weight.view(m.weight.shape[0], -1),
         to_linear=lambda t: t.reshape(t.shape[0], -1), from_linear=lambda t, like: t.reshape(like.shape),
         add=lambda m, delta, out, x: out + conv_update(m, delta, x).to(out.dtype),
-        output=conv_update, replace=_conv_replace, stacked=False, family="conv", title=cls.__name__,
-        geometry=conv_geometry, geometry_keys=("kernel", "groups"), lora_to_file=conv_lora_to_file, lora_from_file=conv_lora_from_file)
+        output=conv_update, replace=_conv_replace, fuse=locon_conv, stacked=False, family="conv",
+        title=cls.__name__, geometry=conv_geometry, geometry_keys=("kernel", "groups"),
+        lora_to_file=conv_lora_to_file, lora_from_file=conv_lora_from_file)
 
 
 for _cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
