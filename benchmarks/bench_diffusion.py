@@ -426,6 +426,14 @@ def plot(results: dict, out: Path) -> Path | None:
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    what, rest = argparse.ArgumentParser(add_help=False), None
+    what.add_argument("--what", choices=["customize", "speed"], default="customize")
+    known, rest = what.parse_known_args(argv)
+    if known.what == "speed":  # the speed benchmark has its own options (diffusion_speed.py --help)
+        import diffusion_speed
+
+        return diffusion_speed.main(rest)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--what", choices=["customize", "speed"], default="customize")
     p.add_argument("--cache", default=str(cache_dir() / "bench_diffusion"))
@@ -450,11 +458,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="a few steps of everything (smoke test)")
     p.add_argument("--no-publish", action="store_true", help="do not write BENCHMARKS.md")
-    args, rest = p.parse_known_args(argv)
-    if args.what == "speed":
-        import diffusion_speed
-
-        return diffusion_speed.main(rest)
+    args = p.parse_args(argv)
     if args.quick:
         args.base_steps, args.judge_epochs, args.concept_steps, args.samples = 20, 1, 5, 8
         args.sample_steps, args.lrs, args.shots = 3, [1e-3], 16
