@@ -309,6 +309,9 @@ def customize(args) -> dict:
                 saved[c] = folder
             rows[c] = crow.save(out / "adapters" / mname / f"c{c}-rows.safetensors")
         adapters[mname], rows_files[mname] = saved, rows
+        if factory is not None:
+            results.setdefault("crosstalk", {})[mname] = crosstalk(base, parts, saved, rows)
+            print(f"{mname} crosstalk: {results['crosstalk'][mname]}", file=sys.stderr, flush=True)
         # single-concept models (loaded back, as a user would)
         results["single"][mname] = {}
         for c in CONCEPTS:
@@ -345,9 +348,64 @@ def customize(args) -> dict:
     return results
 
 
+def layer_group(module: str) -> str:
+    if module.endswith("time_emb_proj"):
+        return "time_emb_proj"
+    if ".attentions." in module:
+        return "attention"
+    return "conv"
+
+
+def crosstalk(base, parts, saved: dict, rows: dict, pair=(6, 7), t: int = 400) -> dict:
+    """Per layer group: the mean weight-space ``input_overlap`` of the pair's updates and the median measured
+    cross-talk ``||dW_b x_a|| / ||dW_a x_a||`` (both directions), each adapter on its own concept's inputs (noised
+    held-out images at timestep ``t`` with its label; :func:`deltatune.interference`)."""
+    model = copy.deepcopy(base)
+    for c in pair:
+        dt.load(model, saved[c], name=f"c{c}", activate=False)
+    D.Concepts.load(model, *[rows[c] for c in pair])
+    g = torch.Generator().manual_seed(0)
+    inputs = {}
+    for c in pair:
+        x0 = parts[c][1][:32]
+        xt = D.ddpm_scheduler().add_noise(x0, torch.randn(x0.shape, generator=g), torch.full((32,), t))
+        inputs[f"c{c}"] = [dict(sample=xt, timestep=torch.full((32,), t), class_labels=torch.full((32,), c))]
+    table = dt.interference(model, [f"c{c}" for c in pair], inputs=inputs)
+    out = {}
+    for grp in ("conv", "attention", "time_emb_proj"):
+        sel = [r for r in table if layer_group(r["module"]) == grp]
+        talk = sorted(v for r in sel for v in (r["crosstalk_ab"], r["crosstalk_ba"]) if v is not None)
+        out[grp] = {"layers": len(sel), "input_overlap": mean(r["input_overlap"] for r in sel),
+                    "crosstalk_median": talk[len(talk) // 2]}
+    return out
+
+
 def real_of(parts, c: int, args) -> torch.Tensor:
     """The concept's real images not used for training: the rest of its training split and its test split."""
     return torch.cat([parts[c][0][args.shots:], parts[c][1]])
+
+
+def report_only(args) -> dict:
+    """``results.json`` of an earlier run in ``--out``, with the cross-talk table computed from its saved adapters
+    where missing (JSON keys back to ints)."""
+    out = Path(args.out)
+    results = json.loads((out / "results.json").read_text())
+
+    def ints(d):
+        return {int(k) if isinstance(k, str) and k.isdigit() else k: ints(v) if isinstance(v, dict) else v
+                for k, v in d.items()}
+    results = ints(results)
+    parts = splits()
+    base, _ = base_model(parts, Path(args.cache), args.base_steps, args.base_batch, args.base_lr, out / "base-grids")
+    for mname in results["single"]:
+        folder = out / "adapters" / mname
+        if mname == "rows" or mname in results.get("crosstalk", {}):
+            continue
+        saved = {c: folder / f"c{c}" for c in CONCEPTS}
+        rows = {c: folder / f"c{c}-rows.safetensors" for c in CONCEPTS}
+        results.setdefault("crosstalk", {})[mname] = crosstalk(base, parts, saved, rows)
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    return results
 
 
 # -- report -----------------------------------------------------------------------------------------------------------
@@ -357,6 +415,8 @@ def mean(xs):
 
 
 def report(results: dict, args) -> str:
+    if args.report_only:  # the header names the command of the run, not of the rebuild
+        sys.argv = [a for a in sys.argv if a != "--report-only"]
     lines = [common.header("Convolutions and diffusion (issue 17): modular customization"), ""]
     lines.append(f"- judge (CNN) test accuracy on real digits: {results['judge_accuracy']:.3f}; base model on its "
                  f"seen classes 0-5: identity {mean(v['identity'] for v in results['base'].values()):.3f}, "
@@ -398,6 +458,17 @@ def report(results: dict, args) -> str:
                  f"FD {b_fd:.2f}):")
     lines.append("")
     lines.append(common.md_table(["method", "merge", "identity", "retention vs base", "FD"], frows))
+    if results.get("crosstalk"):
+        lines.append("")
+        lines.append(f"Why merging hurts: concepts {CONCEPTS[0]} and {CONCEPTS[1]}'s adapters, each on its own "
+                     "concept's inputs (`dt.interference`; input overlap is weight-space, cross-talk is "
+                     "`||dW_b x_a|| / ||dW_a x_a||`, median over layers and both directions):")
+        lines.append("")
+        crow = []
+        for m, groups in results["crosstalk"].items():
+            for grp, v in groups.items():
+                crow.append([m, grp, v["layers"], f"{v['input_overlap']:.2g}", f"{v['crosstalk_median']:.2f}"])
+        lines.append(common.md_table(["method", "layers", "n", "input overlap", "cross-talk (median)"], crow))
     return "\n".join(lines)
 
 
@@ -457,13 +528,15 @@ def main(argv=None) -> None:
     p.add_argument("--sample-steps", type=int, default=25)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="a few steps of everything (smoke test)")
+    p.add_argument("--report-only", action="store_true",
+                   help="rebuild the report (and the cross-talk table) from --out's results.json and saved adapters")
     p.add_argument("--no-publish", action="store_true", help="do not write BENCHMARKS.md")
     args = p.parse_args(argv)
     if args.quick:
         args.base_steps, args.judge_epochs, args.concept_steps, args.samples = 20, 1, 5, 8
         args.sample_steps, args.lrs, args.shots = 3, [1e-3], 16
         args.cache = str(Path(args.out) / "cache")
-    results = customize(args)
+    results = report_only(args) if args.report_only else customize(args)
     plot(results, Path(args.out))
     body = report(results, args)
     if args.quick or args.no_publish:
