@@ -21,3 +21,4 @@ python benchmarks/bench_modular.py
 python benchmarks/bench_combine.py --what all --rounds 3
 python benchmarks/diffusion_speed.py --rounds 12 --steps 3 --threads 1 --what speed,memory
 python benchmarks/diffusion_speed.py --rounds 12 --steps 3 --threads 2
+python benchmarks/bench_diffusion.py --out bench-diffusion-out --threads 1   # about 45 min on 2 cores; the base is cached
