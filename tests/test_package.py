@@ -31,7 +31,8 @@ def readme_references() -> list[str]:
     text = README.read_text()
     refs = {m.group(0).rstrip(".") for m in re.finditer(r"\b(?:dt|deltatune)(?:\.[A-Za-z_]\w*)+", text)}
     for mod, names in re.findall(r"from (deltatune[\w.]*) import ([\w, ()]+)", text):
-        refs |= {f"{mod}.{n.strip()}" for n in names.replace("(", "").replace(")", "").split(",") if n.strip()}
+        refs |= {f"{mod}.{n.split(' as ')[0].strip()}" for n in names.replace("(", "").replace(")", "").split(",")
+                 if n.strip()}
     refs |= {f"deltatune.{m}" for m in re.findall(r"import deltatune\.([\w.]+)", text)}
     return sorted(r.replace("dt.", "deltatune.", 1) if r.startswith("dt.") else r for r in refs)
 

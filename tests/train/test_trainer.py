@@ -70,8 +70,9 @@ def test_gradient_accumulation_equals_a_larger_batch(minilm_dir, sst2):
         trained.append(({k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}, result))
     (a, ra), (b, rb) = trained
     assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
+    for k in a:  # Adam divides by sqrt(v): entries whose gradient is near zero amplify summation-order rounding
+        # (1.3e-5 seen on one CPU after 3 steps); a tenth of one lr-sized step is still far below a wrong batch
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4, msg=k)
     assert [r["loss"] for r in ra["history"]] == pytest.approx([r["loss"] for r in rb["history"]], rel=1e-5)
 
 
