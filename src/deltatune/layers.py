@@ -340,9 +340,11 @@ def conv_lora_to_file(B: torch.Tensor, A: torch.Tensor, spec: dict) -> tuple[tor
 
 def conv_lora_from_file(B_file: torch.Tensor, A_file: torch.Tensor):
     """``(B, A, geometry)`` of a conv LoRA in PEFT's layout (:func:`conv_lora_to_file`). ``groups = R /
-    B.shape[1]``; a grouped one must have a block-diagonal ``lora_A`` (then it reads as rank ``R``: ``A`` stacks the
-    blocks, ``B`` puts output ``o`` of group ``j`` on block ``j``'s rows); one whose ``lora_A`` mixes input groups
-    is no update of the grouped conv's weight (PEFT cannot merge it either) and is refused."""
+    B.shape[1]``; a grouped one must have a block-diagonal ``lora_A``. With equal blocks (what
+    :func:`conv_lora_to_file` writes) it reads as rank ``r = R / g``: ``A`` the block, ``B = lora_B`` (so a round
+    trip keeps the rank); with distinct blocks as rank ``R``: ``A`` stacks the blocks, ``B`` puts output ``o`` of
+    group ``j`` on block ``j``'s rows. One whose ``lora_A`` mixes input groups is no update of the grouped conv's
+    weight (PEFT cannot merge it either) and is refused."""
     if A_file.dim() < 3 or B_file.dim() != A_file.dim() or any(d != 1 for d in B_file.shape[2:]):
         raise ValueError(f"a conv LoRA needs lora_A (r, in, *kernel) and lora_B (out, r, 1, ...); the file has "
                          f"{tuple(A_file.shape)} and {tuple(B_file.shape)}")
@@ -361,7 +363,10 @@ def conv_lora_from_file(B_file: torch.Tensor, A_file: torch.Tensor):
     if off.abs().max() > 0:
         raise ValueError(f"a grouped-conv LoRA (groups={g}) whose lora_A mixes input groups is not an update of the "
                          "grouped conv's weight (PEFT cannot merge it either); deltatune cannot represent it")
-    A = torch.stack([blocks[j, :, j] for j in range(g)]).reshape(R, -1)
+    diagonal = torch.stack([blocks[j, :, j] for j in range(g)])  # (g, r, in_g, prod(kernel))
+    if torch.equal(diagonal, diagonal[:1].expand_as(diagonal)):  # every group reads the same A
+        return B, diagonal[0].reshape(r, -1), {"kernel": kernel, "groups": g}
+    A = diagonal.reshape(R, -1)
     B_full = torch.block_diag(*B.reshape(g, out // g, r))  # output o of group j reads block j's rows only
     return B_full, A, {"kernel": kernel, "groups": g}
 

@@ -278,3 +278,33 @@ def test_cli_export_to_diffusers_and_kohya(tmp_path, adapted):
     fresh = tiny_unet()
     fresh.load_lora_adapter(str(tmp_path / "diff"), prefix="unet", use_safetensors=True)
     torch.testing.assert_close(unet_output(fresh), ours, atol=ATOL, rtol=0)
+
+
+class Depthwise(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_grouped_conv_rank_survives_peft_round_trips(tmp_path):
+    """Our export's block-diagonal ``lora_A`` has equal blocks: it reads back at rank r, not groups * r, so a
+    second save writes the same shapes (no g-fold growth per round trip)."""
+    x = torch.randn(2, 8, 6, 6, generator=torch.Generator().manual_seed(1))
+    m = Depthwise()
+    dt.attach(m, dt.LoRA(r=2, alpha=4, targets=["conv"]), name="g")
+    randomize(m, "g", std=0.3)
+    ours = m(x).detach()
+    shapes = []
+    for i in range(2):
+        dt.save(m, tmp_path / str(i), format="peft")
+        shapes.append({k: v.shape for k, v in load_file(tmp_path / str(i) / "adapter_model.safetensors").items()})
+        m = Depthwise()
+        dt.load(m, tmp_path / str(i), name="g")
+        assert dt.deltas(m, "g")["conv"].A.shape == (2, 9)
+        torch.testing.assert_close(m(x), ours, atol=1e-5, rtol=0)
+    assert shapes[0] == shapes[1]
+    assert shapes[0]["base_model.model.conv.lora_A.weight"] == (16, 8, 3, 3)

@@ -245,18 +245,20 @@ def _split_keys(tensors: dict[str, torch.Tensor], pattern: str) -> tuple[dict, d
     return found, rest
 
 
-def _from_file_layout(mod: str, t: dict[str, torch.Tensor], kind: str | None, source: str) -> tuple[dict, dict]:
+def _from_file_layout(mod: str, t: dict[str, torch.Tensor], kind: str | None, source: str
+                      ) -> tuple[dict, dict, tuple[int, int] | None]:
     """A module's LoRA tensors from its kind's file layout to the linear layout
-    (:attr:`~deltatune.layers.LayerKind.lora_from_file`), and the layer geometry they say (a conv's kernel and
-    groups, checked against the model's layer on load)."""
+    (:attr:`~deltatune.layers.LayerKind.lora_from_file`), the layer geometry they say (a conv's kernel and
+    groups, checked against the model's layer on load), and ``(R, r)``: the rank of the file's ``lora_A`` (the
+    rank the config gives) and of the linear layout's ``A`` (``None`` when nothing was converted)."""
     a, b = LowRankDelta.peft_keys(kind)
     if kind is None or a not in t or b not in t:
-        return t, {}
+        return t, {}, None
     try:
         B, A, geometry = kind_named(kind).lora_from_file(t[b], t[a])
     except ValueError as e:
         raise ValueError(f"{source}: module {mod!r} ({kind_named(kind).title or kind}): {e}") from None
-    return {**t, a: A, b: B}, geometry
+    return {**t, a: A, b: B}, geometry, (int(t[a].shape[0]), int(A.shape[0]))
 
 
 def peft_reader(config: dict, source: str) -> type[Method]:
@@ -286,10 +288,13 @@ def from_peft(config: dict, tensors: dict[str, torch.Tensor], name: str, kinds: 
     found, rest = _split_keys(tensors, "|".join(re.escape(n) for n in structure.peft_names()))
     modules, out = {}, {}
     for mod, t in found.items():
-        t, geometry = _from_file_layout(mod, t, kinds.get(mod), source)
-        modules[mod], out[mod] = structure.from_peft(
-            mod, t, kinds.get(mod), reader.peft_rank(config, mod, source),
-            lambda r, mod=mod: reader.peft_scale(config, mod, r, source), source)
+        t, geometry, ranks = _from_file_layout(mod, t, kinds.get(mod), source)
+        rank, scale = reader.peft_rank(config, mod, source), lambda r, mod=mod: reader.peft_scale(config, mod, r, source)
+        if ranks is not None and ranks[0] != ranks[1] and rank == ranks[0]:
+            # the file layout holds the LoRA at another rank (a grouped conv's block-diagonal lora_A, R = g r): the
+            # config's rank and scale are the file's
+            rank, scale = ranks[1], lambda _, mod=mod, R=ranks[0]: reader.peft_scale(config, mod, R, source)
+        modules[mod], out[mod] = structure.from_peft(mod, t, kinds.get(mod), rank, scale, source)
         modules[mod].update(geometry)
     _saved_modules(rest, config, kinds, modules, out, source)
     method = reader.from_peft_config(config, sorted(m for m in modules if m in found),
