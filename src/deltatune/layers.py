@@ -132,6 +132,12 @@ def kind_named(name: str) -> LayerKind:
     raise ValueError(f"unknown layer kind {name!r}; known: {', '.join(k.name for k in _KINDS)}")
 
 
+#: without a model or config: the layer kind of a weight (or a LoRA factor in file layout) by its number of
+#: dimensions (a 3-, 4- or 5-D tensor is a convolution's, ``out x in/groups x kernel``; a transposed convolution's
+#: would be misread, so give a config or kinds when there is one)
+GUESSED_KINDS = {2: "linear", 3: "nn_conv1d", 4: "nn_conv2d", 5: "nn_conv3d"}
+
+
 def adaptable(module: nn.Module) -> bool:
     return find_kind(module) is not None
 

@@ -308,3 +308,53 @@ def test_grouped_conv_rank_survives_peft_round_trips(tmp_path):
         torch.testing.assert_close(m(x), ours, atol=1e-5, rtol=0)
     assert shapes[0] == shapes[1]
     assert shapes[0]["base_model.model.conv.lora_A.weight"] == (16, 8, 3, 3)
+
+
+class Convs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(4, 6, 3, padding=1)
+        self.lin = nn.Linear(6, 5)
+
+    def forward(self, x):
+        return self.lin(self.conv(x).mean((2, 3)))
+
+
+def test_peft_conv_adapter_reads_without_a_model(tmp_path, capsys):
+    """Without a model a 4-D factor says Conv2d: ``inspect`` and ``export --to diffusers|kohya`` of a PEFT conv
+    adapter work, and the exports run to PEFT's output; the safetensors file itself loads as its folder."""
+    x = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(1))
+    pm = get_peft_model(Convs(), LoraConfig(r=2, lora_alpha=6, target_modules=["conv", "lin"],
+                                           init_lora_weights=False))
+    theirs = pm(x).detach()
+    pm.save_pretrained(str(tmp_path / "peft"))
+    assert main(["inspect", str(tmp_path / "peft"), "--json"]) == 0
+    rows = {r["module"]: r for r in json.loads(capsys.readouterr().out)["modules"]}
+    assert rows["conv"]["layer"] == "nn_conv2d" and rows["conv"]["kernel"] == [3, 3]
+    for to in ("diffusers", "kohya"):
+        assert main(["export", str(tmp_path / "peft"), "--to", to, str(tmp_path / to)]) == 0
+        back = Convs()
+        dt.load(back, tmp_path / to)
+        torch.testing.assert_close(back(x), theirs, atol=1e-5, rtol=0)
+    back = Convs()
+    dt.load(back, tmp_path / "peft" / "adapter_model.safetensors")  # the weights file of an adapter folder
+    torch.testing.assert_close(back(x), theirs, atol=1e-5, rtol=0)
+
+
+class LinearNamedConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Linear(36, 6)
+
+
+def test_conv_factors_for_a_linear_layer_say_so(tmp_path):
+    """4-D factors on a Linear: an error about the factors' dimensions, not a "torn checkpoint" rank error."""
+    get_peft_model(Convs(), LoraConfig(r=2, target_modules=["conv"], init_lora_weights=False)
+                   ).save_pretrained(str(tmp_path))
+    m = LinearNamedConv()
+    before = state_snapshot(m)
+    with pytest.raises(ValueError, match="not 2-D") as e:
+        dt.load(m, tmp_path)
+    assert "torn" not in str(e.value) and "'conv'" in str(e.value)
+    assert dt.adapters(m) == [] and changed_entries(m, before) == []

@@ -308,7 +308,8 @@ def svd_error_summary(errors: dict[str, float]) -> str:
 def load(model: nn.Module, path: str | Path, name: str | None = None, activate: bool = True,
          is_trainable: bool = True, controller_state: bool = True) -> nn.Module:
     """Load adapter(s) saved by :func:`save` (any format) or by PEFT onto ``model``; ``path`` may also be a
-    diffusers or kohya LoRA ``.safetensors`` file (``model.save_lora_adapter``, ``save_lora_weights``, A1111).
+    diffusers or kohya LoRA ``.safetensors`` file (``model.save_lora_adapter``, ``save_lora_weights``, A1111), or
+    the ``adapter_model.safetensors`` of an adapter folder (loads the folder).
 
     ``name`` renames a single adapter. Every module is checked to fit (name, kind, shape) before the model
     is touched; the first mismatch raises ``ValueError``. The base model's parameters are frozen. With
@@ -319,6 +320,8 @@ def load(model: nn.Module, path: str | Path, name: str | None = None, activate: 
     ``controller_state``: restore the saved controller state and step counter (a resumed run's ``dt.begin``
     continues from that step); ``False`` starts them afresh.
     """
+    if Path(path).name == WEIGHTS_NAME and (Path(path).parent / CONFIG_NAME).is_file():
+        path = Path(path).parent  # an adapter folder's weights file: its config is part of the adapter
     files = lora_files(path)
     folders = adapter_folders(path) if files is None else files
     if name is not None and len(folders) > 1:

@@ -39,7 +39,7 @@ import torch
 
 from ..deltas import FrozenWeight, FullDelta, LowRankDelta, NotLowRank, delta_from_spec, structure_class
 from ..deltas.lowrank import PEFT_FAN_IN_FAN_OUT
-from ..layers import kind_named
+from ..layers import GUESSED_KINDS, kind_named
 from ..methods import Method
 from ..methods.base import method_classes
 from ..methods.peft import LORA_KEYS, check_config  # noqa: F401 (LORA_KEYS: PEFT LoRA's config keys, re-exported)
@@ -245,6 +245,16 @@ def _split_keys(tensors: dict[str, torch.Tensor], pattern: str) -> tuple[dict, d
     return found, rest
 
 
+def file_kind(mod: str, t: dict[str, torch.Tensor], kinds: dict[str, str]) -> str | None:
+    """The layer kind of a module's file tensors ``t``: the model's (``kinds``); without a model, a kind the
+    factors' number of dimensions says beyond the linear layout's 2 (:data:`~deltatune.layers.GUESSED_KINDS`: 4-D
+    factors are a Conv2d's), else ``None`` (read from the tensor names)."""
+    if mod in kinds:
+        return kinds[mod]
+    dims = {v.dim() for v in t.values()}
+    return GUESSED_KINDS.get(dims.pop()) if len(dims) == 1 and dims != {2} else None
+
+
 def _from_file_layout(mod: str, t: dict[str, torch.Tensor], kind: str | None, source: str
                       ) -> tuple[dict, dict, tuple[int, int] | None]:
     """A module's LoRA tensors from its kind's file layout to the linear layout
@@ -288,13 +298,14 @@ def from_peft(config: dict, tensors: dict[str, torch.Tensor], name: str, kinds: 
     found, rest = _split_keys(tensors, "|".join(re.escape(n) for n in structure.peft_names()))
     modules, out = {}, {}
     for mod, t in found.items():
-        t, geometry, ranks = _from_file_layout(mod, t, kinds.get(mod), source)
+        kind = file_kind(mod, t, kinds)
+        t, geometry, ranks = _from_file_layout(mod, t, kind, source)
         rank, scale = reader.peft_rank(config, mod, source), lambda r, mod=mod: reader.peft_scale(config, mod, r, source)
         if ranks is not None and ranks[0] != ranks[1] and rank == ranks[0]:
             # the file layout holds the LoRA at another rank (a grouped conv's block-diagonal lora_A, R = g r): the
             # config's rank and scale are the file's
             rank, scale = ranks[1], lambda _, mod=mod, R=ranks[0]: reader.peft_scale(config, mod, R, source)
-        modules[mod], out[mod] = structure.from_peft(mod, t, kinds.get(mod), rank, scale, source)
+        modules[mod], out[mod] = structure.from_peft(mod, t, kind, rank, scale, source)
         modules[mod].update(geometry)
     _saved_modules(rest, config, kinds, modules, out, source)
     method = reader.from_peft_config(config, sorted(m for m in modules if m in found),
