@@ -20,7 +20,8 @@ diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
 from diffusers import UNet2DConditionModel  # noqa: E402
 from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin  # noqa: E402
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, inject_adapter_in_model  # noqa: E402
 
 CONFIG = dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, sample_size=8,
               norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -358,3 +359,54 @@ def test_conv_factors_for_a_linear_layer_say_so(tmp_path):
         dt.load(m, tmp_path)
     assert "torn" not in str(e.value) and "'conv'" in str(e.value)
     assert dt.adapters(m) == [] and changed_entries(m, before) == []
+
+
+def tiny_text_encoder():
+    torch.manual_seed(0)
+    return CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                                        num_hidden_layers=2, vocab_size=100, max_position_embeddings=16)).eval()
+
+
+def text_output(te) -> torch.Tensor:
+    with torch.no_grad():
+        return te(torch.arange(8).reshape(1, 8)).last_hidden_state
+
+
+def test_pipeline_files_of_several_components_load_one(tmp_path):
+    """A pipeline file with UNet and text-encoder LoRAs (diffusers' save_lora_weights; kohya lora_unet_* with
+    lora_te_*): the UNet's by default, the text encoder's with component=, the rest skipped with one warning."""
+    unet, te = tiny_unet(), tiny_text_encoder()
+    unet_out = _diffusers_lora(unet)
+    te_config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    inject_adapter_in_model(te_config, te)
+    te_out = text_output(te)
+    StableDiffusionLoraLoaderMixin.save_lora_weights(
+        str(tmp_path / "pipe"), unet_lora_layers=get_peft_model_state_dict(unet),
+        text_encoder_lora_layers=get_peft_model_state_dict(te),
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+        text_encoder_lora_adapter_metadata=te_config.to_dict())
+    n_te = len(get_peft_model_state_dict(te))
+    ours = tiny_unet()
+    with pytest.warns(UserWarning, match=f"skipped {n_te} keys"):
+        dt.load(ours, tmp_path / "pipe")
+    torch.testing.assert_close(unet_output(ours), unet_out, atol=ATOL, rtol=0)
+    ours_te = tiny_text_encoder()
+    with pytest.warns(UserWarning, match="skipped"):
+        dt.load(ours_te, tmp_path / "pipe", component="text_encoder")
+    torch.testing.assert_close(text_output(ours_te), te_out, atol=ATOL, rtol=0)
+    # kohya: one file of both, as A1111 files are
+    dt.save(ours, tmp_path / "ku", format="kohya")
+    dt.save(ours_te, tmp_path / "kt", format="kohya", component="text_encoder")
+    both = {**load_file(tmp_path / "ku" / FILE), **load_file(tmp_path / "kt" / FILE)}
+    save_file(both, tmp_path / "a1111.safetensors")
+    back, back_te = tiny_unet(), tiny_text_encoder()
+    with pytest.warns(UserWarning, match=f"skipped {len(load_file(tmp_path / 'kt' / FILE))} keys"):
+        dt.load(back, tmp_path / "a1111.safetensors")
+    torch.testing.assert_close(unet_output(back), unet_out, atol=ATOL, rtol=0)
+    with pytest.warns(UserWarning, match="skipped"):
+        dt.load(back_te, tmp_path / "a1111.safetensors", component="text_encoder")
+    torch.testing.assert_close(text_output(back_te), te_out, atol=ATOL, rtol=0)
+    state, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(str(tmp_path / "a1111.safetensors"))
+    assert any(k.startswith("text_encoder.") for k in state)  # diffusers reads the same file as both components
+    with pytest.raises(ValueError, match="no LoRA for component 'transformer'"):
+        dt.load(tiny_unet(), tmp_path / "pipe", component="transformer")

@@ -130,9 +130,10 @@ def lora_files(path: str | Path) -> dict[str, Path] | None:
     return {p.name: p / LORA_FILE for p in subs if (p / LORA_FILE).is_file()} or None
 
 
-def read_lora_file(file: str | Path, name: str, model: nn.Module) -> AdapterRecord:
+def read_lora_file(file: str | Path, name: str, model: nn.Module, component: str | None = None) -> AdapterRecord:
     """The adapter in a diffusers or kohya LoRA file, for ``model`` (kohya names need its module names; a file
-    with component-prefixed keys needs its top-level children). Every module is checked to fit the model before
+    with component-prefixed keys needs its top-level children); of a file for several pipeline components, the
+    keys of ``component`` (default: ``"unet"``, or the only one), the others skipped with a warning. Every module is checked to fit the model before
     anything is built; the first that does not raises ``ValueError`` naming the file and the module's key."""
     source = str(file)
     try:
@@ -146,10 +147,10 @@ def read_lora_file(file: str | Path, name: str, model: nn.Module) -> AdapterReco
     kinds = model_kinds(model)
     try:
         if is_kohya(tensors):
-            record, keys = from_kohya(tensors, name, kinds, source)
+            record, keys = from_kohya(tensors, name, kinds, source, component)
         else:
             children = {n for n, _ in unwrap(model).named_children()}
-            record = from_diffusers(tensors, metadata, name, kinds, children, source)
+            record = from_diffusers(tensors, metadata, name, kinds, children, source, component)
             keys = {m: m for m in record.modules}
         check_record(record)
     except KeyError as e:
@@ -306,7 +307,7 @@ def svd_error_summary(errors: dict[str, float]) -> str:
 
 
 def load(model: nn.Module, path: str | Path, name: str | None = None, activate: bool = True,
-         is_trainable: bool = True, controller_state: bool = True) -> nn.Module:
+         is_trainable: bool = True, controller_state: bool = True, component: str | None = None) -> nn.Module:
     """Load adapter(s) saved by :func:`save` (any format) or by PEFT onto ``model``; ``path`` may also be a
     diffusers or kohya LoRA ``.safetensors`` file (``model.save_lora_adapter``, ``save_lora_weights``, A1111), or
     the ``adapter_model.safetensors`` of an adapter folder (loads the folder).
@@ -319,6 +320,9 @@ def load(model: nn.Module, path: str | Path, name: str | None = None, activate: 
     ``dt.set_active`` says otherwise.
     ``controller_state``: restore the saved controller state and step counter (a resumed run's ``dt.begin``
     continues from that step); ``False`` starts them afresh.
+    ``component`` (diffusers / kohya files of a whole pipeline, e.g. ``lora_unet_*`` with ``lora_te_*`` keys): the
+    pipeline component ``model`` is (``"unet"``, ``"text_encoder"``, ...); default ``"unet"`` when the file has it,
+    or the file's only component. The other components' keys are skipped with one warning.
     """
     if Path(path).name == WEIGHTS_NAME and (Path(path).parent / CONFIG_NAME).is_file():
         path = Path(path).parent  # an adapter folder's weights file: its config is part of the adapter
@@ -329,7 +333,7 @@ def load(model: nn.Module, path: str | Path, name: str | None = None, activate: 
     if files is None:
         records = [read_record(f, name or sub or None, model) for sub, f in folders.items()]
     else:
-        records = [read_lora_file(f, name or sub or "default", model) for sub, f in files.items()]
+        records = [read_lora_file(f, name or sub or "default", model, component) for sub, f in files.items()]
     built = []
     for rec, folder in zip(records, folders.values()):
         try:

@@ -17,6 +17,7 @@ that exports to PEFT exports here. diffusers' loader reads no ``modules_to_save`
 from __future__ import annotations
 
 import json
+import warnings
 from collections import Counter
 
 import torch
@@ -55,6 +56,34 @@ def components(keys, children: set[str]) -> set[str]:
     return {k.split(".", 1)[0] if k.split(".", 1)[0] not in children else "" for k in keys}
 
 
+def choose_component(found: set[str], component: str | None, source: str, spell=lambda c: c) -> str:
+    """The component a load keeps of a file whose keys are for the components ``found`` (as the file spells them:
+    ``spell(component)``): ``component`` itself; without it the only one, or in a file of several
+    :data:`DEFAULT_COMPONENT` (what ``pipe.load_lora_weights`` gives the UNet)."""
+    if component is not None:
+        if spell(component) not in found:
+            raise ValueError(f"{source} holds no LoRA for component {component!r} (it has "
+                             f"{', '.join(sorted(c or '(none)' for c in found))}): pass another component=")
+        return spell(component)
+    if len(found) == 1:
+        return next(iter(found))
+    if spell(DEFAULT_COMPONENT) in found:
+        return spell(DEFAULT_COMPONENT)
+    raise ValueError(f"{source} holds LoRAs for several pipeline components "
+                     f"({', '.join(sorted(c or '(none)' for c in found))}): say which with component=")
+
+
+def kept_keys(tensors: dict, keep, chosen: str, source: str) -> dict:
+    """The tensors of the chosen component (``keep(key)``); one warning names how many keys of others are skipped
+    (as diffusers' own loaders skip them for a UNet)."""
+    kept = {k: t for k, t in tensors.items() if keep(k)}
+    if len(kept) < len(tensors):
+        warnings.warn(f"{source}: loading the LoRA of {chosen or 'the model'}; skipped {len(tensors) - len(kept)} "
+                      "keys of other pipeline components (load them onto those models with component=)",
+                      stacklevel=4)
+    return kept
+
+
 def inferred_config(tensors: dict[str, torch.Tensor]) -> dict:
     """diffusers' config for a file without metadata: each module's rank ``lora_B.shape[1]``, ``lora_alpha = r``."""
     ranks = {k[: -len(".lora_B.weight")]: int(t.shape[1]) for k, t in tensors.items()
@@ -66,20 +95,19 @@ def inferred_config(tensors: dict[str, torch.Tensor]) -> dict:
 
 
 def from_diffusers(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None, name: str,
-                   kinds: dict[str, str], children: set[str], source: str) -> AdapterRecord:
+                   kinds: dict[str, str], children: set[str], source: str, component: str | None = None
+                   ) -> AdapterRecord:
     """The adapter in a diffusers LoRA file (``tensors`` and its safetensors ``metadata``); ``kinds``: module name ->
     layer kind of the model it loads onto, ``children``: the model's top-level child names (to tell a component
-    prefix from a module path); ``source`` names the file in errors."""
-    found = components(tensors, children)
-    if len(found) > 1:
-        raise ValueError(f"{source} holds LoRAs for several pipeline components "
-                         f"({', '.join(sorted(c or '(none)' for c in found))}); deltatune loads one model's: split "
-                         "the file per component")
+    prefix from a module path); ``source`` names the file in errors. ``component``: which pipeline component's keys
+    to load (:func:`choose_component`; the others are skipped with a warning)."""
+    chosen = choose_component(components(tensors, children), component, source)
+    tensors = kept_keys(tensors, lambda k: components([k], children) == {chosen}, chosen, source)
     dora = next((k for k in tensors if "lora_magnitude_vector" in k), None)
     if dora is not None:
         raise ValueError(f"{source}: {dora!r} is a DoRA magnitude; deltatune has no DoRA yet and cannot load this "
                          "file (loading it as a plain LoRA would give other outputs)")
-    prefix = _prefixed(found.pop() if found else "")
+    prefix = _prefixed(chosen)
     tensors = {k[len(prefix):]: t for k, t in tensors.items()}
     raw = (metadata or {}).get(METADATA_KEY)
     if raw:
