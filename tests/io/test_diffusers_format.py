@@ -410,3 +410,20 @@ def test_pipeline_files_of_several_components_load_one(tmp_path):
     assert any(k.startswith("text_encoder.") for k in state)  # diffusers reads the same file as both components
     with pytest.raises(ValueError, match="no LoRA for component 'transformer'"):
         dt.load(tiny_unet(), tmp_path / "pipe", component="transformer")
+
+
+def test_grouped_conv_file_without_metadata_reads_as_scale_one(tmp_path):
+    """Without metadata a module's update is ``B A`` (alpha = r); a grouped conv's rank is lora_A's rows (its
+    lora_B has R / groups columns). Reference: PEFT running a grouped-conv LoRA with distinct block-diagonal
+    blocks of lora_A at scale 1."""
+    x = torch.randn(2, 8, 6, 6, generator=torch.Generator().manual_seed(1))
+    pm = get_peft_model(Grouped(), LoraConfig(r=8, lora_alpha=8, target_modules=["conv"], init_lora_weights=False))
+    A = pm.base_model.model.conv.lora_A["default"].weight
+    with torch.no_grad():  # input group j -> channels 2j, 2j+1 only (an update of the grouped weight)
+        A.copy_(A * torch.block_diag(*[torch.ones(2, 2)] * 4)[:, :, None, None])
+    theirs = pm(x).detach()
+    state = {k.removeprefix("base_model.model."): v for k, v in get_peft_model_state_dict(pm).items()}
+    save_file(state, tmp_path / "bare.safetensors")
+    back = Grouped()
+    dt.load(back, tmp_path / "bare.safetensors")
+    torch.testing.assert_close(back(x), theirs, atol=1e-5, rtol=0)

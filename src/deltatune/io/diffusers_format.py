@@ -9,7 +9,8 @@ One safetensors file, ``pytorch_lora_weights.safetensors``:
   ``transformer``, ``text_encoder``); a model's own ``save_lora_adapter`` writes no component;
 - safetensors metadata ``lora_adapter_metadata``: the ``LoraConfig`` as JSON (its keys prefixed ``<component>.``
   in the pipeline format). diffusers builds its ``LoraConfig`` from it; without it diffusers takes each module's
-  rank from ``lora_B.shape[1]`` and ``lora_alpha = r`` (scale 1), and so does :func:`from_diffusers`.
+  rank from ``lora_B.shape[1]`` and ``lora_alpha = r`` (scale 1), and so does :func:`from_diffusers` (the rank
+  from ``lora_A``: :func:`inferred_config`).
 
 The config and tensors are PEFT's (:func:`~deltatune.io.peft_format.to_peft` / ``from_peft``): every structure
 that exports to PEFT exports here. diffusers' loader reads no ``modules_to_save``: a module kept whole is refused.
@@ -85,9 +86,12 @@ def kept_keys(tensors: dict, keep, chosen: str, source: str) -> dict:
 
 
 def inferred_config(tensors: dict[str, torch.Tensor]) -> dict:
-    """diffusers' config for a file without metadata: each module's rank ``lora_B.shape[1]``, ``lora_alpha = r``."""
-    ranks = {k[: -len(".lora_B.weight")]: int(t.shape[1]) for k, t in tensors.items()
-             if k.endswith(".lora_B.weight") and t.dim() > 1}
+    """diffusers' config for a file without metadata: ``lora_alpha = r`` (scale 1, ``dW = B A``) per module, each
+    module's rank ``lora_A.shape[0]``. (diffusers takes ``lora_B.shape[1]``, the same but for a grouped conv, where
+    PEFT's ``lora_B`` has ``R / groups`` columns: diffusers 0.42 cannot load such a file; with scale 1 its update
+    is still ``B A``, which this reads.)"""
+    ranks = {k[: -len(".lora_A.weight")]: int(t.shape[0]) for k, t in tensors.items()
+             if k.endswith(".lora_A.weight") and t.dim() > 1}
     r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 1
     return {"peft_type": "LORA", "r": r, "lora_alpha": r, "target_modules": sorted(ranks),
             "rank_pattern": {m: v for m, v in ranks.items() if v != r},
