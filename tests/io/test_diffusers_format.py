@@ -427,3 +427,19 @@ def test_grouped_conv_file_without_metadata_reads_as_scale_one(tmp_path):
     back = Grouped()
     dt.load(back, tmp_path / "bare.safetensors")
     torch.testing.assert_close(back(x), theirs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("key, value, match", [("lora_alpha", "8", "number"), ("use_rslora", "yes", "true or false"),
+                                               ("r", 4.5, "integer")])
+def test_bad_metadata_numbers_are_refused(tmp_path, key, value, match):
+    """The file's LoraConfig gets the checks an adapter_config.json gets: a ValueError naming the file and key."""
+    m = Convs()
+    dt.attach(m, dt.LoRA(r=2, targets=["conv", "lin"]))
+    dt.save(m, tmp_path, format="diffusers", component=None)
+    with safe_open(str(tmp_path / FILE), "pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+    meta[key] = value
+    save_file(load_file(tmp_path / FILE), tmp_path / "bad.safetensors",
+              metadata={"format": "pt", "lora_adapter_metadata": json.dumps(meta)})
+    msg = _refused(Convs(), tmp_path / "bad.safetensors", match)
+    assert "bad.safetensors" in msg and repr(key) in msg

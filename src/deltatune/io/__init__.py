@@ -29,7 +29,7 @@ from .. import control as C
 from .. import model as M
 from ..layers import kind_of, unwrap
 from ..registry import adapted_layers, check_names, registry, sync
-from ..checks import export_rank_energy, finite_number, positive_int
+from ..checks import export_rank_energy
 from ..methods import Method
 from ..files import (CONFIG_NAME, WEIGHTS_NAME, adapter_folders, check_output_folder, read_adapter,
                     write_adapter_files, write_generation, write_tensors)
@@ -42,8 +42,6 @@ from .record import FORMAT_VERSION, PLAIN_FORMAT_VERSION, AdapterRecord, build_d
 FORMATS = ("deltatune", "peft", "diffusers", "kohya")
 #: the formats written as one safetensors file with metadata (``LORA_FILE``), by their writers
 LORA_FILE_FORMATS = {"diffusers": to_diffusers, "kohya": to_kohya}
-PEFT_NUMBERS = ("r", "lora_alpha", "lora_dropout", "init_r", "target_r")  # numbers in a PEFT config
-PEFT_SIZES = ("r", "init_r", "target_r")  # of which positive integers
 
 
 def to_own(record: AdapterRecord) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -168,10 +166,7 @@ def read_lora_file(file: str | Path, name: str, model: nn.Module, component: str
 def _parse(folder, config: dict, tensors: dict, name: str | None, model: nn.Module | None) -> AdapterRecord:
     if config.get("format") == "deltatune":
         return from_own(config, tensors, name)
-    if "peft_type" in config:
-        for key in PEFT_NUMBERS:  # PEFT's scalars, checked before any arithmetic uses them
-            if config.get(key) is not None:
-                (positive_int if key in PEFT_SIZES else finite_number)(config[key], key)
+    if "peft_type" in config:  # from_peft checks PEFT's scalars (check_peft_values)
         return from_peft(config, tensors, name or "default", model_kinds(model), source=str(Path(folder) / CONFIG_NAME))
     raise ValueError(f"{Path(folder) / CONFIG_NAME} is neither a deltatune nor a PEFT adapter config")
 

@@ -39,6 +39,7 @@ import torch
 
 from ..deltas import FrozenWeight, FullDelta, LowRankDelta, NotLowRank, delta_from_spec, structure_class
 from ..deltas.lowrank import PEFT_FAN_IN_FAN_OUT
+from ..checks import finite_number, positive_int
 from ..layers import GUESSED_KINDS, kind_named
 from ..methods import Method
 from ..methods.base import method_classes
@@ -271,6 +272,28 @@ def _from_file_layout(mod: str, t: dict[str, torch.Tensor], kind: str | None, so
     return {**t, a: A, b: B}, geometry, (int(t[a].shape[0]), int(A.shape[0]))
 
 
+PEFT_NUMBERS = ("r", "lora_alpha", "lora_dropout", "init_r", "target_r")  # numbers in a PEFT config
+PEFT_SIZES = ("r", "init_r", "target_r")  # of which positive integers
+PEFT_FLAGS = ("use_rslora",)  # true or false
+
+
+def check_peft_values(config: dict, source: str) -> None:
+    """PEFT's scalars (:data:`PEFT_NUMBERS`, :data:`PEFT_FLAGS`), checked before any arithmetic uses them: a
+    ``ValueError`` naming ``source`` and the key (an ``adapter_config.json`` and a diffusers file's metadata alike)."""
+    for key in (*PEFT_NUMBERS, *PEFT_FLAGS):
+        value = config.get(key)
+        if value is None:
+            continue
+        try:
+            if key in PEFT_FLAGS:
+                if not isinstance(value, bool):
+                    raise TypeError(f"must be true or false, got {value!r} ({type(value).__name__})")
+            else:
+                (positive_int if key in PEFT_SIZES else finite_number)(value, "it")
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: PEFT config key {key!r} {str(e).removeprefix('it ')}") from None
+
+
 def peft_reader(config: dict, source: str) -> type[Method]:
     """The method that reads a PEFT checkpoint of this ``config`` (the last registered one whose
     :meth:`~deltatune.methods.Method.reads_peft` accepts it)."""
@@ -289,6 +312,7 @@ def from_peft(config: dict, tensors: dict[str, torch.Tensor], name: str, kinds: 
 
     Every module's tensor rank must equal the rank its config gives it (``rank_pattern`` / ``r``), as PEFT itself
     requires: weights and config from different saves are refused, not loaded with a wrong scale."""
+    check_peft_values(config, source)
     reader = peft_reader(config, source)
     check_config(config, source, reader.peft_keys)
     missing = [k for k in reader.peft_required if k not in config]
