@@ -18,7 +18,8 @@ says, for one family of modules:
 - ``geometry(m)``: what file formats need of the module beyond the linear layout (a conv's ``kernel`` and
   ``groups``), recorded in adapter specs; ``lora_to_file(B, A, spec)`` / ``lora_from_file(B, A)``: LoRA factors
   ``dW = s B A`` (linear layout) to and from the shapes PEFT, diffusers and kohya files keep them in (identity
-  for linear kinds; see :func:`conv_lora_to_file`).
+  for linear kinds; see :func:`conv_lora_to_file`); ``file_caveat(m)``: why those files' readers run the
+  module's LoRA otherwise (a dilated conv's, see :func:`conv_file_caveat`), or ``None``.
 
 Convolutions (``nn.Conv1d/2d/3d``, any kernel, stride, padding, ``padding_mode``, dilation and groups) have the
 linear layout ``out x (in/groups * prod(kernel))``: the weight reshaped, as LyCORIS and PEFT lay it out. A delta
@@ -73,6 +74,9 @@ class LayerKind:
     geometry_keys: tuple[str, ...] = ()
     lora_to_file: Callable = lambda B, A, spec: (B, A)
     lora_from_file: Callable = lambda B, A: (B, A, {})
+    #: ``file_caveat(m)``: why PEFT / diffusers / kohya readers run the LoRA of module ``m`` from a file otherwise
+    #: than deltatune does (``None``: they run it the same); exports warn with it
+    file_caveat: Callable[[nn.Module], str | None] = lambda m: None
 
 
 _KINDS: list[LayerKind] = []
@@ -377,6 +381,14 @@ def conv_lora_from_file(B_file: torch.Tensor, A_file: torch.Tensor):
     return B_full, A, {"kernel": kernel, "groups": g}
 
 
+def conv_file_caveat(m: nn.Module) -> str | None:
+    """PEFT (0.21) builds a conv LoRA's ``lora_A`` with the base's kernel, stride and padding only: a dilated conv's or
+    one with a non-zero ``padding_mode`` runs unmerged with other outputs in PEFT, diffusers and kohya readers."""
+    odd = ([f"dilation {tuple(m.dilation)}"] if any(d != 1 for d in m.dilation) else []) + \
+        ([f"padding_mode {m.padding_mode!r}"] if m.padding_mode != "zeros" else [])
+    return ", ".join(odd) or None
+
+
 def _conv_kind(cls: type) -> LayerKind:
     """``nn_conv1d`` / ``nn_conv2d`` / ``nn_conv3d`` (``conv1d`` names GPT-2's Conv1D, a linear layer, in files)."""
     return LayerKind(
@@ -386,7 +398,7 @@ def _conv_kind(cls: type) -> LayerKind:
         add=lambda m, delta, out, x: out + conv_update(m, delta, x).to(out.dtype),
         output=conv_update, replace=_conv_replace, fuse=locon_conv, stacked=False, family="conv",
         title=cls.__name__, geometry=conv_geometry, geometry_keys=("kernel", "groups"),
-        lora_to_file=conv_lora_to_file, lora_from_file=conv_lora_from_file)
+        lora_to_file=conv_lora_to_file, lora_from_file=conv_lora_from_file, file_caveat=conv_file_caveat)
 
 
 for _cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d):

@@ -443,3 +443,33 @@ def test_bad_metadata_numbers_are_refused(tmp_path, key, value, match):
               metadata={"format": "pt", "lora_adapter_metadata": json.dumps(meta)})
     msg = _refused(Convs(), tmp_path / "bad.safetensors", match)
     assert "bad.safetensors" in msg and repr(key) in msg
+
+
+class OddConvs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.dilated = nn.Conv2d(4, 4, 3, padding=2, dilation=2)
+        self.reflect = nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")
+        self.plain = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.plain(self.reflect(self.dilated(x)))
+
+
+@pytest.mark.parametrize("format", ["peft", "diffusers", "kohya"])
+def test_export_of_convs_peft_runs_otherwise_warns(tmp_path, format):
+    """PEFT's lora_A has no dilation or padding_mode: one warning names those modules (not the plain conv); the
+    file itself reads back exactly."""
+    x = torch.randn(1, 4, 7, 7, generator=torch.Generator().manual_seed(1))
+    m = OddConvs()
+    dt.attach(m, dt.LoRA(r=2, targets=["dilated", "reflect", "plain"]))
+    randomize(m, "default", std=0.3)
+    with pytest.warns(UserWarning, match="otherwise than deltatune") as record:
+        dt.save(m, tmp_path, format=format)
+    msgs = [str(w.message) for w in record if "otherwise than deltatune" in str(w.message)]
+    assert len(msgs) == 1 and "dilated: dilation (2, 2)" in msgs[0] and "reflect: padding_mode 'reflect'" in msgs[0]
+    assert "plain" not in msgs[0]
+    back = OddConvs()
+    dt.load(back, tmp_path)
+    torch.testing.assert_close(back(x), m(x), atol=1e-5, rtol=0)

@@ -268,10 +268,26 @@ def save(model: nn.Module, path: str | Path, names: str | list[str] | None = Non
             write_files(staging if len(records) == 1 else staging / rec.name, files)
 
     write_generation(path, fill)
+    if format != "deltatune":
+        warn_file_caveats(model, records, format)
     for rec, errors, _ in converted:
         if errors:
             warnings.warn(f"adapter {rec.name!r}: {svd_error_summary(errors)}", stacklevel=2)
     return path
+
+
+def warn_file_caveats(model: nn.Module, records: list[AdapterRecord], format: str) -> None:
+    """One warning naming the exported modules whose layer kind says other readers run them otherwise
+    (:attr:`~deltatune.layers.LayerKind.file_caveat`)."""
+    bases = dict(M.base_modules(model))
+    caveats = {mod: why for rec in records for mod in rec.modules if mod in bases
+               and (why := kind_of(bases[mod]).file_caveat(bases[mod])) is not None}
+    if caveats:
+        warnings.warn(f"{format} export: PEFT and diffusers (and kohya readers) run the LoRA of "
+                      f"{len(caveats)} modules otherwise than deltatune, their lora_A lacking the layer's setting "
+                      f"({'; '.join(f'{m}: {w}' for m, w in sorted(caveats.items()))}): unmerged, their outputs "
+                      "differ (merged into the weight they are right); deltatune reads the file back exactly",
+                      stacklevel=3)
 
 
 def _model_folder(model: nn.Module) -> str | None:
