@@ -63,8 +63,9 @@ def to_kohya(record: AdapterRecord, component: str = "unet", rank: int | None = 
         if m.saved is not None or m.extra:
             raise NotLowRank(f"{mod}: kohya files hold LoRA factors only (this module is kept whole or carries "
                              "more tensors): save the adapter in deltatune's or PEFT's format")
-        if m.B.shape[1] != m.r:
-            raise NotLowRank(f"{mod}: a grouped convolution (groups {m.r // m.B.shape[1]}); kohya files have no "
+        groups = int(record.modules[mod].get("groups", 1))  # the layer's geometry (LayerKind.geometry)
+        if groups > 1:
+            raise NotLowRank(f"{mod}: a grouped convolution (groups {groups}); kohya files have no "
                              "grouped-conv LoRA: use the PEFT or diffusers format")
     if not modules:
         raise NotLowRank(f"adapter {record.name!r} has no low-rank deltas to export")
