@@ -473,3 +473,17 @@ def test_export_of_convs_peft_runs_otherwise_warns(tmp_path, format):
     back = OddConvs()
     dt.load(back, tmp_path)
     torch.testing.assert_close(back(x), m(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("format", ["diffusers", "kohya"])
+def test_adapter_name_survives_lora_files(tmp_path, format):
+    """The name goes into the safetensors metadata (which diffusers' loader ignores); name= still renames."""
+    m = Convs()
+    dt.attach(m, dt.LoRA(r=2, targets=["conv", "lin"]), name="style")
+    dt.save(m, tmp_path, format=format)
+    back = Convs()
+    dt.load(back, tmp_path)
+    assert dt.adapters(back) == ["style"]
+    renamed = Convs()
+    dt.load(renamed, tmp_path / FILE, name="other")
+    assert dt.adapters(renamed) == ["other"]

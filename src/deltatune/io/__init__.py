@@ -34,7 +34,7 @@ from ..methods import Method
 from ..files import (CONFIG_NAME, WEIGHTS_NAME, adapter_folders, check_output_folder, read_adapter,
                     write_adapter_files, write_generation, write_tensors)
 from .peft_format import NeedsBase, NotLowRank, from_peft, to_peft
-from .diffusers_format import DEFAULT_COMPONENT, WEIGHT_NAME as LORA_FILE, from_diffusers, to_diffusers
+from .diffusers_format import DEFAULT_COMPONENT, NAME_KEY, WEIGHT_NAME as LORA_FILE, from_diffusers, to_diffusers
 from .kohya_format import from_kohya, is_kohya, to_kohya
 from .state import CONTROLLER_PREFIX, join_state, split_state
 from .record import FORMAT_VERSION, PLAIN_FORMAT_VERSION, AdapterRecord, build_deltas, check_fits, check_record, record_from_model
@@ -128,10 +128,13 @@ def lora_files(path: str | Path) -> dict[str, Path] | None:
     return {p.name: p / LORA_FILE for p in subs if (p / LORA_FILE).is_file()} or None
 
 
-def read_lora_file(file: str | Path, name: str, model: nn.Module, component: str | None = None) -> AdapterRecord:
+def read_lora_file(file: str | Path, name: str | None, model: nn.Module, component: str | None = None
+                   ) -> AdapterRecord:
     """The adapter in a diffusers or kohya LoRA file, for ``model`` (kohya names need its module names; a file
     with component-prefixed keys needs its top-level children); of a file for several pipeline components, the
-    keys of ``component`` (default: ``"unet"``, or the only one), the others skipped with a warning. Every module is checked to fit the model before
+    keys of ``component`` (default: ``"unet"``, or the only one), the others skipped with a warning. ``name``:
+    the adapter's name; ``None``: the one the file's metadata records (``deltatune_adapter_name``), or
+    ``"default"``. Every module is checked to fit the model before
     anything is built; the first that does not raises ``ValueError`` naming the file and the module's key."""
     source = str(file)
     try:
@@ -143,6 +146,7 @@ def read_lora_file(file: str | Path, name: str, model: nn.Module, component: str
     if not tensors:
         raise ValueError(f"{source} holds no tensors: not a LoRA file")
     kinds = model_kinds(model)
+    name = name or (metadata or {}).get(NAME_KEY) or "default"
     try:
         if is_kohya(tensors):
             record, keys = from_kohya(tensors, name, kinds, source, component)
@@ -344,7 +348,7 @@ def load(model: nn.Module, path: str | Path, name: str | None = None, activate: 
     if files is None:
         records = [read_record(f, name or sub or None, model) for sub, f in folders.items()]
     else:
-        records = [read_lora_file(f, name or sub or "default", model, component) for sub, f in files.items()]
+        records = [read_lora_file(f, name or sub or None, model, component) for sub, f in files.items()]
     built = []
     for rec, folder in zip(records, folders.values()):
         try:

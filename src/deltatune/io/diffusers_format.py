@@ -7,6 +7,8 @@ One safetensors file, ``pytorch_lora_weights.safetensors``:
   ``<component>.<module>.lora_A.weight`` / ``.lora_B.weight`` (conv LoRA in PEFT's conv layout, see
   :func:`deltatune.layers.conv_lora_to_file`). ``<component>`` is the pipeline's name for the model (``unet``,
   ``transformer``, ``text_encoder``); a model's own ``save_lora_adapter`` writes no component;
+- safetensors metadata ``deltatune_adapter_name``: the adapter's name (read back by ``dt.load``, ignored by
+  diffusers);
 - safetensors metadata ``lora_adapter_metadata``: the ``LoraConfig`` as JSON (its keys prefixed ``<component>.``
   in the pipeline format). diffusers builds its ``LoraConfig`` from it; without it diffusers takes each module's
   rank from ``lora_B.shape[1]`` and ``lora_alpha = r`` (scale 1), and so does :func:`from_diffusers` (the rank
@@ -29,6 +31,9 @@ from .record import AdapterRecord
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"
+#: safetensors metadata key of the adapter's name (diffusers reads only :data:`METADATA_KEY`; kohya readers their
+#: ``ss_*`` keys): what ``dt.load`` names the adapter when not told otherwise
+NAME_KEY = "deltatune_adapter_name"
 #: the component a pipeline file names by default (``pipe.load_lora_weights`` loads ``unet.*`` into the UNet)
 DEFAULT_COMPONENT = "unet"
 
@@ -48,7 +53,7 @@ def to_diffusers(record: AdapterRecord, component: str | None = DEFAULT_COMPONEN
                          "which diffusers' LoRA loader does not read: save it in deltatune's or PEFT's format")
     config = {k: v for k, v in config.items() if v is not None}
     meta = {f"{_prefixed(component)}{k}": v for k, v in config.items()}
-    return tensors, {"format": "pt", METADATA_KEY: json.dumps(meta, indent=2, sort_keys=True)}
+    return tensors, {"format": "pt", NAME_KEY: record.name, METADATA_KEY: json.dumps(meta, indent=2, sort_keys=True)}
 
 
 def components(keys, children: set[str]) -> set[str]:

@@ -26,7 +26,7 @@ from collections import Counter
 import torch
 
 from ..deltas import NotLowRank
-from .diffusers_format import choose_component, kept_keys
+from .diffusers_format import NAME_KEY, choose_component, kept_keys
 from .peft_format import export_modules, from_peft
 from .record import AdapterRecord
 
@@ -76,7 +76,7 @@ def to_kohya(record: AdapterRecord, component: str = "unet", rank: int | None = 
         tensors[f"{n}.{DOWN}"] = m.A
         tensors[f"{n}.{UP}"] = m.B if m.scale * m.r == alpha else m.B * (m.scale * m.r / alpha)
         tensors[f"{n}.{ALPHA}"] = torch.tensor(alpha, dtype=torch.float32)
-    return tensors, {"format": "pt"}
+    return tensors, {"format": "pt", NAME_KEY: record.name}
 
 
 def is_kohya(keys) -> bool:
