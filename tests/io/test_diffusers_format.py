@@ -410,6 +410,10 @@ def test_pipeline_files_of_several_components_load_one(tmp_path):
     assert any(k.startswith("text_encoder.") for k in state)  # diffusers reads the same file as both components
     with pytest.raises(ValueError, match="no LoRA for component 'transformer'"):
         dt.load(tiny_unet(), tmp_path / "pipe", component="transformer")
+    dt.save(ours, tmp_path / "own", format="diffusers", component=None)  # a model's own keys: any component's
+    own = tiny_unet()
+    dt.load(own, tmp_path / "own", component="unet")
+    torch.testing.assert_close(unet_output(own), unet_out, atol=ATOL, rtol=0)
 
 
 def test_grouped_conv_file_without_metadata_reads_as_scale_one(tmp_path):

@@ -65,7 +65,10 @@ def components(keys, children: set[str]) -> set[str]:
 def choose_component(found: set[str], component: str | None, source: str, spell=lambda c: c) -> str:
     """The component a load keeps of a file whose keys are for the components ``found`` (as the file spells them:
     ``spell(component)``): ``component`` itself; without it the only one, or in a file of several
-    :data:`DEFAULT_COMPONENT` (what ``pipe.load_lora_weights`` gives the UNet)."""
+    :data:`DEFAULT_COMPONENT` (what ``pipe.load_lora_weights`` gives the UNet). A file of the model's own keys
+    (``{""}``, ``save_lora_adapter``) is that model's whatever its component."""
+    if found == {""}:
+        return ""
     if component is not None:
         if spell(component) not in found:
             raise ValueError(f"{source} holds no LoRA for component {component!r} (it has "
@@ -86,7 +89,7 @@ def kept_keys(tensors: dict, keep, chosen: str, source: str) -> dict:
     if len(kept) < len(tensors):
         warnings.warn(f"{source}: loading the LoRA of {chosen or 'the model'}; skipped {len(tensors) - len(kept)} "
                       "keys of other pipeline components (load them onto those models with component=)",
-                      stacklevel=4)
+                      stacklevel=5)
     return kept
 
 
