@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from .deltas import FullDelta, LowRankDelta
-from .layers import kind_named, kind_of
+from .layers import GUESSED_KINDS, kind_named, kind_of
 from .util import progress
 from .io.record import AdapterRecord
 from .io.weights import WeightStore
@@ -40,11 +40,6 @@ from .targets import TargetSpec, spec_matcher
 
 #: tensor names of lookup tables (their LoRA is an embedding LoRA, ``dW`` taken on the transposed table)
 EMBEDDING = re.compile(r".*(embed|\bwte|\bwpe|\bshared)[^.]*$")
-
-
-#: without a config: the layer kind of a ``weight`` tensor by its number of dimensions (a 3-, 4- or 5-D weight is a
-#: convolution's ``out x in/groups x kernel``; a transposed convolution's would be misread, so give a config or kinds)
-GUESSED_KINDS = {2: "linear", 3: "nn_conv1d", 4: "nn_conv2d", 5: "nn_conv3d"}
 
 
 def guess_kind(module: str, ndim: int) -> str:

@@ -18,7 +18,8 @@ says, for one family of modules:
 - ``geometry(m)``: what file formats need of the module beyond the linear layout (a conv's ``kernel`` and
   ``groups``), recorded in adapter specs; ``lora_to_file(B, A, spec)`` / ``lora_from_file(B, A)``: LoRA factors
   ``dW = s B A`` (linear layout) to and from the shapes PEFT, diffusers and kohya files keep them in (identity
-  for linear kinds; see :func:`conv_lora_to_file`).
+  for linear kinds; see :func:`conv_lora_to_file`); ``file_caveat(m)``: why those files' readers run the
+  module's LoRA otherwise (a dilated conv's, see :func:`conv_file_caveat`), or ``None``.
 
 Convolutions (``nn.Conv1d/2d/3d``, any kernel, stride, padding, ``padding_mode``, dilation and groups) have the
 linear layout ``out x (in/groups * prod(kernel))``: the weight reshaped, as LyCORIS and PEFT lay it out. A delta
@@ -73,6 +74,9 @@ class LayerKind:
     geometry_keys: tuple[str, ...] = ()
     lora_to_file: Callable = lambda B, A, spec: (B, A)
     lora_from_file: Callable = lambda B, A: (B, A, {})
+    #: ``file_caveat(m)``: why PEFT / diffusers / kohya readers run the LoRA of module ``m`` from a file otherwise
+    #: than deltatune does (``None``: they run it the same); exports warn with it
+    file_caveat: Callable[[nn.Module], str | None] = lambda m: None
 
 
 _KINDS: list[LayerKind] = []
@@ -130,6 +134,12 @@ def kind_named(name: str) -> LayerKind:
         if k.name == name:
             return k
     raise ValueError(f"unknown layer kind {name!r}; known: {', '.join(k.name for k in _KINDS)}")
+
+
+#: without a model or config: the layer kind of a weight (or a LoRA factor in file layout) by its number of
+#: dimensions (a 3-, 4- or 5-D tensor is a convolution's, ``out x in/groups x kernel``; a transposed convolution's
+#: would be misread, so give a config or kinds when there is one)
+GUESSED_KINDS = {2: "linear", 3: "nn_conv1d", 4: "nn_conv2d", 5: "nn_conv3d"}
 
 
 def adaptable(module: nn.Module) -> bool:
@@ -340,9 +350,11 @@ def conv_lora_to_file(B: torch.Tensor, A: torch.Tensor, spec: dict) -> tuple[tor
 
 def conv_lora_from_file(B_file: torch.Tensor, A_file: torch.Tensor):
     """``(B, A, geometry)`` of a conv LoRA in PEFT's layout (:func:`conv_lora_to_file`). ``groups = R /
-    B.shape[1]``; a grouped one must have a block-diagonal ``lora_A`` (then it reads as rank ``R``: ``A`` stacks the
-    blocks, ``B`` puts output ``o`` of group ``j`` on block ``j``'s rows); one whose ``lora_A`` mixes input groups
-    is no update of the grouped conv's weight (PEFT cannot merge it either) and is refused."""
+    B.shape[1]``; a grouped one must have a block-diagonal ``lora_A``. With equal blocks (what
+    :func:`conv_lora_to_file` writes) it reads as rank ``r = R / g``: ``A`` the block, ``B = lora_B`` (so a round
+    trip keeps the rank); with distinct blocks as rank ``R``: ``A`` stacks the blocks, ``B`` puts output ``o`` of
+    group ``j`` on block ``j``'s rows. One whose ``lora_A`` mixes input groups is no update of the grouped conv's
+    weight (PEFT cannot merge it either) and is refused."""
     if A_file.dim() < 3 or B_file.dim() != A_file.dim() or any(d != 1 for d in B_file.shape[2:]):
         raise ValueError(f"a conv LoRA needs lora_A (r, in, *kernel) and lora_B (out, r, 1, ...); the file has "
                          f"{tuple(A_file.shape)} and {tuple(B_file.shape)}")
@@ -361,9 +373,20 @@ def conv_lora_from_file(B_file: torch.Tensor, A_file: torch.Tensor):
     if off.abs().max() > 0:
         raise ValueError(f"a grouped-conv LoRA (groups={g}) whose lora_A mixes input groups is not an update of the "
                          "grouped conv's weight (PEFT cannot merge it either); deltatune cannot represent it")
-    A = torch.stack([blocks[j, :, j] for j in range(g)]).reshape(R, -1)
+    diagonal = torch.stack([blocks[j, :, j] for j in range(g)])  # (g, r, in_g, prod(kernel))
+    if torch.equal(diagonal, diagonal[:1].expand_as(diagonal)):  # every group reads the same A
+        return B, diagonal[0].reshape(r, -1), {"kernel": kernel, "groups": g}
+    A = diagonal.reshape(R, -1)
     B_full = torch.block_diag(*B.reshape(g, out // g, r))  # output o of group j reads block j's rows only
     return B_full, A, {"kernel": kernel, "groups": g}
+
+
+def conv_file_caveat(m: nn.Module) -> str | None:
+    """PEFT (0.21) builds a conv LoRA's ``lora_A`` with the base's kernel, stride and padding only: a dilated conv's or
+    one with a non-zero ``padding_mode`` runs unmerged with other outputs in PEFT, diffusers and kohya readers."""
+    odd = ([f"dilation {tuple(m.dilation)}"] if any(d != 1 for d in m.dilation) else []) + \
+        ([f"padding_mode {m.padding_mode!r}"] if m.padding_mode != "zeros" else [])
+    return ", ".join(odd) or None
 
 
 def _conv_kind(cls: type) -> LayerKind:
@@ -375,7 +398,7 @@ def _conv_kind(cls: type) -> LayerKind:
         add=lambda m, delta, out, x: out + conv_update(m, delta, x).to(out.dtype),
         output=conv_update, replace=_conv_replace, fuse=locon_conv, stacked=False, family="conv",
         title=cls.__name__, geometry=conv_geometry, geometry_keys=("kernel", "groups"),
-        lora_to_file=conv_lora_to_file, lora_from_file=conv_lora_from_file)
+        lora_to_file=conv_lora_to_file, lora_from_file=conv_lora_from_file, file_caveat=conv_file_caveat)
 
 
 for _cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d):

@@ -289,7 +289,11 @@ class LowRankDelta(FactoredDelta):
         if set(t) != {"A", "B"}:
             raise ValueError(f"{source}: PEFT checkpoint has an incomplete LoRA for {mod!r} (found {sorted(t)})")
         r = t["A"].shape[0]
-        if t["A"].dim() != 2 or t["B"].dim() != 2 or t["B"].shape[1] != r or (rank is not None and r != rank):
+        if t["A"].dim() != 2 or t["B"].dim() != 2:
+            raise ValueError(f"{source}: module {mod!r} has LoRA tensors A {tuple(t['A'].shape)}, B "
+                             f"{tuple(t['B'].shape)}, which are not 2-D factors of a {kind or 'linear'} layer's LoRA "
+                             "(a convolution's LoRA for a layer of another type?): is the file for another model?")
+        if t["B"].shape[1] != r or (rank is not None and r != rank):
             raise ValueError(f"{source}: module {mod!r} has LoRA tensors A {tuple(t['A'].shape)}, B "
                              f"{tuple(t['B'].shape)} but its config gives rank {rank} (r / rank_pattern); the "
                              "weights and the config are not from the same save (a torn or mixed checkpoint)")

@@ -29,12 +29,12 @@ from .. import control as C
 from .. import model as M
 from ..layers import kind_of, unwrap
 from ..registry import adapted_layers, check_names, registry, sync
-from ..checks import export_rank_energy, finite_number, positive_int
+from ..checks import export_rank_energy
 from ..methods import Method
 from ..files import (CONFIG_NAME, WEIGHTS_NAME, adapter_folders, check_output_folder, read_adapter,
                     write_adapter_files, write_generation, write_tensors)
 from .peft_format import NeedsBase, NotLowRank, from_peft, to_peft
-from .diffusers_format import DEFAULT_COMPONENT, WEIGHT_NAME as LORA_FILE, from_diffusers, to_diffusers
+from .diffusers_format import DEFAULT_COMPONENT, NAME_KEY, WEIGHT_NAME as LORA_FILE, from_diffusers, to_diffusers
 from .kohya_format import from_kohya, is_kohya, to_kohya
 from .state import CONTROLLER_PREFIX, join_state, split_state
 from .record import FORMAT_VERSION, PLAIN_FORMAT_VERSION, AdapterRecord, build_deltas, check_fits, check_record, record_from_model
@@ -42,8 +42,6 @@ from .record import FORMAT_VERSION, PLAIN_FORMAT_VERSION, AdapterRecord, build_d
 FORMATS = ("deltatune", "peft", "diffusers", "kohya")
 #: the formats written as one safetensors file with metadata (``LORA_FILE``), by their writers
 LORA_FILE_FORMATS = {"diffusers": to_diffusers, "kohya": to_kohya}
-PEFT_NUMBERS = ("r", "lora_alpha", "lora_dropout", "init_r", "target_r")  # numbers in a PEFT config
-PEFT_SIZES = ("r", "init_r", "target_r")  # of which positive integers
 
 
 def to_own(record: AdapterRecord) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -130,9 +128,13 @@ def lora_files(path: str | Path) -> dict[str, Path] | None:
     return {p.name: p / LORA_FILE for p in subs if (p / LORA_FILE).is_file()} or None
 
 
-def read_lora_file(file: str | Path, name: str, model: nn.Module) -> AdapterRecord:
+def read_lora_file(file: str | Path, name: str | None, model: nn.Module, component: str | None = None
+                   ) -> AdapterRecord:
     """The adapter in a diffusers or kohya LoRA file, for ``model`` (kohya names need its module names; a file
-    with component-prefixed keys needs its top-level children). Every module is checked to fit the model before
+    with component-prefixed keys needs its top-level children); of a file for several pipeline components, the
+    keys of ``component`` (default: ``"unet"``, or the only one), the others skipped with a warning. ``name``:
+    the adapter's name; ``None``: the one the file's metadata records (``deltatune_adapter_name``), or
+    ``"default"``. Every module is checked to fit the model before
     anything is built; the first that does not raises ``ValueError`` naming the file and the module's key."""
     source = str(file)
     try:
@@ -144,12 +146,13 @@ def read_lora_file(file: str | Path, name: str, model: nn.Module) -> AdapterReco
     if not tensors:
         raise ValueError(f"{source} holds no tensors: not a LoRA file")
     kinds = model_kinds(model)
+    name = name or (metadata or {}).get(NAME_KEY) or "default"
     try:
         if is_kohya(tensors):
-            record, keys = from_kohya(tensors, name, kinds, source)
+            record, keys = from_kohya(tensors, name, kinds, source, component)
         else:
             children = {n for n, _ in unwrap(model).named_children()}
-            record = from_diffusers(tensors, metadata, name, kinds, children, source)
+            record = from_diffusers(tensors, metadata, name, kinds, children, source, component)
             keys = {m: m for m in record.modules}
         check_record(record)
     except KeyError as e:
@@ -167,10 +170,7 @@ def read_lora_file(file: str | Path, name: str, model: nn.Module) -> AdapterReco
 def _parse(folder, config: dict, tensors: dict, name: str | None, model: nn.Module | None) -> AdapterRecord:
     if config.get("format") == "deltatune":
         return from_own(config, tensors, name)
-    if "peft_type" in config:
-        for key in PEFT_NUMBERS:  # PEFT's scalars, checked before any arithmetic uses them
-            if config.get(key) is not None:
-                (positive_int if key in PEFT_SIZES else finite_number)(config[key], key)
+    if "peft_type" in config:  # from_peft checks PEFT's scalars (check_peft_values)
         return from_peft(config, tensors, name or "default", model_kinds(model), source=str(Path(folder) / CONFIG_NAME))
     raise ValueError(f"{Path(folder) / CONFIG_NAME} is neither a deltatune nor a PEFT adapter config")
 
@@ -272,10 +272,26 @@ def save(model: nn.Module, path: str | Path, names: str | list[str] | None = Non
             write_files(staging if len(records) == 1 else staging / rec.name, files)
 
     write_generation(path, fill)
+    if format != "deltatune":
+        warn_file_caveats(model, records, format)
     for rec, errors, _ in converted:
         if errors:
             warnings.warn(f"adapter {rec.name!r}: {svd_error_summary(errors)}", stacklevel=2)
     return path
+
+
+def warn_file_caveats(model: nn.Module, records: list[AdapterRecord], format: str) -> None:
+    """One warning naming the exported modules whose layer kind says other readers run them otherwise
+    (:attr:`~deltatune.layers.LayerKind.file_caveat`)."""
+    bases = dict(M.base_modules(model))
+    caveats = {mod: why for rec in records for mod in rec.modules if mod in bases
+               and (why := kind_of(bases[mod]).file_caveat(bases[mod])) is not None}
+    if caveats:
+        warnings.warn(f"{format} export: PEFT and diffusers (and kohya readers) run the LoRA of "
+                      f"{len(caveats)} modules otherwise than deltatune, their lora_A lacking the layer's setting "
+                      f"({'; '.join(f'{m}: {w}' for m, w in sorted(caveats.items()))}): unmerged, their outputs "
+                      "differ (merged into the weight they are right); deltatune reads the file back exactly",
+                      stacklevel=3)
 
 
 def _model_folder(model: nn.Module) -> str | None:
@@ -306,9 +322,10 @@ def svd_error_summary(errors: dict[str, float]) -> str:
 
 
 def load(model: nn.Module, path: str | Path, name: str | None = None, activate: bool = True,
-         is_trainable: bool = True, controller_state: bool = True) -> nn.Module:
+         is_trainable: bool = True, controller_state: bool = True, component: str | None = None) -> nn.Module:
     """Load adapter(s) saved by :func:`save` (any format) or by PEFT onto ``model``; ``path`` may also be a
-    diffusers or kohya LoRA ``.safetensors`` file (``model.save_lora_adapter``, ``save_lora_weights``, A1111).
+    diffusers or kohya LoRA ``.safetensors`` file (``model.save_lora_adapter``, ``save_lora_weights``, A1111), or
+    the ``adapter_model.safetensors`` of an adapter folder (loads the folder).
 
     ``name`` renames a single adapter. Every module is checked to fit (name, kind, shape) before the model
     is touched; the first mismatch raises ``ValueError``. The base model's parameters are frozen. With
@@ -318,7 +335,12 @@ def load(model: nn.Module, path: str | Path, name: str | None = None, activate: 
     ``dt.set_active`` says otherwise.
     ``controller_state``: restore the saved controller state and step counter (a resumed run's ``dt.begin``
     continues from that step); ``False`` starts them afresh.
+    ``component`` (diffusers / kohya files of a whole pipeline, e.g. ``lora_unet_*`` with ``lora_te_*`` keys): the
+    pipeline component ``model`` is (``"unet"``, ``"text_encoder"``, ...); default ``"unet"`` when the file has it,
+    or the file's only component. The other components' keys are skipped with one warning.
     """
+    if Path(path).name == WEIGHTS_NAME and (Path(path).parent / CONFIG_NAME).is_file():
+        path = Path(path).parent  # an adapter folder's weights file: its config is part of the adapter
     files = lora_files(path)
     folders = adapter_folders(path) if files is None else files
     if name is not None and len(folders) > 1:
@@ -326,7 +348,7 @@ def load(model: nn.Module, path: str | Path, name: str | None = None, activate: 
     if files is None:
         records = [read_record(f, name or sub or None, model) for sub, f in folders.items()]
     else:
-        records = [read_lora_file(f, name or sub or "default", model) for sub, f in files.items()]
+        records = [read_lora_file(f, name or sub or None, model, component) for sub, f in files.items()]
     built = []
     for rec, folder in zip(records, folders.values()):
         try:

@@ -26,6 +26,7 @@ from collections import Counter
 import torch
 
 from ..deltas import NotLowRank
+from .diffusers_format import NAME_KEY, choose_component, kept_keys
 from .peft_format import export_modules, from_peft
 from .record import AdapterRecord
 
@@ -62,8 +63,9 @@ def to_kohya(record: AdapterRecord, component: str = "unet", rank: int | None = 
         if m.saved is not None or m.extra:
             raise NotLowRank(f"{mod}: kohya files hold LoRA factors only (this module is kept whole or carries "
                              "more tensors): save the adapter in deltatune's or PEFT's format")
-        if m.B.shape[1] != m.r:
-            raise NotLowRank(f"{mod}: a grouped convolution (groups {m.r // m.B.shape[1]}); kohya files have no "
+        groups = int(record.modules[mod].get("groups", 1))  # the layer's geometry (LayerKind.geometry)
+        if groups > 1:
+            raise NotLowRank(f"{mod}: a grouped convolution (groups {groups}); kohya files have no "
                              "grouped-conv LoRA: use the PEFT or diffusers format")
     if not modules:
         raise NotLowRank(f"adapter {record.name!r} has no low-rank deltas to export")
@@ -74,7 +76,7 @@ def to_kohya(record: AdapterRecord, component: str = "unet", rank: int | None = 
         tensors[f"{n}.{DOWN}"] = m.A
         tensors[f"{n}.{UP}"] = m.B if m.scale * m.r == alpha else m.B * (m.scale * m.r / alpha)
         tensors[f"{n}.{ALPHA}"] = torch.tensor(alpha, dtype=torch.float32)
-    return tensors, {"format": "pt"}
+    return tensors, {"format": "pt", NAME_KEY: record.name}
 
 
 def is_kohya(keys) -> bool:
@@ -86,19 +88,19 @@ def _split(key: str) -> tuple[str, str]:
     return name, rest
 
 
-def from_kohya(tensors: dict[str, torch.Tensor], name: str, kinds: dict[str, str], source: str
-               ) -> tuple[AdapterRecord, dict[str, str]]:
+def from_kohya(tensors: dict[str, torch.Tensor], name: str, kinds: dict[str, str], source: str,
+               component: str | None = None) -> tuple[AdapterRecord, dict[str, str]]:
     """``(record, {module: the file's lora name})`` of a kohya file for the model whose module kinds are
-    ``kinds``; ``source`` names the file in errors."""
+    ``kinds``; ``source`` names the file in errors; ``component``: which pipeline component's keys to load
+    (:func:`~deltatune.io.diffusers_format.choose_component`; the others are skipped with a warning)."""
     for key in tensors:
         why = next((w for part, w in UNSUPPORTED.items() if part in key), None)
         if why is not None:
             raise ValueError(f"{source}: key {key!r} is {why}; deltatune loads plain kohya LoRA files only")
     prefixes = {p for p in PREFIXES.values() for k in tensors if _split(k)[0].startswith(f"{p}_")}
-    if len(prefixes) != 1:
-        raise ValueError(f"{source} holds LoRAs for {len(prefixes)} components ({', '.join(sorted(prefixes))}); "
-                         "deltatune loads one model's: split the file per component")
-    prefix = prefixes.pop()
+    prefix = choose_component(prefixes, component, source, spell=prefix_of)
+    tensors = kept_keys(tensors, lambda k: not any(_split(k)[0].startswith(f"{p}_") for p in prefixes - {prefix}),
+                        prefix, source)
     by_name: dict[str, list[str]] = {}
     for mod in kinds:
         by_name.setdefault(kohya_name(mod, prefix), []).append(mod)

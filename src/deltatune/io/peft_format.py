@@ -39,7 +39,8 @@ import torch
 
 from ..deltas import FrozenWeight, FullDelta, LowRankDelta, NotLowRank, delta_from_spec, structure_class
 from ..deltas.lowrank import PEFT_FAN_IN_FAN_OUT
-from ..layers import kind_named
+from ..checks import finite_number, positive_int
+from ..layers import GUESSED_KINDS, kind_named
 from ..methods import Method
 from ..methods.base import method_classes
 from ..methods.peft import LORA_KEYS, check_config  # noqa: F401 (LORA_KEYS: PEFT LoRA's config keys, re-exported)
@@ -245,18 +246,52 @@ def _split_keys(tensors: dict[str, torch.Tensor], pattern: str) -> tuple[dict, d
     return found, rest
 
 
-def _from_file_layout(mod: str, t: dict[str, torch.Tensor], kind: str | None, source: str) -> tuple[dict, dict]:
+def file_kind(mod: str, t: dict[str, torch.Tensor], kinds: dict[str, str]) -> str | None:
+    """The layer kind of a module's file tensors ``t``: the model's (``kinds``); without a model, a kind the
+    factors' number of dimensions says beyond the linear layout's 2 (:data:`~deltatune.layers.GUESSED_KINDS`: 4-D
+    factors are a Conv2d's), else ``None`` (read from the tensor names)."""
+    if mod in kinds:
+        return kinds[mod]
+    dims = {v.dim() for v in t.values()}
+    return GUESSED_KINDS.get(dims.pop()) if len(dims) == 1 and dims != {2} else None
+
+
+def _from_file_layout(mod: str, t: dict[str, torch.Tensor], kind: str | None, source: str
+                      ) -> tuple[dict, dict, tuple[int, int] | None]:
     """A module's LoRA tensors from its kind's file layout to the linear layout
-    (:attr:`~deltatune.layers.LayerKind.lora_from_file`), and the layer geometry they say (a conv's kernel and
-    groups, checked against the model's layer on load)."""
+    (:attr:`~deltatune.layers.LayerKind.lora_from_file`), the layer geometry they say (a conv's kernel and
+    groups, checked against the model's layer on load), and ``(R, r)``: the rank of the file's ``lora_A`` (the
+    rank the config gives) and of the linear layout's ``A`` (``None`` when nothing was converted)."""
     a, b = LowRankDelta.peft_keys(kind)
     if kind is None or a not in t or b not in t:
-        return t, {}
+        return t, {}, None
     try:
         B, A, geometry = kind_named(kind).lora_from_file(t[b], t[a])
     except ValueError as e:
         raise ValueError(f"{source}: module {mod!r} ({kind_named(kind).title or kind}): {e}") from None
-    return {**t, a: A, b: B}, geometry
+    return {**t, a: A, b: B}, geometry, (int(t[a].shape[0]), int(A.shape[0]))
+
+
+PEFT_NUMBERS = ("r", "lora_alpha", "lora_dropout", "init_r", "target_r")  # numbers in a PEFT config
+PEFT_SIZES = ("r", "init_r", "target_r")  # of which positive integers
+PEFT_FLAGS = ("use_rslora",)  # true or false
+
+
+def check_peft_values(config: dict, source: str) -> None:
+    """PEFT's scalars (:data:`PEFT_NUMBERS`, :data:`PEFT_FLAGS`), checked before any arithmetic uses them: a
+    ``ValueError`` naming ``source`` and the key (an ``adapter_config.json`` and a diffusers file's metadata alike)."""
+    for key in (*PEFT_NUMBERS, *PEFT_FLAGS):
+        value = config.get(key)
+        if value is None:
+            continue
+        try:
+            if key in PEFT_FLAGS:
+                if not isinstance(value, bool):
+                    raise TypeError(f"must be true or false, got {value!r} ({type(value).__name__})")
+            else:
+                (positive_int if key in PEFT_SIZES else finite_number)(value, "it")
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: PEFT config key {key!r} {str(e).removeprefix('it ')}") from None
 
 
 def peft_reader(config: dict, source: str) -> type[Method]:
@@ -277,6 +312,7 @@ def from_peft(config: dict, tensors: dict[str, torch.Tensor], name: str, kinds: 
 
     Every module's tensor rank must equal the rank its config gives it (``rank_pattern`` / ``r``), as PEFT itself
     requires: weights and config from different saves are refused, not loaded with a wrong scale."""
+    check_peft_values(config, source)
     reader = peft_reader(config, source)
     check_config(config, source, reader.peft_keys)
     missing = [k for k in reader.peft_required if k not in config]
@@ -286,10 +322,14 @@ def from_peft(config: dict, tensors: dict[str, torch.Tensor], name: str, kinds: 
     found, rest = _split_keys(tensors, "|".join(re.escape(n) for n in structure.peft_names()))
     modules, out = {}, {}
     for mod, t in found.items():
-        t, geometry = _from_file_layout(mod, t, kinds.get(mod), source)
-        modules[mod], out[mod] = structure.from_peft(
-            mod, t, kinds.get(mod), reader.peft_rank(config, mod, source),
-            lambda r, mod=mod: reader.peft_scale(config, mod, r, source), source)
+        kind = file_kind(mod, t, kinds)
+        t, geometry, ranks = _from_file_layout(mod, t, kind, source)
+        rank, scale = reader.peft_rank(config, mod, source), lambda r, mod=mod: reader.peft_scale(config, mod, r, source)
+        if ranks is not None and ranks[0] != ranks[1] and rank == ranks[0]:
+            # the file layout holds the LoRA at another rank (a grouped conv's block-diagonal lora_A, R = g r): the
+            # config's rank and scale are the file's
+            rank, scale = ranks[1], lambda _, mod=mod, R=ranks[0]: reader.peft_scale(config, mod, R, source)
+        modules[mod], out[mod] = structure.from_peft(mod, t, kind, rank, scale, source)
         modules[mod].update(geometry)
     _saved_modules(rest, config, kinds, modules, out, source)
     method = reader.from_peft_config(config, sorted(m for m in modules if m in found),
