@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -421,7 +420,7 @@ def report(results: dict, args) -> str:
     lines.append(f"- judge (CNN) test accuracy on real digits: {results['judge_accuracy']:.3f}; base model on its "
                  f"seen classes 0-5: identity {mean(v['identity'] for v in results['base'].values()):.3f}, "
                  f"FD {mean(v['fd'] for v in results['base'].values()):.2f}")
-    lines.append(f"- trainable adapter parameters: " + ", ".join(
+    lines.append("- trainable adapter parameters: " + ", ".join(
         f"{m} {results['counts'][m]:,} ({results['configs'][m]})" for m in results["single"]))
     lines.append(f"- learning rates (chosen on concept {CONCEPTS[0]}'s held-out images): " + ", ".join(
         f"{m} {results['lr'][m]:g}" for m in results["lr"]))

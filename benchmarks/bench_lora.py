@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import header, md_table, sst2_rows, update_section  # noqa: E402
+from common import header, md_table, rotating_rounds, sst2_rows, update_section  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -170,15 +170,13 @@ def bench_speed(model_name: str, cfg: dict, variants: list[str], rounds: int, st
 def run_rounds(vs: list[Variant], batches: list[dict], rounds: int, steps: int, warmup: int) -> dict:
     """``warmup`` untimed steps of each variant, then ``rounds`` rounds of ``steps`` timed steps of each, the order
     rotating from round to round; ``{name: {"trainable", "times" (per round, per step), "faults_per_step"}}``."""
-    gc.collect()
-    for v in vs:
-        time_steps(v, batches, warmup)
-    for r in range(rounds):
-        for v in vs[r % len(vs):] + vs[:r % len(vs)]:
-            ts, faults = time_steps(v, batches, steps, first=r)
-            v.times.append(ts)
-            v.faults += faults
-        _report_round(r, rounds, vs)
+    def run(v, r):
+        ts, faults = time_steps(v, batches, steps, first=r)
+        v.times.append(ts)
+        v.faults += faults
+
+    rotating_rounds(vs, rounds, run, warmup=lambda v: time_steps(v, batches, warmup),
+                    report=lambda r: _report_round(r, rounds, vs))
     return {v.name: {"trainable": v.trainable, "times": v.times, "faults_per_step": v.faults / (rounds * steps)}
             for v in vs}
 

@@ -99,6 +99,24 @@ def publish(key: str, body: str) -> None:
     update_section(key, body)
 
 
+def rotating_rounds(variants: list, rounds: int, run, warmup=None, report=None) -> None:
+    """``warmup(v)`` once per variant, then ``rounds`` rounds in which every variant runs once (``run(v, r)``),
+    the order rotating from round to round (round ``r`` starts at variant ``r mod n``), so that drift of a shared
+    machine and cache state fall on every variant alike; ``report(r)`` after each round."""
+    import gc
+
+    gc.collect()
+    for v in variants:
+        if warmup is not None:
+            warmup(v)
+    n = len(variants)
+    for r in range(rounds):
+        for v in variants[r % n:] + variants[:r % n]:
+            run(v, r)
+        if report is not None:
+            report(r)
+
+
 def md_table(header_row: list[str], rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(header_row) + " |", "|" + "|".join("---" for _ in header_row) + "|"]
     out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

@@ -37,7 +37,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import header, md_table, update_section  # noqa: E402
+from common import header, md_table, rotating_rounds, update_section  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -133,14 +133,12 @@ def time_steps(v: Variant, batches: list[dict], steps: int, first: int = 0) -> l
 
 
 def run_rounds(vs: list[Variant], batches: list[dict], rounds: int, steps: int, warmup: int) -> None:
-    gc.collect()
-    for v in vs:
-        time_steps(v, batches, warmup)
-    for r in range(rounds):
-        for v in vs[r % len(vs):] + vs[:r % len(vs)]:
-            v.times.append(time_steps(v, batches, steps, first=r))
+    def report(r):
         print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{v.name} {statistics.median(v.times[-1]):.3f}s"
                                                       for v in vs), file=sys.stderr, flush=True)
+
+    rotating_rounds(vs, rounds, lambda v, r: v.times.append(time_steps(v, batches, steps, first=r)),
+                    warmup=lambda v: time_steps(v, batches, warmup), report=report)
 
 
 def ratio(a: list[list[float]], b: list[list[float]]) -> tuple[float, float, float]:
