@@ -34,11 +34,11 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import header, md_table, rotating_rounds, sst2_rows, update_section  # noqa: E402
+from common import (Variant, backward_step, header, md_table, rotating_rounds, sst2_rows, update_section,  # noqa: E402
+                    variant)
 
 import torch  # noqa: E402
 
@@ -91,16 +91,6 @@ def make_batches(model_name: str, cfg: dict, n: int = 4) -> list[dict]:
     return [{"input_ids": b, "attention_mask": torch.ones_like(b), "labels": b.clone()} for b in ids]
 
 
-@dataclass
-class Variant:
-    name: str
-    model: torch.nn.Module
-    opt: torch.optim.Optimizer | None
-    trainable: int
-    times: list[list[float]] = field(default_factory=list)  # per round, per step
-    faults: int = 0  # minor page faults during the timed steps
-
-
 def _require_grad_hook(module, inputs, output):
     return output.requires_grad_(True)
 
@@ -126,18 +116,12 @@ def build(name: str, base: torch.nn.Module, cfg: dict) -> Variant:
             p.requires_grad_(True)
     else:
         raise ValueError(f"unknown variant {name!r}; choose from {VARIANTS}")
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
-    return Variant(name, model, opt, sum(p.numel() for p in params))
+    return variant(name, model)
 
 
 def train_step(v: Variant, batch: dict) -> None:
     loss = v.model(**batch).loss
-    loss.backward()
-    if v.opt is not None:
-        v.opt.step()
-        v.opt.zero_grad(set_to_none=True)
+    backward_step(v, loss)
 
 
 # -- speed -----------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import platform
 import re
 import shlex
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -97,6 +98,36 @@ def publish(key: str, body: str) -> None:
     """Print a result section and put it into BENCHMARKS.md under ``key``."""
     print(body)
     update_section(key, body)
+
+
+@dataclass
+class Variant:
+    """One timed training setup: the model, the AdamW on its trainable parameters (``None`` for the frozen floor)
+    and the per-round step times."""
+    name: str
+    model: object
+    opt: object
+    trainable: int
+    times: list = field(default_factory=list)  # per round, per step
+    faults: int = 0  # minor page faults during the timed steps
+
+
+def variant(name: str, model, lr: float = 1e-4) -> Variant:
+    """``model`` in train mode with AdamW on the parameters that require grad (none: the floor)."""
+    import torch
+
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr) if params else None
+    return Variant(name, model, opt, sum(p.numel() for p in params))
+
+
+def backward_step(v: Variant, loss) -> None:
+    """``loss.backward()`` and, unless ``v`` is the floor, one optimizer step."""
+    loss.backward()
+    if v.opt is not None:
+        v.opt.step()
+        v.opt.zero_grad(set_to_none=True)
 
 
 def rotating_rounds(variants: list, rounds: int, run, warmup=None, report=None) -> None:

@@ -37,7 +37,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import header, md_table, rotating_rounds, update_section  # noqa: E402
+from common import Variant, backward_step, header, md_table, rotating_rounds, update_section, variant  # noqa: E402,E501
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -84,12 +84,6 @@ def make_batches(batch: int, n: int = 3) -> list[dict]:
     return out
 
 
-class Variant:
-    def __init__(self, name: str, model: nn.Module, opt, trainable: int):
-        self.name, self.model, self.opt, self.trainable = name, model, opt, trainable
-        self.times: list[list[float]] = []
-
-
 def build(name: str, base: nn.Module, names: list[str], r: int, alpha: float) -> Variant:
     model = copy.deepcopy(base)
     if name == "floor":
@@ -104,19 +98,13 @@ def build(name: str, base: nn.Module, names: list[str], r: int, alpha: float) ->
                                         model)
     else:
         raise ValueError(f"unknown variant {name!r}; choose from {VARIANTS}")
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
-    return Variant(name, model, opt, sum(p.numel() for p in params))
+    return variant(name, model)
 
 
 def train_step(v: Variant, batch: dict) -> None:
     x = batch["x"].detach().requires_grad_(v.opt is None)  # the floor: the input's gradient runs the backward
     loss = F.mse_loss(v.model(x, batch["t"], batch["text"]).sample, batch["noise"])
-    loss.backward()
-    if v.opt is not None:
-        v.opt.step()
-        v.opt.zero_grad(set_to_none=True)
+    backward_step(v, loss)
 
 
 # -- speed -----------------------------------------------------------------------------------------------------------
