@@ -497,15 +497,13 @@ def plot(results: dict, out: Path) -> Path | None:
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    what, rest = argparse.ArgumentParser(add_help=False), None
-    what.add_argument("--what", choices=["customize", "speed"], default="customize")
-    known, rest = what.parse_known_args(argv)
-    if known.what == "speed":  # the speed benchmark has its own options (diffusion_speed.py --help)
+    if argv[:2] == ["--what", "speed"]:  # the speed benchmark, with its own options (diffusion_speed.py --help)
         import diffusion_speed
 
-        return diffusion_speed.main(rest)
+        return diffusion_speed.main(argv[2:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--what", choices=["customize", "speed"], default="customize")
+    p.add_argument("--what", choices=["customize", "speed"], default="customize",
+                   help="speed: give it first (--what speed [diffusion_speed.py options])")
     p.add_argument("--cache", default=str(cache_dir() / "bench_diffusion"))
     p.add_argument("--out", default="bench-diffusion-out")
     p.add_argument("--methods", nargs="+", default=["orthogonal", "lora", "oft", "rows"])
