@@ -166,9 +166,36 @@ def unet():
                        attention_head_dim=16)
 
 
-def base_model(parts, cache: Path, steps: int, batch: int, lr: float, grids: Path, sample_steps: int = 25):
-    path = cache / f"base-s{steps}-b{batch}-lr{lr}.pt"
-    model = unet()
+class TokenUNet(nn.Module):
+    """The text-to-image setting in miniature: a ``UNet2DConditionModel`` whose only conditioning is one learned
+    token per class, read by cross-attention (``class_embedding`` row -> ``encoder_hidden_states``), as a concept's
+    token is in Stable Diffusion. No class signal enters the time embedding."""
+
+    def __init__(self, dim: int = 64):
+        super().__init__()
+        from diffusers import UNet2DConditionModel
+
+        self.unet = UNet2DConditionModel(
+            sample_size=SIZE, in_channels=1, out_channels=1, block_out_channels=(32, 64), layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=dim, attention_head_dim=16, norm_num_groups=8)
+        self.class_embedding = nn.Embedding(10, dim)
+
+    def forward(self, sample, timestep, class_labels):
+        return self.unet(sample, timestep, encoder_hidden_states=self.class_embedding(class_labels)[:, None, :])
+
+
+#: --base: the model to pretrain, and the adapters' targets per --targets ("all": every conv and linear but the
+#: input conv and the time MLP; "kv": the cross-attention keys and values only, Custom Diffusion's choice)
+BASES = {"classes": unet, "tokens": TokenUNet}
+TARGETS = {"all": dict(targets="all", exclude=EXCLUDE), "kv": dict(targets=r".*attn2\.to_[kv]")}
+
+
+def base_model(parts, cache: Path, steps: int, batch: int, lr: float, grids: Path, sample_steps: int = 25,
+               kind: str = "classes"):
+    path = cache / (f"base-s{steps}-b{batch}-lr{lr}.pt" if kind == "classes" else
+                    f"base-{kind}-s{steps}-b{batch}-lr{lr}.pt")
+    model = BASES[kind]()
     if path.exists():
         model.load_state_dict(torch.load(path))
         return model.eval(), None
@@ -191,10 +218,10 @@ def adapter_params(base, method) -> int:
     return dt.trainable_parameters(m)[0]
 
 
-def methods_at_equal_params(base, r_oa: int):
+def methods_at_equal_params(base, r_oa: int, targets: str = "all"):
     """``{name: factory(i) -> Method}`` with LoRA's rank and OFT's block size closest to Orthogonal Adaptation's
     parameter count at rank ``r_oa``; also returns the counts."""
-    common_kw = dict(targets="all", exclude=EXCLUDE)
+    common_kw = TARGETS[targets]
     target = adapter_params(base, dt.OrthogonalAdaptation(r=r_oa, slot=0, **common_kw))
     lora_r = min(range(1, 33), key=lambda r: abs(adapter_params(base, dt.LoRA(r=r, alpha=r, **common_kw)) - target))
     sizes = []
@@ -266,7 +293,7 @@ def customize(args) -> dict:
     j, judge_acc = judge(parts, cache, args.judge_epochs)
     print(f"judge test accuracy {judge_acc:.4f}", file=sys.stderr, flush=True)
     base, _ = base_model(parts, cache, args.base_steps, args.base_batch, args.base_lr, out / "base-grids",
-                         args.sample_steps)
+                         args.sample_steps, args.base)
     for p in base.parameters():
         p.requires_grad_(False)
     sched = D.ddpm_scheduler()
@@ -280,7 +307,7 @@ def customize(args) -> dict:
         base_scores[c] = score(j, imgs, c, parts[c][1])
     print(f"base on seen classes: {base_scores}", file=sys.stderr, flush=True)
 
-    made, counts, configs = methods_at_equal_params(base, args.r_oa)
+    made, counts, configs = methods_at_equal_params(base, args.r_oa, args.targets)
     print(f"trainable parameters: {counts} ({configs})", file=sys.stderr, flush=True)
     results = {"judge_accuracy": judge_acc, "counts": counts, "configs": configs, "base": base_scores,
                "lr": {}, "lr_sweep": {}, "single": {}, "merged": {}, "forgetting": {}}
@@ -373,6 +400,8 @@ def crosstalk(base, parts, saved: dict, rows: dict, pair=(6, 7), t: int = 400) -
     out = {}
     for grp in ("conv", "attention", "time_emb_proj"):
         sel = [r for r in table if layer_group(r["module"]) == grp]
+        if not sel:
+            continue
         talk = sorted(v for r in sel for v in (r["crosstalk_ab"], r["crosstalk_ba"]) if v is not None)
         out[grp] = {"layers": len(sel), "input_overlap": mean(r["input_overlap"] for r in sel),
                     "crosstalk_median": talk[len(talk) // 2]}
@@ -395,7 +424,8 @@ def report_only(args) -> dict:
                 for k, v in d.items()}
     results = ints(results)
     parts = splits()
-    base, _ = base_model(parts, Path(args.cache), args.base_steps, args.base_batch, args.base_lr, out / "base-grids")
+    base, _ = base_model(parts, Path(args.cache), args.base_steps, args.base_batch, args.base_lr, out / "base-grids",
+                         kind=args.base)
     for mname in results["single"]:
         folder = out / "adapters" / mname
         if mname == "rows" or mname in results.get("crosstalk", {}):
@@ -416,7 +446,8 @@ def mean(xs):
 def report(results: dict, args) -> str:
     if args.report_only:  # the header names the command of the run, not of the rebuild
         sys.argv = [a for a in sys.argv if a != "--report-only"]
-    lines = [common.header("Convolutions and diffusion (issue 17): modular customization"), ""]
+    setting = "" if (args.base, args.targets) == ("classes", "all") else f" (--base {args.base} --targets {args.targets})"
+    lines = [common.header("Convolutions and diffusion (issue 17): modular customization" + setting), ""]
     lines.append(f"- judge (CNN) test accuracy on real digits: {results['judge_accuracy']:.3f}; base model on its "
                  f"seen classes 0-5: identity {mean(v['identity'] for v in results['base'].values()):.3f}, "
                  f"FD {mean(v['fd'] for v in results['base'].values()):.2f}")
@@ -507,6 +538,9 @@ def main(argv=None) -> None:
     p.add_argument("--cache", default=str(cache_dir() / "bench_diffusion"))
     p.add_argument("--out", default="bench-diffusion-out")
     p.add_argument("--methods", nargs="+", default=["orthogonal", "lora", "oft", "rows"])
+    p.add_argument("--base", choices=list(BASES), default="classes",
+                   help="classes: UNet2DModel with a class embedding; tokens: cross-attention on one token per class")
+    p.add_argument("--targets", choices=list(TARGETS), default="all")
     p.add_argument("--merges", nargs="+", default=["sum", "ties", "combine"])
     p.add_argument("--base-steps", type=int, default=2000)
     p.add_argument("--base-batch", type=int, default=48)
@@ -539,7 +573,8 @@ def main(argv=None) -> None:
     if args.quick or args.no_publish:
         print(body)
     else:
-        common.publish("diffusion-customize", body)
+        common.publish("diffusion-customize" + ("" if (args.base, args.targets) == ("classes", "all") else
+                                                  f"-{args.base}-{args.targets}"), body)
 
 
 if __name__ == "__main__":
