@@ -15,7 +15,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 import deltatune as dt
-from deltatune.train import encode_classification, read_rows, set_seed
+from deltatune.train import read_rows, set_seed
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SHARED, make_minilm, randomize, real_weight
+from helpers import SHARED, make_minilm, real_weight
 
 import deltatune as dt
 from deltatune.deltas.kind import KindDelta
@@ -77,7 +77,6 @@ def test_fixed_gates_equal_the_dense_class_weights_and_merge_exactly(minilm_dir,
     lg = model(**minilm_batch).logits
     dt.kind_select(model, None)
     n = minilm_batch["input_ids"].shape[0]
-    model.bert.encoder.layer[0].attention.self.query.deltas["kind"]  # noqa: B018
     # a fixed class merges into plain weights: same outputs, and unmerge restores the base bit for bit
     before = {k: v.clone() for k, v in model.state_dict().items() if "deltas" not in k}
     routed = model(**minilm_batch, condition=[1] * n).logits
