@@ -329,6 +329,24 @@ def test_layers_with_only_frozen_adapters_pass_gradients_through():
         dt.set_active(net, ["a", "b", "c"], trainable="a")
 
 
+def test_training_takes_a_serving_merge_out_and_merges_nothing():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
+    _attach_all(net, {"a": dt.LoRA(r=2), "b": dt.LoRA(r=3)})
+    x = torch.randn(4, 10, 16)
+    dt.set_serving(net, merge_single=True)
+    net.eval()
+    with torch.no_grad():
+        served = net(x, adapter_names=["a"] * 4)
+    assert list(net[0].merged) == ["a"]  # the inference fast path merged it
+    net.train()
+    trained = net(x, adapter_names=["a"] * 4)
+    assert not net[0].merged and not net[2].merged  # taken out, and training merged nothing
+    torch.testing.assert_close(trained.detach(), served, atol=1e-5, rtol=0)
+    _check_sum(net, x, ["a"] * 4)
+    assert not net[0].merged
+
+
 def test_input_dropout_acts_on_its_own_adapters_rows_only():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(16, 16))

@@ -32,7 +32,8 @@ from :meth:`Delta.live_factors` without detaching (``torch.stack`` of zero-padde
 and the products and ``index_add`` run out of place, so the backward gives each adapter exactly the gradient of its
 own rows: for a loss summed over rows, the gradients of a mixed batch are the sum of each adapter's gradients run
 alone on its rows. Rows of the base model give no adapter a gradient. Each adapter's input transform
-(:meth:`Delta.drop`: input dropout) acts on its own rows. *Which adapters train*: those whose parameters require
+(:meth:`Delta.drop`: input dropout) acts on its own rows (under ``torch.no_grad`` the stacked adapters run the
+inference path, without it). *Which adapters train*: those whose parameters require
 grad, i.e. the registry's trainable adapters: ``dt.set_active(model, ["a", "b", "c"])`` makes all three trainable
 (``trainable=`` picks some of them); the routing, not the active set, decides which rows each one sees, and
 adapters named in the batch but not trainable act on their rows frozen. A trainable adapter with no row in the
