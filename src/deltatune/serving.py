@@ -18,7 +18,9 @@ once for the whole batch: the base product is shared and only the delta terms di
 - **Grouped** (every other structure: S2FT blocks, sparse entries (SpIEL, LT-SFT), OFT rotations, dense and full
   deltas; and every delta on embeddings and ``nn.Conv1d/2d/3d``, LoCon included): per adapter present, its rows are
   gathered, its contribution ``dW_a x`` computed by the delta itself (:meth:`Delta.forward`; for a rotation
-  ``W (R^T - I) x``) and added back to those rows (``index_add``).
+  ``W (R^T - I) x``) and added back to those rows (``index_add``). A delta gated per row by the batch's condition
+  (:attr:`Delta.routed`: KIND's class gate) computes its contribution on the whole batch (its gate follows every
+  row of the batch) and only its own rows are added.
 
 Rows the model expands (``num_return_sequences``, beam search, or a layer that sees ``rows x tokens`` flattened)
 follow their source row.
@@ -215,9 +217,7 @@ class Rows:
             rows = self.rows_of(n, n_rows, x.device)
             if rows.numel() == 0:
                 continue
-            xs = x.index_select(0, rows)
-            delta = layer.deltas[n]
-            contrib = layer.layer_kind.output(layer.base, delta, xs).to(out.dtype)
+            contrib = grouped_output(layer, layer.deltas[n], x, rows).to(out.dtype)
             out = out.index_add_(0, rows, contrib) if inplace else out.index_add(0, rows, contrib)
         return out
 
@@ -232,7 +232,7 @@ class Rows:
         names = present + [n for n in trained if n not in present]
         factors = {}
         if layer.layer_kind.stacked:
-            factors = {n: f for n in names if not layer.deltas[n].replaces_output
+            factors = {n: f for n in names if not layer.deltas[n].replaces_output and not layer.deltas[n].routed
                        and (f := layer.deltas[n].live_factors()) is not None}
         n_rows = x.shape[0]
         if factors:
@@ -255,7 +255,7 @@ class Rows:
                 continue
             rows = self.rows_of(n, n_rows, x.device) if n in present else torch.zeros(0, dtype=torch.long,
                                                                                       device=x.device)
-            contrib = layer.layer_kind.output(layer.base, layer.deltas[n], x.index_select(0, rows))
+            contrib = grouped_output(layer, layer.deltas[n], x, rows)
             out = out.index_add(0, rows, contrib.to(out.dtype))
         return out
 
@@ -272,6 +272,15 @@ class Rows:
         return self._rows[key]
 
 
+def grouped_output(layer: AdaptedLayer, delta, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """One grouped delta's contribution to ``rows`` of ``x``: computed on those rows alone, or, for a delta gated per
+    row (:attr:`Delta.routed`, e.g. KIND's class gate: its gate follows the whole batch's condition), on the whole
+    batch and then cut to ``rows``."""
+    if delta.routed:
+        return layer.layer_kind.output(layer.base, delta, x).index_select(0, rows)
+    return layer.layer_kind.output(layer.base, delta, x.index_select(0, rows))
+
+
 def layer_plan(layer: AdaptedLayer, names: list[str]):
     """``(stack, grouped)`` for the adapters ``names`` on ``layer``: ``stack = (A^T, B^T, [A^T | ...], {name: slot})``
     (:func:`stack_factors`, :func:`flat_A`) for the
@@ -282,7 +291,8 @@ def layer_plan(layer: AdaptedLayer, names: list[str]):
                 for n, d in ((n, layer.deltas[n]) for n in names))
     cache = layer.__dict__.get("_plan_cache")
     if cache is None or cache[0] != key:
-        factors = {n: layer.deltas[n].lowrank() for n in names if not layer.deltas[n].replaces_output}
+        factors = {n: layer.deltas[n].lowrank() for n in names
+                   if not layer.deltas[n].replaces_output and not layer.deltas[n].routed}
         lowrank = [n for n, f in factors.items() if f is not None]
         stack = None
         if lowrank:
