@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Delta, fusable
+from .base import Delta, fused_inputs
 
 #: the PEFT LoRA tensor names per layer kind (``lora_A`` / ``lora_B`` of a Linear or GPT-2 Conv1D, the parameters
 #: ``lora_embedding_A`` / ``lora_embedding_B`` of an embedding); kinds not listed use :data:`PEFT_LORA_DEFAULT`
@@ -174,10 +174,13 @@ class FactoredDelta(Delta):
         return lowrank_apply(out, self._input(x), A, B, self.scale, inplace)
 
     def fuse(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-        if not fusable(x, weight, bias, self.dtype):
-            return None
         B, A = self.factors()
-        return lowrank_linear(x, self._input(x), weight, bias, A, B, self.scale)
+        cast = fused_inputs(x, weight, bias, A, B)
+        if cast is None:
+            return None
+        x, weight, bias, A, B = cast
+        xd = self.dropout(x) if self.dropout is not None else x
+        return lowrank_linear(x, xd, weight, bias, A, B, self.scale)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         B, A = self.factors()
