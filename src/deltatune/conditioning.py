@@ -9,7 +9,9 @@ explicitly (and is taken out of the call), for models that have no such argument
 Every delta then applies its own gate per row: nothing here knows what the condition means.
 
 The condition stays set after the call, so that gradient checkpointing, which reruns layers during the backward,
-sees the same one; the next call replaces it, and a call without it clears it (a delta that needs it then says so).
+sees the same one; the next call replaces it, and a call without it clears it (a delta that needs it then says so),
+unless :func:`set_condition` holds one: calls that give none then use the held one (``model.generate``, whose
+decoding steps cannot carry an extra argument; generation's expanded rows follow their prompt).
 """
 from __future__ import annotations
 
@@ -36,14 +38,19 @@ def _conditioned(model: nn.Module, reg) -> list[tuple[str, str, list]]:
     return cache[1]
 
 
+def _parameters(model: nn.Module) -> list[str]:
+    """The names of the model's forward arguments (empty when its signature cannot be read)."""
+    try:
+        return list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):  # pragma: no cover
+        return []
+
+
 def _argument(model: nn.Module, key: str, args, kwargs):
     """The value of the model's argument ``key`` in this call (``None`` when it is not given)."""
     if key in kwargs:
         return kwargs[key]
-    try:
-        params = list(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):  # pragma: no cover
-        return None
+    params = _parameters(model)
     i = params.index(key) if key in params else -1
     return args[i] if 0 <= i < len(args) else None
 
@@ -61,9 +68,12 @@ def _enter(model: nn.Module, args, kwargs):
     found = _conditioned(model, reg)
     if not found:
         return None
-    explicit = kwargs.pop(EXPLICIT, None)
+    # ``condition=`` is ours unless the model itself takes an argument of that name (then it stays the model's)
+    explicit = kwargs.pop(EXPLICIT, None) if EXPLICIT in kwargs and EXPLICIT not in _parameters(model) else None
+    held = reg.extras.get(HELD)
     for name, key, layers in found:
-        _hand_out(name, layers, explicit if explicit is not None else _argument(model, key, args, kwargs))
+        values = explicit if explicit is not None else _argument(model, key, args, kwargs)
+        _hand_out(name, layers, values if values is not None else held)
     return args, kwargs
 
 
@@ -80,12 +90,24 @@ def _hand_out(name: str, layers: list, values) -> None:
         delta.condition = values
 
 
+#: ``registry.extras`` key of the condition :func:`set_condition` holds
+HELD = "held_condition"
+
+
 def set_condition(model: nn.Module, values) -> None:
-    """Set the condition of every conditioned adapter by hand (what the hook does on each call; ``None`` clears
-    it)."""
+    """Hold a condition for every conditioned adapter (one value per sample): it is set now, and every later call
+    that gives none (neither the adapter's argument nor ``condition=``) uses it instead of clearing it, e.g. all
+    decoding steps of ``model.generate``; a call that gives one still uses its own. ``None`` lets go of it (and
+    clears the deltas' condition)."""
     reg = registry(model)
-    for name, _, layers in _conditioned(unwrap(model), reg):
+    found = _conditioned(unwrap(model), reg)
+    values = as_condition(values)
+    if values is None:
+        reg.extras.pop(HELD, None)
+    for name, _, layers in found:
         _hand_out(name, layers, values)
+    if values is not None:
+        reg.extras[HELD] = values
 
 
 HOOK = "conditioning_hook"
@@ -105,6 +127,8 @@ def _forget(model: nn.Module, name: str) -> None:
     reg = model.__dict__.get(REGISTRY_ATTR)
     if reg is not None:
         reg.extras.pop("conditioning", None)
+        if not _conditioned(model, reg):
+            reg.extras.pop(HELD, None)
 
 
 ON_CREATE.append(open_hook)

@@ -331,6 +331,9 @@ def adapter_rows(model: nn.Module, names, merge_single: bool | None = None):
     merge_single = (serving.merge_single if merge_single is None else merge_single) and not model.training
     layers = [layer for _, layer in adapted_layers(model)]
     single = len(set(rows)) == 1 and not model.training
+    # an adapter gated per row (Delta.routed) has no one update to merge: it runs unmerged
+    merge_single = merge_single and not any(layer.deltas[rows[0]].routed for layer in layers
+                                            if rows[0] in layer.deltas)
     keep = rows[0] if single and merge_single and rows[0] is not None else None
     if serving.merged not in (None, keep):
         _release_serving_merge(model)

@@ -318,3 +318,110 @@ def test_kind_rows_mix_with_other_adapters_in_one_batch_inference_and_training(m
         model(**sub, adapter_names=[name] * len(rows), condition=task[rows]).logits.pow(2).sum().backward()
     for a, p in zip(together, params):
         torch.testing.assert_close(a, p.grad, atol=1e-6, rtol=1e-4)
+
+
+# -- small models: merge consistency, serving, held conditions, layouts ---------------------------------------------
+class _Toy(torch.nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.l1, self.l2 = torch.nn.Linear(d, d), torch.nn.Linear(d, d)
+
+    def forward(self, x, class_labels=None):
+        return self.l2(torch.relu(self.l1(x)))
+
+
+def _toy_kind(**kw):
+    torch.manual_seed(0)
+    net = _Toy()
+    dt.attach(net, dt.KIND(n_classes=3, n_tailors=2, n_learngenes=4, targets=["l1", "l2"], **kw), name="kind")
+    perturb(net, std=0.3)
+    return net.eval()
+
+
+def test_the_gate_cannot_change_under_a_merge_and_a_serving_merge_is_taken_out_first():
+    net = _toy_kind()
+    W0 = net.l1.base.weight.detach().clone()
+    dt.kind_select(net, 0)
+    dt.merge(net)
+    for which in (1, None, "learngenes"):
+        with pytest.raises(ValueError, match="merged"):
+            dt.kind_select(net, which)
+    dt.kind_select(net, 0)  # the same gate: nothing changes
+    dt.unmerge(net)
+    assert torch.equal(net.l1.base.weight, W0)
+    # merge_single keeps class 0 merged across batches; changing the gate takes that merge out (exactly)
+    x = torch.randn(4, 16)
+    dt.set_serving(net, merge_single=True)
+    with torch.no_grad():
+        net(x, adapter_names=["kind"] * 4)
+        dt.kind_select(net, 1)
+        assert torch.equal(net.l1.base.weight, W0)
+        served = net(x, adapter_names=["kind"] * 4)
+        dt.set_serving(net, merge_single=False)
+        torch.testing.assert_close(served, net(x), atol=1e-5, rtol=1e-5)
+    assert torch.equal(net.l1.base.weight, W0)
+
+
+def test_merge_single_runs_a_per_sample_gate_unmerged():
+    net = _toy_kind()
+    x, y = torch.randn(4, 16), torch.tensor([0, 1, 2, 0])
+    dt.set_serving(net, merge_single=True)
+    with torch.no_grad():
+        served = net(x, class_labels=y, adapter_names=["kind"] * 4)
+        torch.testing.assert_close(served, net(x, class_labels=y))
+    assert not any(layer.merged for _, layer in dt.model.adapted_layers(net))
+
+
+def test_a_held_condition_serves_calls_that_give_none():
+    net = _toy_kind()
+    x, y = torch.randn(4, 16), torch.tensor([2, 0, 1, 1])
+    ref = net(x, class_labels=y)
+    dt.set_condition(net, y)
+    torch.testing.assert_close(net(x), ref)            # e.g. every decoding step of model.generate
+    assert not torch.allclose(net(x, class_labels=torch.tensor([0] * 4)), ref)  # a call's own still wins
+    torch.testing.assert_close(net(x), ref)
+    dt.set_condition(net, None)
+    with pytest.raises(ValueError, match="gave none"):
+        net(x)
+
+
+def test_a_model_argument_called_condition_stays_the_models():
+    class Own(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1 = torch.nn.Linear(16, 16)
+
+        def forward(self, x, class_labels=None, condition=None):
+            return self.l1(x) + condition
+
+    torch.manual_seed(0)
+    net = Own()
+    dt.attach(net, dt.KIND(n_classes=3, n_tailors=2, n_learngenes=4, targets=["l1"]), name="kind")
+    out = net(torch.randn(4, 16), class_labels=torch.tensor([0, 1, 2, 0]), condition=torch.ones(4, 16))
+    assert out.shape == (4, 16)
+
+
+def test_a_layer_whose_input_is_not_batch_first_is_refused_not_misgated():
+    class SeqFirst(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1 = torch.nn.Linear(16, 16)
+
+        def forward(self, x, class_labels=None):  # x: (batch, seq, features), the layer sees (seq, batch, features)
+            return self.l1(x.transpose(0, 1)).transpose(0, 1)
+
+    torch.manual_seed(0)
+    net = SeqFirst()
+    dt.attach(net, dt.KIND(n_classes=3, n_tailors=2, n_learngenes=4, targets=["l1"]), name="kind")
+    with pytest.raises(ValueError, match="first dimension"):
+        net(torch.randn(2, 5, 16), class_labels=torch.tensor([0, 1]))
+    # batch-first 3-D inputs gate each sample on all its positions
+    perturb(net, std=0.3)
+    x, y = torch.randn(3, 5, 16), torch.tensor([2, 0, 1])
+    dt.set_condition(net, y)
+    mixed = net.l1(x)
+    dt.set_condition(net, None)
+    for i, c in enumerate(y.tolist()):
+        dt.kind_select(net, c)
+        torch.testing.assert_close(mixed[i], net.l1(x[i:i + 1])[0], atol=1e-5, rtol=1e-5)
+    dt.kind_select(net, None)

@@ -49,7 +49,8 @@ def expand_rows(values: torch.Tensor, n: int) -> torch.Tensor:
         return values
     if n % values.shape[0]:
         raise ValueError(f"the batch condition has {values.shape[0]} entries, but a layer got {n} rows; give one "
-                         "class per sample of the batch")
+                         "class per sample of the batch (and adapt only layers whose input has the batch as its "
+                         "first dimension)")
     return values.repeat_interleave(n // values.shape[0], dim=0)
 
 
@@ -202,7 +203,9 @@ class KindDelta(FactoredDelta):
         return self.gate_for(torch.tensor([self._select]))[0]
 
     def row_gate(self, n: int) -> torch.Tensor:
-        """The gate of each of ``n`` rows (n x rank) from the batch's condition."""
+        """The gate of each of ``n`` rows (n x rank) from the batch's condition: ``n`` is the layer input's first
+        (batch) dimension, a multiple of the batch (generation's expanded rows), never a flattened ``rows x
+        tokens`` count, which would hide a layer whose input is not batch-first."""
         if self.condition is None:
             raise ValueError("this KIND adapter gates every sample by its class, but the batch gave none: call the "
                              "model with the condition its config names (e.g. model(x, t, class_labels=y)) or "
@@ -243,9 +246,11 @@ class KindDelta(FactoredDelta):
         if not self.routed:
             return super().forward(x)
         B, A = self.all_factors()
-        x2 = self._input(x).reshape(-1, self.in_features)
-        u = (x2 @ A.t()) * self.row_gate(x2.shape[0])
-        return (u @ B.t()).reshape(*x.shape[:-1], self.out_features)
+        u = self._input(x) @ A.t()  # (n, ..., rank): each sample's gate on every one of its positions
+        if u.dim() == 1:  # one unbatched sample
+            return (u * self.row_gate(1)[0]) @ B.t()
+        gate = self.row_gate(u.shape[0])
+        return (u * gate.view(u.shape[0], *([1] * (u.dim() - 2)), -1)) @ B.t()
 
     def add_to(self, out: torch.Tensor, x: torch.Tensor, inplace: bool = True) -> torch.Tensor:
         if not self.routed:
@@ -259,8 +264,11 @@ class KindDelta(FactoredDelta):
         if not self.routed:
             return super().embed(ids)
         B, A = self.all_factors()
-        u = F.embedding(ids.reshape(-1), A.t()) * self.row_gate(ids.numel())
-        return (u @ B.t()).reshape(*ids.shape, self.out_features)
+        u = F.embedding(ids, A.t())  # (n, ..., rank)
+        if ids.dim() == 0:
+            return (u * self.row_gate(1)[0]) @ B.t()
+        gate = self.row_gate(ids.shape[0])
+        return (u * gate.view(ids.shape[0], *([1] * (u.dim() - 2)), -1)) @ B.t()
 
     # -- bookkeeping -------------------------------------------------------------------------------------------------
     def spec(self) -> dict:
