@@ -15,6 +15,7 @@ decoding steps cannot carry an extra argument; generation's expanded rows follow
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
@@ -61,6 +62,23 @@ def as_condition(values) -> torch.Tensor | None:
     return torch.as_tensor(values)
 
 
+class Scope:
+    """Whether the conditions the deltas hold are current: a call of the model is running (``depth``), or
+    :func:`set_condition` holds one (``held``). Deltas see it as ``_condition_scope`` and refuse to gate outside it
+    (a submodule called on its own would otherwise use an earlier call's condition), except in a backward, where
+    gradient checkpointing reruns layers."""
+
+    def __init__(self):
+        self.depth, self.held = 0, None
+
+    def live(self) -> bool:
+        return self.depth > 0 or self.held is not None
+
+
+def scope(reg) -> Scope:
+    return reg.extras.setdefault(SCOPE, Scope())
+
+
 def _enter(model: nn.Module, args, kwargs):
     reg = model.__dict__.get(REGISTRY_ATTR)
     if reg is None:
@@ -70,14 +88,23 @@ def _enter(model: nn.Module, args, kwargs):
         return None
     # ``condition=`` is ours unless the model itself takes an argument of that name (then it stays the model's)
     explicit = kwargs.pop(EXPLICIT, None) if EXPLICIT in kwargs and EXPLICIT not in _parameters(model) else None
-    held = reg.extras.get(HELD)
+    sc = scope(reg)
     for name, key, layers in found:
         values = explicit if explicit is not None else _argument(model, key, args, kwargs)
-        _hand_out(name, layers, values if values is not None else held)
+        _hand_out(name, layers, values if values is not None else sc.held, sc)
+    sc.depth += 1
     return args, kwargs
 
 
-def _hand_out(name: str, layers: list, values) -> None:
+def _leave(model: nn.Module, args, output=None):
+    reg = model.__dict__.get(REGISTRY_ATTR)
+    sc = reg.extras.get(SCOPE) if reg is not None else None
+    if sc is not None and sc.depth > 0:
+        sc.depth -= 1
+    return None
+
+
+def _hand_out(name: str, layers: list, values, sc: Scope | None = None) -> None:
     """Give adapter ``name``'s deltas on ``layers`` the condition ``values`` (checked once, by the first delta's
     :meth:`condition_values`); ``None`` clears it."""
     values, checked = as_condition(values), False
@@ -88,10 +115,12 @@ def _hand_out(name: str, layers: list, values) -> None:
         if values is not None and not checked:
             values, checked = delta.condition_values(values), True
         delta.condition = values
+        if sc is not None:
+            delta.__dict__["_condition_scope"] = sc
 
 
-#: ``registry.extras`` key of the condition :func:`set_condition` holds
-HELD = "held_condition"
+#: ``registry.extras`` key of the :class:`Scope`
+SCOPE = "condition_scope"
 
 
 def set_condition(model: nn.Module, values) -> None:
@@ -100,26 +129,62 @@ def set_condition(model: nn.Module, values) -> None:
     decoding steps of ``model.generate``; a call that gives one still uses its own. ``None`` lets go of it (and
     clears the deltas' condition)."""
     reg = registry(model)
-    found = _conditioned(unwrap(model), reg)
+    found, sc = _conditioned(unwrap(model), reg), scope(reg)
     values = as_condition(values)
-    if values is None:
-        reg.extras.pop(HELD, None)
+    sc.held = None
     for name, _, layers in found:
-        _hand_out(name, layers, values)
+        _hand_out(name, layers, values, sc)
     if values is not None:
-        reg.extras[HELD] = values
+        sc.held = next((layer.deltas[name].condition for name, _, layers in found for layer in layers
+                        if name in layer.deltas), values)
+
+
+def checkpoint_context(model: nn.Module):
+    """A ``context_fn`` for non-reentrant gradient checkpointing (``torch.utils.checkpoint.checkpoint(...,
+    use_reentrant=False, context_fn=...)``, or ``model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=
+    {"use_reentrant": False, "context_fn": dt.conditioning.checkpoint_context(model)})``): each checkpointed block
+    notes the condition of its forward and its rerun in the backward uses that one, not the latest call's. Needed
+    when several conditioned forwards run before one backward (two views, a conditional and a null-class pass):
+    without it the rerun of the earlier ones sees the last call's condition."""
+    model = unwrap(model)
+
+    def context_fn():
+        saved: list[tuple[nn.Module, torch.Tensor | None]] = []
+
+        @contextlib.contextmanager
+        def forward():
+            reg = model.__dict__.get(REGISTRY_ATTR)
+            for name, _, layers in (_conditioned(model, reg) if reg is not None else []):
+                saved.extend((layer.deltas[name], layer.deltas[name].condition) for layer in layers
+                             if name in layer.deltas)
+            yield
+
+        @contextlib.contextmanager
+        def recompute():
+            now = [(d, d.condition) for d, _ in saved]
+            for d, values in saved:
+                d.condition = values
+            try:
+                yield
+            finally:
+                for d, values in now:
+                    d.condition = values
+
+        return forward(), recompute()
+
+    return context_fn
 
 
 HOOK = "conditioning_hook"
 
 
 def open_hook(model: nn.Module, reg) -> None:
-    reg.extras[HOOK] = model.register_forward_pre_hook(_enter, with_kwargs=True)
+    reg.extras[HOOK] = (model.register_forward_pre_hook(_enter, with_kwargs=True),
+                        model.register_forward_hook(_leave, always_call=True))
 
 
 def close_hook(model: nn.Module, reg) -> None:
-    handle = reg.extras.pop(HOOK, None)
-    if handle is not None:
+    for handle in reg.extras.pop(HOOK, ()):
         handle.remove()
 
 
@@ -128,7 +193,7 @@ def _forget(model: nn.Module, name: str) -> None:
     if reg is not None:
         reg.extras.pop("conditioning", None)
         if not _conditioned(model, reg):
-            reg.extras.pop(HELD, None)
+            scope(reg).held = None
 
 
 ON_CREATE.append(open_hook)

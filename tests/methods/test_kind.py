@@ -425,3 +425,49 @@ def test_a_layer_whose_input_is_not_batch_first_is_refused_not_misgated():
         dt.kind_select(net, c)
         torch.testing.assert_close(mixed[i], net.l1(x[i:i + 1])[0], atol=1e-5, rtol=1e-5)
     dt.kind_select(net, None)
+
+
+def test_a_submodule_called_on_its_own_refuses_the_condition_of_an_earlier_call():
+    net = _toy_kind().train()
+    x = torch.randn(4, 16)
+    net(x, class_labels=torch.tensor([0, 0, 0, 0]))  # kept after the call, for checkpointing's rerun
+    with torch.no_grad(), pytest.raises(ValueError, match="outside a call"):
+        net.l1(x)
+    dt.set_condition(net, [1, 1, 1, 1])  # held: every layer may use it
+    with torch.no_grad():
+        dt.kind_select(net, 1)
+        fixed = net.l1(x)
+        dt.kind_select(net, None)
+        torch.testing.assert_close(net.l1(x), fixed)
+    dt.set_condition(net, None)
+
+
+@pytest.mark.parametrize("context", [False, True])
+def test_two_conditioned_forwards_before_one_checkpointed_backward(context):
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(_Toy):
+        ctx = None
+
+        def forward(self, x, class_labels=None):
+            block = lambda h: self.l2(torch.relu(self.l1(h)))  # noqa: E731
+            if self.ctx is False:
+                return block(x)
+            return checkpoint(block, x, use_reentrant=False, **({"context_fn": self.ctx} if self.ctx else {}))
+
+    def grads(ctx):
+        torch.manual_seed(0)
+        net = Checkpointed()
+        dt.attach(net, dt.KIND(n_classes=3, n_tailors=2, n_learngenes=4, targets=["l1", "l2"]), name="kind")
+        perturb(net, std=0.3)
+        net.ctx = dt.conditioning.checkpoint_context(net) if ctx == "context" else ctx
+        x = torch.randn(4, 16, generator=torch.Generator().manual_seed(2))
+        a = net.train()(x, class_labels=torch.tensor([0, 0, 1, 1]))
+        b = net(x, class_labels=torch.tensor([2, 2, 2, 2]))  # the rerun of `a` must not see this one
+        (a.pow(2).sum() + 0.5 * b.pow(2).sum()).backward()
+        return [p.grad.clone() for p in net.parameters() if p.requires_grad]
+
+    ref = grads(False)
+    got = grads("context" if context else None)
+    same = all(torch.allclose(g, r, atol=1e-6, rtol=1e-4) for g, r in zip(got, ref))
+    assert same == context  # without the context_fn the earlier rerun takes the latest condition

@@ -206,6 +206,11 @@ class KindDelta(FactoredDelta):
         """The gate of each of ``n`` rows (n x rank) from the batch's condition: ``n`` is the layer input's first
         (batch) dimension, a multiple of the batch (generation's expanded rows), never a flattened ``rows x
         tokens`` count, which would hide a layer whose input is not batch-first."""
+        scope = self.__dict__.get("_condition_scope")  # set by deltatune.conditioning
+        if scope is not None and not scope.live() and torch._C._current_graph_task_id() == -1:
+            raise ValueError("this KIND layer runs outside a call of the model its adapter is attached to, so the "
+                             "condition it holds is an earlier call's: call the model itself, hold a condition "
+                             "with dt.set_condition(model, ids), or fix one gate with dt.kind_select")
         if self.condition is None:
             raise ValueError("this KIND adapter gates every sample by its class, but the batch gave none: call the "
                              "model with the condition its config names (e.g. model(x, t, class_labels=y)) or "
