@@ -72,8 +72,7 @@ def kind_select(model: nn.Module, which: int | str | None, name: str | None = No
     if any(layer.deltas[name].selected != which for _, layer in layers):
         _refuse_merged(model, name, f"cannot change the gate to {which!r}")
     for _, layer in layers:
-        layer.deltas[name].select(which)
-        layer.generation += 1  # cached serving plans of this layer are stale
+        layer.deltas[name].select(which)  # bumps the layer's generation: its cached serving plans are stale
     return model
 
 

@@ -471,3 +471,20 @@ def test_two_conditioned_forwards_before_one_checkpointed_backward(context):
     got = grads("context" if context else None)
     same = all(torch.allclose(g, r, atol=1e-6, rtol=1e-4) for g, r in zip(got, ref))
     assert same == context  # without the context_fn the earlier rerun takes the latest condition
+
+
+def test_a_delta_s_own_select_refreshes_mixed_batch_plans_and_a_recombination_keeps_the_gate():
+    net = _toy_kind()
+    dt.attach(net, dt.LoRA(r=2, targets=["l1", "l2"]), name="lora", activate=False)
+    perturb(net, "lora", std=0.3)
+    x, names = torch.randn(4, 16), ["kind", "lora", "kind", "lora"]
+    dt.kind_select(net, 0)
+    with torch.no_grad():
+        net(x, adapter_names=names)  # caches the stacked factors of class 0
+        for d in dt.deltas(net, "kind").values():
+            d.select(1)
+        mixed = net(x, adapter_names=names)
+        with dt.adapter_rows(net, ["kind"] * 4):
+            torch.testing.assert_close(mixed[[0, 2]], net(x)[[0, 2]], atol=1e-5, rtol=1e-5)
+    dt.kind_recombine(net, [1, 2])
+    assert all(d.selected == 1 for d in dt.deltas(net, "kind").values())

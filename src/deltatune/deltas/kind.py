@@ -145,7 +145,15 @@ class KindDelta(FactoredDelta):
         if which is not None and which != LEARNGENES:
             self.check_condition(torch.tensor([which]))
             which = int(which)
+        if which == self._select:
+            return
+        if self.is_merged():
+            raise ValueError(f"this KIND delta is merged into its layer's weight with gate {self._select!r}; unmerge "
+                             "it before changing the gate (the unmerge would take out the new gate's update)")
         self._select = which
+        source = self.__dict__.get("_source")  # the layer it is bound to: caches built from its deltas are stale
+        if hasattr(source, "generation"):
+            source.generation += 1
 
     @property
     def selected(self) -> int | str | None:
