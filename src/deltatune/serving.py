@@ -276,7 +276,7 @@ def grouped_output(layer: AdaptedLayer, delta, x: torch.Tensor, rows: torch.Tens
     """One grouped delta's contribution to ``rows`` of ``x``: computed on those rows alone, or, for a delta gated per
     row (:attr:`Delta.routed`, e.g. KIND's class gate: its gate follows the whole batch's condition), on the whole
     batch and then cut to ``rows``."""
-    if delta.routed:
+    if delta.routed and rows.numel():  # (on no rows, e.g. an absent trainable adapter: no gate, no condition)
         return layer.layer_kind.output(layer.base, delta, x).index_select(0, rows)
     return layer.layer_kind.output(layer.base, delta, x.index_select(0, rows))
 

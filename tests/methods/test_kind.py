@@ -488,3 +488,12 @@ def test_a_delta_s_own_select_refreshes_mixed_batch_plans_and_a_recombination_ke
             torch.testing.assert_close(mixed[[0, 2]], net(x)[[0, 2]], atol=1e-5, rtol=1e-5)
     dt.kind_recombine(net, [1, 2])
     assert all(d.selected == 1 for d in dt.deltas(net, "kind").values())
+
+
+def test_a_trainable_kind_adapter_without_rows_in_a_mixed_batch_needs_no_condition():
+    net = _toy_kind()
+    dt.attach(net, dt.LoRA(r=2, targets=["l1", "l2"]), name="lora", activate=False)
+    dt.set_active(net, ["kind", "lora"]).train()
+    net(torch.randn(4, 16), adapter_names=["lora", None, "lora", "lora"]).pow(2).sum().backward()
+    for d in dt.deltas(net, "kind").values():  # zero-row participation: zeros, not None (DDP without unused params)
+        assert all(p.grad is not None and not p.grad.any() for p in d.parameters())

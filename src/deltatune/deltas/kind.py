@@ -214,6 +214,8 @@ class KindDelta(FactoredDelta):
         """The gate of each of ``n`` rows (n x rank) from the batch's condition: ``n`` is the layer input's first
         (batch) dimension, a multiple of the batch (generation's expanded rows), never a flattened ``rows x
         tokens`` count, which would hide a layer whose input is not batch-first."""
+        if n == 0:  # no sample (an adapter taking part on zero rows of a mixed batch): no condition needed
+            return torch.zeros(0, self.r + self.r_anchor, dtype=self.dtype, device=self.Vh_T.device)
         scope = self.__dict__.get("_condition_scope")  # set by deltatune.conditioning
         if scope is not None and not scope.live() and torch._C._current_graph_task_id() == -1:
             raise ValueError("this KIND layer runs outside a call of the model its adapter is attached to, so the "
@@ -263,7 +265,7 @@ class KindDelta(FactoredDelta):
         if u.dim() == 1:  # one unbatched sample
             return (u * self.row_gate(1)[0]) @ B.t()
         gate = self.row_gate(u.shape[0])
-        return (u * gate.view(u.shape[0], *([1] * (u.dim() - 2)), -1)) @ B.t()
+        return (u * gate.view(u.shape[0], *([1] * (u.dim() - 2)), gate.shape[1])) @ B.t()
 
     def add_to(self, out: torch.Tensor, x: torch.Tensor, inplace: bool = True) -> torch.Tensor:
         if not self.routed:
@@ -281,7 +283,7 @@ class KindDelta(FactoredDelta):
         if ids.dim() == 0:
             return (u * self.row_gate(1)[0]) @ B.t()
         gate = self.row_gate(ids.shape[0])
-        return (u * gate.view(ids.shape[0], *([1] * (u.dim() - 2)), -1)) @ B.t()
+        return (u * gate.view(ids.shape[0], *([1] * (u.dim() - 2)), gate.shape[1])) @ B.t()
 
     # -- bookkeeping -------------------------------------------------------------------------------------------------
     def spec(self) -> dict:
