@@ -497,3 +497,16 @@ def test_a_trainable_kind_adapter_without_rows_in_a_mixed_batch_needs_no_conditi
     net(torch.randn(4, 16), adapter_names=["lora", None, "lora", "lora"]).pow(2).sum().backward()
     for d in dt.deltas(net, "kind").values():  # zero-row participation: zeros, not None (DDP without unused params)
         assert all(p.grad is not None and not p.grad.any() for p in d.parameters())
+
+
+def test_a_fixed_gate_exports_at_most_the_weight_s_rank_with_a_full_anchor():
+    torch.manual_seed(0)
+    net = _Toy()
+    dt.attach(net, dt.KIND(n_classes=3, n_tailors=2, targets=["l1", "l2"]), name="kind")  # G + T + r0 = 10 + 6 + 16
+    perturb(net, std=0.3)
+    d = net.l1.deltas["kind"]
+    for which in ("learngenes", 1):
+        dt.kind_select(net, which)
+        B, A, s = d.lowrank()
+        assert B.shape[1] <= 16
+        torch.testing.assert_close(s * B @ A, d.dense(), atol=1e-5, rtol=1e-5)

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..svd import factored_svd
 from .lowrank import FactoredDelta
 
 #: ``KindDelta.select`` value: every tailor off (the learngene-only update)
@@ -79,6 +80,18 @@ def orthonormal(n: int, k: int, generator: torch.Generator | None = None, agains
     Q, R = torch.linalg.qr(X)
     sign = torch.where(torch.diagonal(R) < 0, -1.0, 1.0).to(Q.dtype)  # a unique Q for a given draw
     return (Q * sign).to(dtype)
+
+
+def compact_lowrank(B: torch.Tensor, A: torch.Tensor, s: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(B, A, s)`` as they are when their rank ``r`` is at most ``min(out, in)``; else the same ``s B A`` as
+    ``(U_k diag(S_k), V_k^T, 1)`` from its thin SVD (:func:`factored_svd`), ``k`` the singular values above
+    rounding (``S_i > r eps S_max``): with a full anchor the fixed-gate factors hold ``G + T + r0 > min(out, in)``
+    components, more than the weight itself, and an export or a stacked serving plan needs no more than the rank."""
+    if B.shape[1] <= min(B.shape[0], A.shape[1]):
+        return B, A, s
+    U, S, V = factored_svd(B * s, A)
+    k = int((S > S.max() * B.shape[1] * torch.finfo(S.dtype).eps).sum()) if S.numel() else 0
+    return (U[:, :k] * S[:k]).to(B.dtype).contiguous(), V[:, :k].t().to(A.dtype).contiguous(), 1.0
 
 
 class KindDelta(FactoredDelta):
@@ -254,7 +267,8 @@ class KindDelta(FactoredDelta):
         serving then runs this delta grouped); no selection and no condition: ``ValueError``."""
         if self.routed and self.condition is not None:
             return None
-        return super().lowrank()
+        B, A, s = super().lowrank()
+        return compact_lowrank(B, A, s)
 
     # -- application with a per-row gate ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
