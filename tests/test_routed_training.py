@@ -400,3 +400,23 @@ def test_two_ddp_ranks_train_a_routed_batch_like_one_process(tmp_path):
     for k, v in single.items():
         moved = not torch.equal(v, start[k])
         assert moved == (".unused." not in k), k  # every adapter with rows trained; the one without stayed
+
+
+def test_inference_batches_inside_a_training_block_follow_the_optimizer_steps():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
+    for name in ("a", "b"):
+        dt.attach(net, dt.LoRA(r=2, targets=["0", "2"]), name=name, activate=False)
+    dt.set_active(net, ["a", "b"]).train()
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.5)
+    x, names = torch.randn(4, 8), ["a", "b", "a", "b"]
+    with dt.adapter_rows(net, names):
+        with torch.no_grad():
+            before = net(x)  # caches the stacked factors of this routing
+        net(x).pow(2).sum().backward()
+        opt.step()
+        with torch.no_grad():
+            after = net(x)
+    with dt.adapter_rows(net, names), torch.no_grad():
+        torch.testing.assert_close(after, net(x))
+    assert not torch.allclose(after, before)

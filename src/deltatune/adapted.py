@@ -105,7 +105,8 @@ class AdaptedLayer(LayerWrapper):
         if self.routing is not None:
             return self.routing.forward(self, x, *args, **kwargs)
         hooks = hooked(self.base)
-        if not self._plain or hooks:
+        # a delta gated per sample (Delta.routed) must see the batch dimension: no 2-D view for it
+        if not self._plain or hooks or any(d.routed for d in self._live):
             if not hooks and len(self._live) == 1 and self._replacing is None and not args and not kwargs:
                 out = self.layer_kind.fuse(self.base, self._live[0], x)  # a kind's own fused kernel (convs)
                 if out is not None:

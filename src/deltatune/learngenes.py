@@ -17,7 +17,7 @@ from torch import nn
 
 from .deltas.kind import LEARNGENES, KindDelta
 from .methods.kind import KIND, class_groups, transferred, recombined
-from .registry import adapted_layers, registry, sync
+from .registry import BEFORE_SWITCH, adapted_layers, notify, registry, sync
 
 LEARNGENE_MODES = ("frozen", "trainable")
 
@@ -39,11 +39,20 @@ def _layers(model: nn.Module, name: str):
     return [(mod, layer) for mod, layer in adapted_layers(model) if name in layer.deltas and isinstance(layer.deltas[name], KindDelta)]
 
 
-def _replace(model: nn.Module, name: str, new: dict[str, KindDelta], method: KIND) -> None:
-    layers = dict(_layers(model, name))
-    merged = [mod for mod, layer in layers.items() if name in layer.merged]
+def _refuse_merged(model: nn.Module, name: str, what: str) -> None:
+    """``ValueError`` while adapter ``name`` is merged into some weight: its update is about to change, and the
+    merged copy would then be taken out with the wrong update (the base weights lost). A serving merge
+    (``merge_single``) is taken out first, as ``dt.set_active`` does."""
+    notify(BEFORE_SWITCH, model)
+    merged = [mod for mod, layer in _layers(model, name) if name in layer.merged]
     if merged:
-        raise ValueError(f"KIND adapter {name!r} is merged into {merged[0]}; dt.unmerge(model) first")
+        raise ValueError(f"{what}: KIND adapter {name!r} is merged into {merged[0]}; dt.unmerge(model, {name!r}) "
+                         "first (and merge again afterwards)")
+
+
+def _replace(model: nn.Module, name: str, new: dict[str, KindDelta], method: KIND) -> None:
+    _refuse_merged(model, name, "cannot replace its components")
+    layers = dict(_layers(model, name))
     for mod, delta in new.items():
         layer = layers[mod]
         del layer.deltas[name]
@@ -59,9 +68,11 @@ def kind_select(model: nn.Module, which: int | str | None, name: str | None = No
     per-sample gate from each batch). With a fixed gate the adapter is one ordinary update: ``dt.merge`` writes that
     class's weights exactly, ``dt.save(..., format="peft")`` exports it as a LoRA, ``dt.combine`` sums it."""
     name = kind_adapter(model, name)
-    for _, layer in _layers(model, name):
-        layer.deltas[name].select(which)
-        layer.generation += 1  # cached serving plans of this layer are stale
+    layers = _layers(model, name)
+    if any(layer.deltas[name].selected != which for _, layer in layers):
+        _refuse_merged(model, name, f"cannot change the gate to {which!r}")
+    for _, layer in layers:
+        layer.deltas[name].select(which)  # bumps the layer's generation: its cached serving plans are stale
     return model
 
 

@@ -167,8 +167,11 @@ def expand_rows(ids: torch.Tensor, n: int) -> torch.Tensor:
 class Rows:
     """Which adapter each row uses: ``names`` (one per row), the distinct adapters, and per layer its plan."""
 
-    def __init__(self, names: list[str | None]):
+    def __init__(self, names: list[str | None], keyed: bool = False):
         self.names = names
+        #: parameters may change while the routing runs (a training block: optimizer steps between batches), so
+        #: inference batches look their plans up by the parameters' versions (:func:`layer_plan`) every call
+        self.keyed = keyed
         self.adapters = list(dict.fromkeys(n for n in names if n is not None))
         self.index = torch.tensor([0 if n is None else self.adapters.index(n) + 1 for n in names])
         self._expanded: dict[int, torch.Tensor] = {}
@@ -191,12 +194,15 @@ class Rows:
                 present = [n for n in self.adapters if n in layer.deltas]
                 return self.train_forward(layer, x, out, present, trained)
         plan = self._plans.get(id(layer))
+        if plan is not None and self.keyed and plan[5] is not None and layer_plan(layer, plan[4]) is not plan[5]:
+            plan = None  # a parameter changed (an optimizer step inside a training block)
         if plan is None:  # once per routing and layer: parameters do not change during inference
             present = [n for n in self.adapters if n in layer.deltas]
-            stack, grouped = (layer_plan(layer, present) if layer.layer_kind.stacked else (None, present)) \
-                if present else (None, [])
-            plan = self._plans[id(layer)] = (stack, grouped, layer._plain and not hooked(layer.base), {})
-        stack, grouped, inplace, slots = plan
+            cached = layer_plan(layer, present) if layer.layer_kind.stacked and present else None
+            stack, grouped = cached if cached is not None else (None, present)
+            plan = self._plans[id(layer)] = (stack, grouped, layer._plain and not hooked(layer.base), {}, present,
+                                             cached)
+        stack, grouped, inplace, slots = plan[:4]
         n_rows = x.shape[0]
         if stack is not None:
             At, Bt, A_flat, slot_of = stack
@@ -276,7 +282,7 @@ def grouped_output(layer: AdaptedLayer, delta, x: torch.Tensor, rows: torch.Tens
     """One grouped delta's contribution to ``rows`` of ``x``: computed on those rows alone, or, for a delta gated per
     row (:attr:`Delta.routed`, e.g. KIND's class gate: its gate follows the whole batch's condition), on the whole
     batch and then cut to ``rows``."""
-    if delta.routed:
+    if delta.routed and rows.numel():  # (on no rows, e.g. an absent trainable adapter: no gate, no condition)
         return layer.layer_kind.output(layer.base, delta, x).index_select(0, rows)
     return layer.layer_kind.output(layer.base, delta, x.index_select(0, rows))
 
@@ -331,6 +337,9 @@ def adapter_rows(model: nn.Module, names, merge_single: bool | None = None):
     merge_single = (serving.merge_single if merge_single is None else merge_single) and not model.training
     layers = [layer for _, layer in adapted_layers(model)]
     single = len(set(rows)) == 1 and not model.training
+    # an adapter gated per row (Delta.routed) has no one update to merge: it runs unmerged
+    merge_single = merge_single and not any(layer.deltas[rows[0]].routed for layer in layers
+                                            if rows[0] in layer.deltas)
     keep = rows[0] if single and merge_single and rows[0] is not None else None
     if serving.merged not in (None, keep):
         _release_serving_merge(model)
@@ -342,7 +351,7 @@ def adapter_rows(model: nn.Module, names, merge_single: bool | None = None):
         with _only(model, rows[0], merge_single):
             yield model
         return
-    routing = Rows(rows)
+    routing = Rows(rows, keyed=model.training)
     previous = [(layer, layer.routing) for layer in layers]
     for layer in layers:
         layer.routing = routing

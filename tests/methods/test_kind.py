@@ -318,3 +318,195 @@ def test_kind_rows_mix_with_other_adapters_in_one_batch_inference_and_training(m
         model(**sub, adapter_names=[name] * len(rows), condition=task[rows]).logits.pow(2).sum().backward()
     for a, p in zip(together, params):
         torch.testing.assert_close(a, p.grad, atol=1e-6, rtol=1e-4)
+
+
+# -- small models: merge consistency, serving, held conditions, layouts ---------------------------------------------
+class _Toy(torch.nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.l1, self.l2 = torch.nn.Linear(d, d), torch.nn.Linear(d, d)
+
+    def forward(self, x, class_labels=None):
+        return self.l2(torch.relu(self.l1(x)))
+
+
+def _toy_kind(**kw):
+    torch.manual_seed(0)
+    net = _Toy()
+    dt.attach(net, dt.KIND(n_classes=3, n_tailors=2, n_learngenes=4, targets=["l1", "l2"], **kw), name="kind")
+    perturb(net, std=0.3)
+    return net.eval()
+
+
+def test_the_gate_cannot_change_under_a_merge_and_a_serving_merge_is_taken_out_first():
+    net = _toy_kind()
+    W0 = net.l1.base.weight.detach().clone()
+    dt.kind_select(net, 0)
+    dt.merge(net)
+    for which in (1, None, "learngenes"):
+        with pytest.raises(ValueError, match="merged"):
+            dt.kind_select(net, which)
+    dt.kind_select(net, 0)  # the same gate: nothing changes
+    dt.unmerge(net)
+    assert torch.equal(net.l1.base.weight, W0)
+    # merge_single keeps class 0 merged across batches; changing the gate takes that merge out (exactly)
+    x = torch.randn(4, 16)
+    dt.set_serving(net, merge_single=True)
+    with torch.no_grad():
+        net(x, adapter_names=["kind"] * 4)
+        dt.kind_select(net, 1)
+        assert torch.equal(net.l1.base.weight, W0)
+        served = net(x, adapter_names=["kind"] * 4)
+        dt.set_serving(net, merge_single=False)
+        torch.testing.assert_close(served, net(x), atol=1e-5, rtol=1e-5)
+    assert torch.equal(net.l1.base.weight, W0)
+
+
+def test_merge_single_runs_a_per_sample_gate_unmerged():
+    net = _toy_kind()
+    x, y = torch.randn(4, 16), torch.tensor([0, 1, 2, 0])
+    dt.set_serving(net, merge_single=True)
+    with torch.no_grad():
+        served = net(x, class_labels=y, adapter_names=["kind"] * 4)
+        torch.testing.assert_close(served, net(x, class_labels=y))
+    assert not any(layer.merged for _, layer in dt.model.adapted_layers(net))
+
+
+def test_a_held_condition_serves_calls_that_give_none():
+    net = _toy_kind()
+    x, y = torch.randn(4, 16), torch.tensor([2, 0, 1, 1])
+    ref = net(x, class_labels=y)
+    dt.set_condition(net, y)
+    torch.testing.assert_close(net(x), ref)            # e.g. every decoding step of model.generate
+    assert not torch.allclose(net(x, class_labels=torch.tensor([0] * 4)), ref)  # a call's own still wins
+    torch.testing.assert_close(net(x), ref)
+    dt.set_condition(net, None)
+    with pytest.raises(ValueError, match="gave none"):
+        net(x)
+
+
+def test_a_model_argument_called_condition_stays_the_models():
+    class Own(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1 = torch.nn.Linear(16, 16)
+
+        def forward(self, x, class_labels=None, condition=None):
+            return self.l1(x) + condition
+
+    torch.manual_seed(0)
+    net = Own()
+    dt.attach(net, dt.KIND(n_classes=3, n_tailors=2, n_learngenes=4, targets=["l1"]), name="kind")
+    out = net(torch.randn(4, 16), class_labels=torch.tensor([0, 1, 2, 0]), condition=torch.ones(4, 16))
+    assert out.shape == (4, 16)
+
+
+def test_a_layer_whose_input_is_not_batch_first_is_refused_not_misgated():
+    class SeqFirst(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1 = torch.nn.Linear(16, 16)
+
+        def forward(self, x, class_labels=None):  # x: (batch, seq, features), the layer sees (seq, batch, features)
+            return self.l1(x.transpose(0, 1)).transpose(0, 1)
+
+    torch.manual_seed(0)
+    net = SeqFirst()
+    dt.attach(net, dt.KIND(n_classes=3, n_tailors=2, n_learngenes=4, targets=["l1"]), name="kind")
+    with pytest.raises(ValueError, match="first dimension"):
+        net(torch.randn(2, 5, 16), class_labels=torch.tensor([0, 1]))
+    # batch-first 3-D inputs gate each sample on all its positions
+    perturb(net, std=0.3)
+    x, y = torch.randn(3, 5, 16), torch.tensor([2, 0, 1])
+    dt.set_condition(net, y)
+    mixed = net.l1(x)
+    dt.set_condition(net, None)
+    for i, c in enumerate(y.tolist()):
+        dt.kind_select(net, c)
+        torch.testing.assert_close(mixed[i], net.l1(x[i:i + 1])[0], atol=1e-5, rtol=1e-5)
+    dt.kind_select(net, None)
+
+
+def test_a_submodule_called_on_its_own_refuses_the_condition_of_an_earlier_call():
+    net = _toy_kind().train()
+    x = torch.randn(4, 16)
+    net(x, class_labels=torch.tensor([0, 0, 0, 0]))  # kept after the call, for checkpointing's rerun
+    with torch.no_grad(), pytest.raises(ValueError, match="outside a call"):
+        net.l1(x)
+    dt.set_condition(net, [1, 1, 1, 1])  # held: every layer may use it
+    with torch.no_grad():
+        dt.kind_select(net, 1)
+        fixed = net.l1(x)
+        dt.kind_select(net, None)
+        torch.testing.assert_close(net.l1(x), fixed)
+    dt.set_condition(net, None)
+
+
+@pytest.mark.parametrize("context", [False, True])
+def test_two_conditioned_forwards_before_one_checkpointed_backward(context):
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(_Toy):
+        ctx = None
+
+        def forward(self, x, class_labels=None):
+            block = lambda h: self.l2(torch.relu(self.l1(h)))  # noqa: E731
+            if self.ctx is False:
+                return block(x)
+            return checkpoint(block, x, use_reentrant=False, **({"context_fn": self.ctx} if self.ctx else {}))
+
+    def grads(ctx):
+        torch.manual_seed(0)
+        net = Checkpointed()
+        dt.attach(net, dt.KIND(n_classes=3, n_tailors=2, n_learngenes=4, targets=["l1", "l2"]), name="kind")
+        perturb(net, std=0.3)
+        net.ctx = dt.conditioning.checkpoint_context(net) if ctx == "context" else ctx
+        x = torch.randn(4, 16, generator=torch.Generator().manual_seed(2))
+        a = net.train()(x, class_labels=torch.tensor([0, 0, 1, 1]))
+        b = net(x, class_labels=torch.tensor([2, 2, 2, 2]))  # the rerun of `a` must not see this one
+        (a.pow(2).sum() + 0.5 * b.pow(2).sum()).backward()
+        return [p.grad.clone() for p in net.parameters() if p.requires_grad]
+
+    ref = grads(False)
+    got = grads("context" if context else None)
+    same = all(torch.allclose(g, r, atol=1e-6, rtol=1e-4) for g, r in zip(got, ref))
+    assert same == context  # without the context_fn the earlier rerun takes the latest condition
+
+
+def test_a_delta_s_own_select_refreshes_mixed_batch_plans_and_a_recombination_keeps_the_gate():
+    net = _toy_kind()
+    dt.attach(net, dt.LoRA(r=2, targets=["l1", "l2"]), name="lora", activate=False)
+    perturb(net, "lora", std=0.3)
+    x, names = torch.randn(4, 16), ["kind", "lora", "kind", "lora"]
+    dt.kind_select(net, 0)
+    with torch.no_grad():
+        net(x, adapter_names=names)  # caches the stacked factors of class 0
+        for d in dt.deltas(net, "kind").values():
+            d.select(1)
+        mixed = net(x, adapter_names=names)
+        with dt.adapter_rows(net, ["kind"] * 4):
+            torch.testing.assert_close(mixed[[0, 2]], net(x)[[0, 2]], atol=1e-5, rtol=1e-5)
+    dt.kind_recombine(net, [1, 2])
+    assert all(d.selected == 1 for d in dt.deltas(net, "kind").values())
+
+
+def test_a_trainable_kind_adapter_without_rows_in_a_mixed_batch_needs_no_condition():
+    net = _toy_kind()
+    dt.attach(net, dt.LoRA(r=2, targets=["l1", "l2"]), name="lora", activate=False)
+    dt.set_active(net, ["kind", "lora"]).train()
+    net(torch.randn(4, 16), adapter_names=["lora", None, "lora", "lora"]).pow(2).sum().backward()
+    for d in dt.deltas(net, "kind").values():  # zero-row participation: zeros, not None (DDP without unused params)
+        assert all(p.grad is not None and not p.grad.any() for p in d.parameters())
+
+
+def test_a_fixed_gate_exports_at_most_the_weight_s_rank_with_a_full_anchor():
+    torch.manual_seed(0)
+    net = _Toy()
+    dt.attach(net, dt.KIND(n_classes=3, n_tailors=2, targets=["l1", "l2"]), name="kind")  # G + T + r0 = 10 + 6 + 16
+    perturb(net, std=0.3)
+    d = net.l1.deltas["kind"]
+    for which in ("learngenes", 1):
+        dt.kind_select(net, which)
+        B, A, s = d.lowrank()
+        assert B.shape[1] <= 16
+        torch.testing.assert_close(s * B @ A, d.dense(), atol=1e-5, rtol=1e-5)

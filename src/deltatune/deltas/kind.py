@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..svd import factored_svd
 from .lowrank import FactoredDelta
 
 #: ``KindDelta.select`` value: every tailor off (the learngene-only update)
@@ -49,7 +50,8 @@ def expand_rows(values: torch.Tensor, n: int) -> torch.Tensor:
         return values
     if n % values.shape[0]:
         raise ValueError(f"the batch condition has {values.shape[0]} entries, but a layer got {n} rows; give one "
-                         "class per sample of the batch")
+                         "class per sample of the batch (and adapt only layers whose input has the batch as its "
+                         "first dimension)")
     return values.repeat_interleave(n // values.shape[0], dim=0)
 
 
@@ -78,6 +80,18 @@ def orthonormal(n: int, k: int, generator: torch.Generator | None = None, agains
     Q, R = torch.linalg.qr(X)
     sign = torch.where(torch.diagonal(R) < 0, -1.0, 1.0).to(Q.dtype)  # a unique Q for a given draw
     return (Q * sign).to(dtype)
+
+
+def compact_lowrank(B: torch.Tensor, A: torch.Tensor, s: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(B, A, s)`` as they are when their rank ``r`` is at most ``min(out, in)``; else the same ``s B A`` as
+    ``(U_k diag(S_k), V_k^T, 1)`` from its thin SVD (:func:`factored_svd`), ``k`` the singular values above
+    rounding (``S_i > r eps S_max``): with a full anchor the fixed-gate factors hold ``G + T + r0 > min(out, in)``
+    components, more than the weight itself, and an export or a stacked serving plan needs no more than the rank."""
+    if B.shape[1] <= min(B.shape[0], A.shape[1]):
+        return B, A, s
+    U, S, V = factored_svd(B * s, A)
+    k = int((S > S.max() * B.shape[1] * torch.finfo(S.dtype).eps).sum()) if S.numel() else 0
+    return (U[:, :k] * S[:k]).to(B.dtype).contiguous(), V[:, :k].t().to(A.dtype).contiguous(), 1.0
 
 
 class KindDelta(FactoredDelta):
@@ -144,7 +158,15 @@ class KindDelta(FactoredDelta):
         if which is not None and which != LEARNGENES:
             self.check_condition(torch.tensor([which]))
             which = int(which)
+        if which == self._select:
+            return
+        if self.is_merged():
+            raise ValueError(f"this KIND delta is merged into its layer's weight with gate {self._select!r}; unmerge "
+                             "it before changing the gate (the unmerge would take out the new gate's update)")
         self._select = which
+        source = self.__dict__.get("_source")  # the layer it is bound to: caches built from its deltas are stale
+        if hasattr(source, "generation"):
+            source.generation += 1
 
     @property
     def selected(self) -> int | str | None:
@@ -202,7 +224,16 @@ class KindDelta(FactoredDelta):
         return self.gate_for(torch.tensor([self._select]))[0]
 
     def row_gate(self, n: int) -> torch.Tensor:
-        """The gate of each of ``n`` rows (n x rank) from the batch's condition."""
+        """The gate of each of ``n`` rows (n x rank) from the batch's condition: ``n`` is the layer input's first
+        (batch) dimension, a multiple of the batch (generation's expanded rows), never a flattened ``rows x
+        tokens`` count, which would hide a layer whose input is not batch-first."""
+        if n == 0:  # no sample (an adapter taking part on zero rows of a mixed batch): no condition needed
+            return torch.zeros(0, self.r + self.r_anchor, dtype=self.dtype, device=self.Vh_T.device)
+        scope = self.__dict__.get("_condition_scope")  # set by deltatune.conditioning
+        if scope is not None and not scope.live() and torch._C._current_graph_task_id() == -1:
+            raise ValueError("this KIND layer runs outside a call of the model its adapter is attached to, so the "
+                             "condition it holds is an earlier call's: call the model itself, hold a condition "
+                             "with dt.set_condition(model, ids), or fix one gate with dt.kind_select")
         if self.condition is None:
             raise ValueError("this KIND adapter gates every sample by its class, but the batch gave none: call the "
                              "model with the condition its config names (e.g. model(x, t, class_labels=y)) or "
@@ -236,16 +267,19 @@ class KindDelta(FactoredDelta):
         serving then runs this delta grouped); no selection and no condition: ``ValueError``."""
         if self.routed and self.condition is not None:
             return None
-        return super().lowrank()
+        B, A, s = super().lowrank()
+        return compact_lowrank(B, A, s)
 
     # -- application with a per-row gate ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.routed:
             return super().forward(x)
         B, A = self.all_factors()
-        x2 = self._input(x).reshape(-1, self.in_features)
-        u = (x2 @ A.t()) * self.row_gate(x2.shape[0])
-        return (u @ B.t()).reshape(*x.shape[:-1], self.out_features)
+        u = self._input(x) @ A.t()  # (n, ..., rank): each sample's gate on every one of its positions
+        if u.dim() == 1:  # one unbatched sample
+            return (u * self.row_gate(1)[0]) @ B.t()
+        gate = self.row_gate(u.shape[0])
+        return (u * gate.view(u.shape[0], *([1] * (u.dim() - 2)), gate.shape[1])) @ B.t()
 
     def add_to(self, out: torch.Tensor, x: torch.Tensor, inplace: bool = True) -> torch.Tensor:
         if not self.routed:
@@ -259,8 +293,11 @@ class KindDelta(FactoredDelta):
         if not self.routed:
             return super().embed(ids)
         B, A = self.all_factors()
-        u = F.embedding(ids.reshape(-1), A.t()) * self.row_gate(ids.numel())
-        return (u @ B.t()).reshape(*ids.shape, self.out_features)
+        u = F.embedding(ids, A.t())  # (n, ..., rank)
+        if ids.dim() == 0:
+            return (u * self.row_gate(1)[0]) @ B.t()
+        gate = self.row_gate(ids.shape[0])
+        return (u * gate.view(ids.shape[0], *([1] * (u.dim() - 2)), gate.shape[1])) @ B.t()
 
     # -- bookkeeping -------------------------------------------------------------------------------------------------
     def spec(self) -> dict:

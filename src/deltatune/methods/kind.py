@@ -212,6 +212,8 @@ def recombined(d: KindDelta, keep_groups: list[int]) -> KindDelta:
     new.U_T.copy_(d.U_T[:, cols]), new.sigma_T.copy_(d.sigma_T[cols]), new.Vh_T.copy_(d.Vh_T[cols])
     if new.logits is not None:
         new.logits.copy_(d.logits[:, torch.tensor(keep_groups, device=d.logits.device)])
+    if d.selected == LEARNGENES or (d.selected is not None and int(groups[d.selected]) != -2):
+        new.select(d.selected)  # a fixed gate that survives the recombination stays fixed
     return new
 
 
