@@ -109,6 +109,9 @@ def kind_recombine(model: nn.Module, classes: list[int], name: str | None = None
     if not layers:
         raise ValueError(f"KIND adapter {name!r} has no layers")
     first = layers[0][1].deltas[name]
+    if first.gate == "soft":
+        raise ValueError("kind_recombine keeps some tailor groups exactly; with gate='soft' every class weighs every "
+                         "group, so dropping groups would change every class's output. Recombine a hard-gated model")
     first.check_condition(torch.as_tensor(list(classes)))
     keep = sorted({int(first.groups[c]) for c in classes if int(first.groups[c]) >= 0})
     if not keep:
