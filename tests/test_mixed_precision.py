@@ -80,3 +80,17 @@ def test_autocast_and_a_bf16_base_run_the_fused_node(minilm_dir, minilm_batch, n
     assert out.dtype == torch.bfloat16 and node in nodes(out), sorted(nodes(out))
     if name != "lora-dropout":
         assert_bf16_close(got, ref)
+
+
+@pytest.mark.parametrize("name", ["lora", "s2ft", "spiel"])
+def test_the_generic_path_under_autocast_agrees_with_the_fused_node(minilm_dir, minilm_batch, name):
+    """A hook on the base layers forces the generic path (base output, then the delta added in its dtype)."""
+    model = adapted(minilm_dir, METHODS[name][0])
+    fused, g_fused = grads(model, minilm_batch, autocast=True)
+    hooks = [layer.base.register_forward_hook(lambda m, i, o: None) for _, layer in dt.model.adapted_layers(model)]
+    generic, g_generic = grads(model, minilm_batch, autocast=True)
+    assert METHODS[name][1] not in nodes(generic)
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(generic.float(), fused.float(), atol=0.05, rtol=0.05)
+    assert_bf16_close(g_generic, g_fused)

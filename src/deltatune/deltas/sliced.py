@@ -34,10 +34,11 @@ def sliced_dense(D: torch.Tensor, idx: torch.Tensor, axis: int, shape: tuple[int
 
 
 def sliced_apply(out: torch.Tensor, x: torch.Tensor, D: torch.Tensor, idx: torch.Tensor, axis: int) -> torch.Tensor:
-    """``out + x dW^T`` for the block ``D`` (out-of-place; plain autograd)."""
+    """``out + x dW^T`` for the block ``D`` (out-of-place; plain autograd; the product, which autocast may give in
+    its own dtype, is added in ``out``'s)."""
     if axis == ROWS:
-        return out.index_add(-1, idx, F.linear(x, D))
-    return out + F.linear(x.index_select(-1, idx), D)
+        return out.index_add(-1, idx, F.linear(x, D).to(out.dtype))
+    return out + F.linear(x.index_select(-1, idx), D).to(out.dtype)
 
 
 class _SlicedLinear(torch.autograd.Function):
