@@ -37,7 +37,9 @@ trainable and the input requiring grad) in one process, interleaved in rotating 
 ratios of per-step medians to ``lora`` with the interquartile range of the per-round ratios.
 
 Outputs in ``--out`` (default ``benchmarks/results/kind``): ``results.json``, ``curves.png`` (accuracy and FD vs
-step per arm), ``samples.png`` (final samples: one row of 8 per arm and class); the section goes to BENCHMARKS.md.
+step per arm), ``samples-<arm>.png`` (final samples: one row of 8 per new class); the section goes to BENCHMARKS.md.
+``--sweep N`` picks each arm's learning rate among ``--lrs-<arm>`` by the held-out noise loss after ``N`` steps;
+``--resume`` keeps the arms of an earlier ``results.json`` in ``--out`` with the same settings (and LoRA rank).
 ``--quick``: a few steps of everything (a smoke test; the numbers mean nothing).
 """
 from __future__ import annotations
@@ -194,11 +196,13 @@ def matched_lora_rank(base, target: int, top: int = 64) -> int:
 
 # -- evaluation -----------------------------------------------------------------------------------------------------
 def evaluate(arm: Arm, j, real: dict, args, sched) -> dict:
+    """Accuracy and FD of ``--samples`` seeded samples per new class; ``real``: the judge's features of each
+    class's real images not used for training."""
     per = {}
     for c, label in zip(NEW, arm.labels):
         imgs = D.sample(arm.model, [label] * args.samples, (1, BD.SIZE, BD.SIZE), steps=args.sample_steps,
                         scheduler=sched, seed=1000 + c)
-        s = BD.score(j, imgs, c, real[c])
+        s = BD.score(j, imgs, c, real_features=real[c])
         per[c] = {"accuracy": s["identity"], "fd": s["fd"]}
     return {"accuracy": mean(v["accuracy"] for v in per.values()), "fd": mean(v["fd"] for v in per.values()),
             "per_class": per}
@@ -240,6 +244,53 @@ def train_arm(arm: Arm, x, y_new, lr: float, j, real, args, sched) -> dict:
             "train_s": wall, "lr": lr}
 
 
+def final_samples(arm: Arm, args, sched) -> torch.Tensor:
+    """8 samples per new class (one row each) from the trained arm."""
+    return torch.cat([D.sample(arm.model, [lab] * 8, (1, BD.SIZE, BD.SIZE), steps=args.sample_steps,
+                               scheduler=sched, seed=2000 + c) for c, lab in zip(NEW, arm.labels)])
+
+
+def choose_lr(name: str, base, kind_pre, args, lora_r: int, x, y_new, held: dict, sched) -> tuple[float, dict | None]:
+    """The arm's learning rate: ``--lr-<arm>``, or with ``--sweep N`` the candidate of ``--lrs-<arm>`` whose model
+    after ``N`` steps has the lowest noise-prediction loss on the new classes' held-out images (fixed timesteps and
+    noise: ``bench_diffusion.heldout_loss``), each candidate from a fresh copy."""
+    fixed = getattr(args, f"lr_{name}")
+    if not args.sweep:
+        return fixed, None
+    losses = {}
+    for lr in getattr(args, f"lrs_{name}"):
+        arm = build_arm(name, base, kind_pre, args, lora_r)
+        y = torch.tensor([arm.labels[NEW.index(int(c))] for c in y_new])
+        D.train(arm.model, x, y, steps=args.sweep, batch_size=args.batch, lr=lr, scheduler=sched,
+                params=arm.params, concepts=arm.rows, concept_lr=args.row_lr, seed=args.seed, desc=f"{name} lr {lr:g}")
+        losses[lr] = mean(BD.heldout_loss(arm.model, held[c], lab, sched) for c, lab in zip(NEW, arm.labels))
+    return min(losses, key=losses.get), losses
+
+
+def lr_options(name: str, args) -> dict:
+    """What decides the arm's learning rate: the fixed ``--lr-<arm>``, or the sweep's steps and candidates."""
+    how = {"sweep": args.sweep, "candidates": getattr(args, f"lrs_{name}")} if args.sweep else \
+        {"lr": getattr(args, f"lr_{name}")}
+    return json.loads(json.dumps(how))
+
+
+NOT_SHARED = ("rounds", "time_steps", "threads", "sweep")  # timing only, or compared per arm (lr_options)
+
+
+def resumable(out: Path, results: dict, args) -> dict:
+    """The arms of an earlier ``results.json`` in ``out`` run with the same settings but for ``NOT_SHARED``
+    (``--resume``; the caller also compares each arm's config and learning-rate options)."""
+    path = out / "results.json"
+    if not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    strip = lambda d: {k: v for k, v in d.items() if k not in NOT_SHARED}  # noqa: E731
+    if strip(old.get("settings", {})) != strip(json.loads(json.dumps(results["settings"]))):
+        print(f"--resume: {path} was run with other settings; every arm runs again", file=sys.stderr, flush=True)
+        return {}
+    return old.get("arms", {})
+
+
 # -- step time ------------------------------------------------------------------------------------------------------
 def timing(arms: dict, base, x, y_new, args, sched) -> dict:
     """Per-step medians of every arm and the frozen floor, interleaved in rotating rounds; ratios to ``lora``."""
@@ -263,7 +314,8 @@ def timing(arms: dict, base, x, y_new, args, sched) -> dict:
         common.backward_step(v, D.noise_loss(v.model, sched, x0, labels[v.name], generator=gen))
         return time.perf_counter() - t0
 
-    common.rotating_rounds(variants, args.rounds, lambda v, r: v.times.append([step(v) for _ in range(args.time_steps)]),
+    common.rotating_rounds(variants, args.rounds,
+                           lambda v, r: v.times.append([step(v) for _ in range(args.time_steps)]),
                            warmup=lambda v: step(v))
     out = {}
     by = {v.name: v for v in variants}
@@ -299,29 +351,34 @@ def run(args) -> dict:
     results["pretrained"]["base"] = seen_scores(base, j, parts, args, sched)
     if kind_pre is not None:
         results["pretrained"]["kind"] = seen_scores(kind_pre, j, parts, args, sched)
-    print(f"pretrained on the seen classes: { {k: (v['accuracy'], v['fd']) for k, v in results['pretrained'].items()} }",
-          file=sys.stderr, flush=True)
+    pre = {k: (round(v["accuracy"], 3), round(v["fd"], 2)) for k, v in results["pretrained"].items()}
+    print(f"pretrained on the seen classes (accuracy, FD): {pre}", file=sys.stderr, flush=True)
 
     target = kind_trainable(base, kind_pre, args) if kind_pre is not None and args.match == "kind" else None
     lora_r = matched_lora_rank(base, target) if target is not None else args.lora_r
     results["lora_r"], results["kind_trainable"] = lora_r, target
 
     x, y_new = BD.stack(parts, NEW, 0, args.shots)
-    real = {c: BD.real_of(parts, c, args) for c in NEW}
-    lrs = {"lora": args.lr_lora, "full": args.lr_full, "scratch": args.lr_scratch, "kind": args.lr_kind}
-    grids = []
+    with torch.no_grad():
+        real = {c: j.features(BD.real_of(parts, c, args)) for c in NEW}
+    held = {c: parts[c][0][args.shots:args.shots + 128] for c in NEW}  # the learning-rate sweep's images
+    earlier = resumable(out, results, args) if args.resume else {}
     for name in args.arms:
         arm = build_arm(name, base, kind_pre, args, lora_r)
+        options = lr_options(name, args)
+        if name in earlier and (earlier[name]["config"], earlier[name].get("lr_options")) == (arm.config, options):
+            results["arms"][name] = earlier[name]
+            print(f"{name}: kept from {out / 'results.json'} (--resume)", file=sys.stderr, flush=True)
+            continue
+        lr, sweep = choose_lr(name, base, kind_pre, args, lora_r, x, y_new, held, sched)
         print(f"{name}: {arm.trainable:,} trainable + {arm.row_params} row parameters ({arm.config}), lr "
-              f"{lrs[name]:g}", file=sys.stderr, flush=True)
-        r = train_arm(arm, x, y_new, lrs[name], j, real, args, sched)
+              f"{lr:g} {sweep or ''}", file=sys.stderr, flush=True)
+        r = train_arm(arm, x, y_new, lr, j, real, args, sched)
         r.update({"from": FROM[name], "trainable": arm.trainable, "row_params": arm.row_params,
-                  "config": arm.config})
+                  "config": arm.config, "lr_sweep": sweep, "lr_options": options})
         results["arms"][name] = r
-        grids.append(torch.cat([D.sample(arm.model, [lab] * 8, (1, BD.SIZE, BD.SIZE), steps=args.sample_steps,
-                                         scheduler=sched, seed=2000 + c) for c, lab in zip(NEW, arm.labels)]))
+        D.save_grid(final_samples(arm, args, sched), out / f"samples-{name}.png", nrow=8, scale=3)
         (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    D.save_grid(torch.cat(grids), out / "samples.png", nrow=8, scale=3)
 
     arms = {name: build_arm(name, base, kind_pre, args, lora_r) for name in args.arms}
     results["timing"] = timing(arms, base, x, y_new, args, sched)
@@ -333,7 +390,7 @@ def run(args) -> dict:
 def settings(args) -> dict:
     keys = ("shots", "steps", "batch", "eval_every", "samples", "sample_steps", "row_lr", "base_steps", "base_batch",
             "base_lr", "kind_learngenes", "kind_tailors", "kind_new_tailors", "rounds", "time_steps", "threads",
-            "seed", "match")
+            "seed", "match", "sweep")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -381,8 +438,10 @@ def report(results: dict, args) -> str:
                  f"{s['samples']} DDIM ({s['sample_steps']} steps) samples per class")
     lora_note = (f"LoRA rank {results['lora_r']} matched to KIND's {results['kind_trainable']:,} trainable"
                  if results.get("kind_trainable") else f"LoRA rank {results['lora_r']} (not matched: no KIND arm)")
+    how = (f"learning rates chosen per arm by the held-out noise loss after {s['sweep']} steps (candidates in "
+           "results.json)" if s.get("sweep") else "learning rates fixed per arm, not tuned")
     lines.append(f"- {lora_note}; full fine-tuning and scratch train every weight (their counts are what they are); "
-                 "learning rates fixed per arm, not tuned")
+                 f"{how}")
     lines.append("")
     tim = results.get("timing", {})
     rows = []
@@ -438,7 +497,7 @@ def plot(results: dict, out: Path) -> Path | None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
-    p.add_argument("--cache", default=str(cache_dir() / "bench_diffusion"), help="shared with bench_diffusion.py")
+    p.add_argument("--cache", default=None, help="default: bench_diffusion.py's (--quick: <--out>/cache)")
     p.add_argument("--out", default=None, help="default benchmarks/results/kind (--quick: bench-kind-quick)")
     p.add_argument("--shots", type=int, default=100, help="training images per new class")
     p.add_argument("--steps", type=int, default=600)
@@ -451,6 +510,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-full", type=float, default=3e-4)
     p.add_argument("--lr-scratch", type=float, default=2e-3)
     p.add_argument("--lr-kind", type=float, default=3e-3)
+    p.add_argument("--sweep", type=int, default=0, help="steps per learning-rate candidate (0: fixed --lr-<arm>)")
+    p.add_argument("--lrs-lora", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
+    p.add_argument("--lrs-full", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3])
+    p.add_argument("--lrs-scratch", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3])
+    p.add_argument("--lrs-kind", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
+    p.add_argument("--resume", action="store_true", help="keep the arms of --out's results.json run with the same "
+                   "settings")
     p.add_argument("--lora-r", type=int, default=4, help="without --match kind (or without the KIND arm)")
     p.add_argument("--match", choices=["kind", "none"], default="kind",
                    help="kind: the LoRA rank whose parameter count is closest to the KIND arm's trainable ones")
@@ -477,7 +543,8 @@ def main(argv=None) -> dict:
         args.base_steps, args.judge_epochs, args.steps, args.eval_every = 20, 1, 4, 2
         args.samples, args.sample_steps, args.shots, args.rounds, args.time_steps = 8, 2, 16, 2, 1
         args.out = args.out or "bench-kind-quick"
-        args.cache = str(Path(args.out) / "cache")
+        args.cache = args.cache or str(Path(args.out) / "cache")
+    args.cache = args.cache or str(cache_dir() / "bench_diffusion")
     args.out = args.out or str(common.REPO / "benchmarks" / "results" / "kind")
     if args.report_only:
         results = json.loads((Path(args.out) / "results.json").read_text())
