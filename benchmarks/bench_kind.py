@@ -181,7 +181,8 @@ def build_arm(name: str, base, kind_pre, args, lora_r: int) -> Arm:
         torch.manual_seed(args.seed)
         m.class_embedding = nn.Embedding(len(NEW), base.class_embedding.embedding_dim)  # the gate's ids 0..3
         return Arm(name, m, kind_transfer_params(m), m.class_embedding, list(range(len(NEW))),
-                   f"{args.kind_learngenes} learngenes (frozen), {args.kind_new_tailors} new tailors per class")
+                   f"{args.kind_learngenes} learngenes (frozen), {args.kind_tailors} tailors per seen class -> "
+                   f"{args.kind_new_tailors} new per new class")
     raise ValueError(f"unknown arm {name!r}; choose from {ARMS}")
 
 
@@ -274,7 +275,10 @@ def lr_options(name: str, args) -> dict:
     return json.loads(json.dumps(how))
 
 
-NOT_SHARED = ("rounds", "time_steps", "threads", "sweep")  # timing only, or compared per arm (lr_options)
+#: settings that do not decide what the arms learn (timing), or that are compared per arm (the sweep: lr_options; the
+#: KIND sizes and the matching: the kind and lora arms' config)
+NOT_SHARED = ("rounds", "time_steps", "threads", "sweep", "kind_learngenes", "kind_tailors", "kind_new_tailors",
+              "match")
 
 
 def resumable(out: Path, results: dict, args) -> dict:
