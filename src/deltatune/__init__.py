@@ -8,10 +8,10 @@
 from ._version import __version__  # noqa: E402,F401
 
 from .deltas import (  # noqa: E402
-    Delta, FullDelta, GatedSVDDelta, LowRankDelta, NOLADelta, OrthogonalLowRankDelta, RotationDelta, SlicedDelta,
+    Delta, FullDelta, GatedSVDDelta, KindDelta, LowRankDelta, NOLADelta, OrthogonalLowRankDelta, RotationDelta, SlicedDelta,
     SparseDelta, VeRADelta)
 from .methods import (  # noqa: E402
-    LTSFT, NOLA, OFT, S2FT, SORSA, AdaLoRA, Controller, IncreLoRA, LoRA, Method, MiLoRA, OLoRA, OrthogonalAdaptation,
+    KIND, LTSFT, NOLA, OFT, S2FT, SORSA, AdaLoRA, Controller, IncreLoRA, LoRA, Method, MiLoRA, OLoRA, OrthogonalAdaptation,
     PiSSA, SoRA, SpIEL, StepInfo, VeRA, CorDA, EVA)
 from .model import (  # noqa: E402
     AdaptedLayer,
@@ -27,6 +27,9 @@ from .model import (  # noqa: E402
     unload,
     unmerge,
 )
+from . import conditioning  # noqa: E402,F401  (per-sample conditions from the batch)
+from .conditioning import set_condition  # noqa: E402
+from .learngenes import kind_recombine, kind_select, kind_transfer  # noqa: E402
 from .control import after_backward, begin, controller, controller_metrics, step  # noqa: E402
 from .calibration import calibrate  # noqa: E402
 # combine, compress, deltas, extract, interference: modules that are also callable as their function (see _modules),
@@ -38,7 +41,7 @@ from .serving import adapter_rows, set_serving  # noqa: E402
 from . import hf  # noqa: E402,F401  (registers save_pretrained on adapted transformers models)
 
 __all__ = [
-    "AdaLoRA", "AdaptedLayer", "Controller", "Delta", "FullDelta", "GatedSVDDelta", "IncreLoRA", "LTSFT", "LoRA",
+    "AdaLoRA", "AdaptedLayer", "KIND", "KindDelta", "kind_recombine", "kind_select", "kind_transfer", "set_condition", "Controller", "Delta", "FullDelta", "GatedSVDDelta", "IncreLoRA", "LTSFT", "LoRA",
     "LowRankDelta", "Method", "MiLoRA", "NOLA", "NOLADelta", "OFT", "OLoRA", "OrthogonalAdaptation",
     "OrthogonalLowRankDelta", "PiSSA", "CorDA", "EVA", "RotationDelta", "S2FT", "SORSA", "SlicedDelta", "SoRA", "SparseDelta", "SpIEL", "StepInfo",
     "VeRA", "VeRADelta", "active_adapters", "adapter_rows", "adapters", "after_backward", "attach", "calibrate", "combine", "compress", "interference", "begin", "controller", "controller_metrics", "deltas", "delete", "disabled", "extract", "load", "load_compressed", "merge", "print_trainable_parameters", "save", "set_active", "set_serving",

@@ -224,6 +224,9 @@ def conv_update(m: nn.Module, delta, x: torch.Tensor) -> torch.Tensor:
     if m.groups > 1:  # each group of inputs goes through the same A
         A_k = A_k.repeat(m.groups, *([1] * len(kernel)))
     u = conv(delta.drop(xin), A_k, None, m.stride, padding, m.dilation, m.groups)
+    if delta.routed:  # a gate per sample on the rank channels (repeated per group like A)
+        g = delta.row_gate(u.shape[0]).to(u.dtype).repeat(1, m.groups)
+        u = u * g.view(*g.shape, *([1] * (u.dim() - 2)))
     B_k = (B * s).reshape(B.shape[0], B.shape[1], *([1] * (len(kernel) - 1)))
     return conv(u, B_k, None, 1, 0, 1, m.groups)
 
@@ -308,7 +311,7 @@ def locon_conv(m: nn.Module, delta, x: torch.Tensor) -> torch.Tensor | None:
     factors = delta.live_factors()
     W, b = m.weight, m.bias
     frozen = not W.requires_grad and (b is None or not b.requires_grad)
-    if (factors is None or factors[1].shape[0] == 0 or type(m) not in _CONV_TYPES or m.groups != 1 or not frozen or x.dim() != W.dim()
+    if (factors is None or delta.routed or factors[1].shape[0] == 0 or type(m) not in _CONV_TYPES or m.groups != 1 or not frozen or x.dim() != W.dim()
             or not x.is_contiguous() or torch.is_autocast_enabled(x.device.type)):
         return None
     B, A, s = factors

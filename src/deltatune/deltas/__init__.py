@@ -4,6 +4,7 @@ from .basis import NOLADelta, OrthogonalLowRankDelta, VeRADelta
 from .dense import DenseDelta
 from .full import FullDelta
 from .gated import GatedSVDDelta
+from .kind import KindDelta
 from .lowrank import FactoredDelta, LowRankDelta, lowrank_apply
 from .rotation import RotationDelta
 from .sliced import SlicedDelta
@@ -13,6 +14,6 @@ from .._modules import callable_module
 
 callable_module(__name__, "deltatune.model:deltas")  # dt.deltas(model, name) and dt.deltas.LowRankDelta
 
-__all__ = ["Delta", "DenseDelta", "FactoredDelta", "FullDelta", "GatedSVDDelta", "LowRankDelta", "NOLADelta", "OrthogonalLowRankDelta",
+__all__ = ["Delta", "DenseDelta", "FactoredDelta", "FullDelta", "GatedSVDDelta", "KindDelta", "LowRankDelta", "NOLADelta", "OrthogonalLowRankDelta",
            "FrozenWeight", "NotLowRank", "PeftTensors", "RotationDelta", "Unbound", "SlicedDelta", "SparseDelta", "VeRADelta", "delta_from_spec", "lowrank_apply", "structure_class",
            "structures"]

@@ -139,6 +139,15 @@ class Delta(nn.Module):
         """The input transform applied before this delta's product (input dropout; identity by default)."""
         return x
 
+    #: True while the update differs per row of the batch (class-gated components, :mod:`deltatune.deltas.kind`):
+    #: ``dW_i = s B diag(row_gate_i) A`` with :meth:`live_factors` ``(B, A, s)``; layer kinds that apply the factors
+    #: themselves multiply the rank-space activations by :meth:`row_gate` between them, and fused kernels step aside
+    routed: ClassVar[bool] = False
+
+    def row_gate(self, n: int) -> torch.Tensor:
+        """The gate of each of ``n`` rows on the rank dimension (n x r), for :attr:`routed` deltas."""
+        raise NotImplementedError
+
     def dense(self) -> torch.Tensor:
         """The full update ``dW`` (out x in)."""
         raise NotImplementedError

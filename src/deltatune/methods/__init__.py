@@ -2,6 +2,7 @@
 from .adalora import AdaLoRA
 from .base import Controller, Method, StepInfo, methods
 from .increlora import IncreLoRA
+from .kind import KIND
 from .lora import EVA, CorDA, LoRA, MiLoRA, OLoRA, PiSSA
 from .oft import OFT
 from .orthogonal import NOLA, OrthogonalAdaptation, VeRA
@@ -10,5 +11,5 @@ from .sorsa import SORSA
 from .sora import SoRA
 from .sparse import LTSFT, SpIEL
 
-__all__ = ["AdaLoRA", "Controller", "CorDA", "EVA", "IncreLoRA", "LTSFT", "LoRA", "Method", "MiLoRA", "NOLA", "OFT", "OLoRA",
+__all__ = ["AdaLoRA", "Controller", "CorDA", "EVA", "IncreLoRA", "KIND", "LTSFT", "LoRA", "Method", "MiLoRA", "NOLA", "OFT", "OLoRA",
            "OrthogonalAdaptation", "PiSSA", "S2FT", "SORSA", "SoRA", "SpIEL", "StepInfo", "VeRA", "methods"]

@@ -189,6 +189,11 @@ class Method(metaclass=_MethodType):
     def validate(self) -> None:
         """Raise ``ValueError`` on bad hyperparameters before anything touches the model."""
 
+    def condition_key(self) -> str | None:
+        """The model argument whose per-sample values gate this adapter's deltas (KIND: the class labels), read on
+        every call by :mod:`deltatune.conditioning`; ``None`` (default): the deltas take no condition."""
+        return None
+
     # -- PEFT's adapter_config.json (deltatune.io.peft_format loops over these) -----------------------------
     #: the PEFT ``peft_type`` whose checkpoints this method reads (``None``: none); such a method also sets
     #: ``peft_structure`` (the delta structure that reads the tensors, with its ``from_peft``), ``peft_keys``
