@@ -68,6 +68,9 @@ from diffusion_speed import ratio  # noqa: E402
 SEEN = BD.SEEN
 NEW = BD.CONCEPTS
 ARMS = ("lora", "full", "scratch", "kind")
+#: LoRA's and KIND's targets: bench_diffusion's (every conv and linear but the input conv and the time MLP) less the
+#: output conv (1 x 288 in linear layout: one singular component, too few for KIND's tailors)
+TARGETS = dict(targets="all", exclude=BD.EXCLUDE + "|conv_out")
 FROM = {"lora": "(a) normal", "full": "(a) normal", "scratch": "random init", "kind": "(b) KIND"}
 
 
@@ -84,7 +87,11 @@ def need_kind() -> None:
 # -- (b): the KIND model pretrained on the seen classes --------------------------------------------------------------
 def kind_method(args, n_classes: int):
     return dt.KIND(n_classes=n_classes, n_learngenes=args.kind_learngenes, n_tailors=args.kind_tailors,
-                   targets="all", exclude=BD.EXCLUDE, condition="class_labels")
+                   init="svd", gate="hard", condition="class_labels", **TARGETS)
+
+
+def learngenes(args) -> str:
+    return "rank - tailors" if args.kind_learngenes is None else str(args.kind_learngenes)
 
 
 def kind_pretrain_params(model: nn.Module) -> list[nn.Parameter]:
@@ -148,7 +155,7 @@ class Arm:
 
 
 def lora_method(r: int):
-    return dt.LoRA(r=r, alpha=r, **BD.TARGETS["all"])
+    return dt.LoRA(r=r, alpha=r, **TARGETS)
 
 
 def body_params(model: nn.Module) -> list:
@@ -158,7 +165,12 @@ def body_params(model: nn.Module) -> list:
 
 
 def kind_transfer_params(model: nn.Module) -> list:
-    return [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("class_embedding")]
+    """What learngene transfer trains (besides the new rows): the new tailors, nothing else."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("class_embedding")}
+    stray = [n for n in params if "_T" not in n.rpartition(".")[2]]
+    if stray:
+        raise RuntimeError(f"after dt.kind_transfer, {stray[:3]} train too: expected the tailors only")
+    return list(params.values())
 
 
 def build_arm(name: str, base, kind_pre, args, lora_r: int) -> Arm:
@@ -176,12 +188,13 @@ def build_arm(name: str, base, kind_pre, args, lora_r: int) -> Arm:
         return Arm(name, m, body_params(m), m.class_embedding, list(NEW), "all weights")
     if name == "kind":
         need_kind()
-        m = copy.deepcopy(kind_pre)
-        dt.kind_transfer(m, n_classes=len(NEW), n_tailors=args.kind_new_tailors, learngenes="frozen")
+        m = copy.deepcopy(kind_pre).requires_grad_(False)
+        dt.kind_transfer(m, n_classes=len(NEW), n_tailors=args.kind_new_tailors, learngenes="frozen", seed=args.seed)
         torch.manual_seed(args.seed)
         m.class_embedding = nn.Embedding(len(NEW), base.class_embedding.embedding_dim)  # the gate's ids 0..3
-        return Arm(name, m, kind_transfer_params(m), m.class_embedding, list(range(len(NEW))),
-                   f"{args.kind_learngenes} learngenes (frozen), {args.kind_tailors} tailors per seen class -> "
+        params = kind_transfer_params(m)
+        return Arm(name, m, params, m.class_embedding, list(range(len(NEW))),
+                   f"{learngenes(args)} learngenes (frozen), {args.kind_tailors} tailors per seen class -> "
                    f"{args.kind_new_tailors} new per new class")
     raise ValueError(f"unknown arm {name!r}; choose from {ARMS}")
 
@@ -419,7 +432,8 @@ def ordering(results: dict) -> list[str]:
         holds = k["fd"] < lo["fd"]
         best_k, best_l = min(p["fd"] for p in arms["kind"]["curve"]), min(p["fd"] for p in arms["lora"]["curve"])
         lines.append(f"- the paper's claim (learngene transfer reaches better fidelity than PEFT on a conventionally "
-                     f"pretrained model at the same budget) **{'holds' if holds else 'does not hold'}** here: final "
+                     f"pretrained model at the same budget) **{'holds' if holds else 'does not hold'}** in this run "
+                     f"(one seed): final "
                      f"FD kind {k['fd']:.1f} vs lora {lo['fd']:.1f} (best along the curve: {best_k:.1f} vs "
                      f"{best_l:.1f}); accuracy {k['accuracy']:.2f} vs {lo['accuracy']:.2f}")
     else:
@@ -436,7 +450,8 @@ def report(results: dict, args) -> str:
     lines.append("- pretrained on the seen classes 0-5 (own classes, vs their test split): " + "; ".join(
         f"{'(a) normal' if k == 'base' else '(b) KIND'} accuracy {v['accuracy']:.3f}, FD {v['fd']:.2f}"
         for k, v in pre.items()) + f" ({s['base_steps']} steps of batch {s['base_batch']}, lr {s['base_lr']:g}, "
-        f"EMA 0.999; KIND: {s['kind_learngenes']} learngenes, {s['kind_tailors']} tailors per class)")
+        f"EMA 0.999; KIND: {s['kind_learngenes'] or 'rank - tailors'} learngenes, {s['kind_tailors']} tailors "
+        "per class)")
     lines.append(f"- new classes {NEW[0]}-{NEW[-1]}: {s['shots']} training images each, {s['steps']} steps of batch "
                  f"{s['batch']} per arm; rows at lr {s['row_lr']:g}; evaluated every {s['eval_every']} steps on "
                  f"{s['samples']} DDIM ({s['sample_steps']} steps) samples per class")
@@ -524,9 +539,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-r", type=int, default=4, help="without --match kind (or without the KIND arm)")
     p.add_argument("--match", choices=["kind", "none"], default="kind",
                    help="kind: the LoRA rank whose parameter count is closest to the KIND arm's trainable ones")
-    p.add_argument("--kind-learngenes", type=int, default=8)
-    p.add_argument("--kind-tailors", type=int, default=4, help="per seen class, in pretraining (b)")
-    p.add_argument("--kind-new-tailors", type=int, default=4, help="per new class, in the transfer")
+    p.add_argument("--kind-learngenes", type=int, default=None,
+                   help="default: every component that is not a tailor (the whole weight is decomposed)")
+    p.add_argument("--kind-tailors", type=int, default=2, help="per seen class, in pretraining (b)")
+    p.add_argument("--kind-new-tailors", type=int, default=2, help="per new class, in the transfer")
     p.add_argument("--base-steps", type=int, default=2000)
     p.add_argument("--base-batch", type=int, default=48)
     p.add_argument("--base-lr", type=float, default=2e-3)
