@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import statistics
 import sys
@@ -72,6 +73,9 @@ ARMS = ("lora", "full", "scratch", "kind")
 #: output conv (1 x 288 in linear layout: one singular component, too few for KIND's tailors)
 TARGETS = dict(targets="all", exclude=BD.EXCLUDE + "|conv_out")
 FROM = {"lora": "(a) normal", "full": "(a) normal", "scratch": "random init", "kind": "(b) KIND"}
+
+
+splits = functools.lru_cache(maxsize=1)(BD.splits)  # read once per process (the smoke tests call main often)
 
 
 def kind_available() -> bool:
@@ -119,7 +123,7 @@ def kind_base(parts, cache: Path, args, grids: Path):
     x, y = BD.stack(parts, SEEN, 0)
     t0 = time.time()
     h = D.train(model, x, y, steps=args.base_steps, batch_size=args.base_batch, lr=args.base_lr,
-                params=kind_pretrain_params(model), ema_decay=0.999, seed=0, desc="kind base",
+                params=kind_pretrain_params(model), ema_decay=0.999, seed=0, desc="kind-base",
                 sample_every=max(args.base_steps // 4, 1), sample_dir=grids, sample_labels=SEEN,
                 sample_steps=args.sample_steps)
     h.ema.copy_to()
@@ -203,9 +207,11 @@ def kind_trainable(base, kind_pre, args) -> int:
     return build_arm("kind", base, kind_pre, args, 1).trainable
 
 
-def matched_lora_rank(base, target: int, top: int = 64) -> int:
-    """The LoRA rank whose adapter parameter count is closest to ``target``."""
-    return min(range(1, top + 1), key=lambda r: abs(BD.adapter_params(base, lora_method(r)) - target))
+def matched_lora_rank(base, target: int) -> int:
+    """The LoRA rank whose adapter parameter count is closest to ``target`` (the count is linear in the rank: the
+    rank-1 count gives the guess, its neighbours are checked)."""
+    guess = max(1, round(target / BD.adapter_params(base, lora_method(1))))
+    return min(range(max(1, guess - 1), guess + 2), key=lambda r: abs(BD.adapter_params(base, lora_method(r)) - target))
 
 
 # -- evaluation -----------------------------------------------------------------------------------------------------
@@ -353,7 +359,7 @@ def run(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if "kind" in args.arms:
         need_kind()
-    parts = BD.splits()
+    parts = splits()
     j, judge_acc = BD.judge(parts, cache, args.judge_epochs)
     print(f"judge test accuracy {judge_acc:.4f}", file=sys.stderr, flush=True)
     sched = D.ddpm_scheduler()
@@ -557,11 +563,17 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+#: --quick: the defaults it changes (options given explicitly still win)
+QUICK = dict(base_steps=20, judge_epochs=1, steps=4, eval_every=2, samples=8, sample_steps=2, shots=16, rounds=2,
+             time_steps=1)
+
+
 def main(argv=None) -> dict:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
     if args.quick:
-        args.base_steps, args.judge_epochs, args.steps, args.eval_every = 20, 1, 4, 2
-        args.samples, args.sample_steps, args.shots, args.rounds, args.time_steps = 8, 2, 16, 2, 1
+        p.set_defaults(**QUICK)
+        args = p.parse_args(argv)
         args.out = args.out or "bench-kind-quick"
         args.cache = args.cache or str(Path(args.out) / "cache")
     args.cache = args.cache or str(cache_dir() / "bench_diffusion")
