@@ -41,6 +41,10 @@ step per arm), ``samples-<arm>.png`` (final samples: one row of 8 per new class)
 ``--sweep N`` picks each arm's learning rate among ``--lrs-<arm>`` by the held-out noise loss after ``N`` steps;
 ``--resume`` keeps the arms of an earlier ``results.json`` in ``--out`` with the same settings (and LoRA rank).
 ``--quick``: a few steps of everything (a smoke test; the numbers mean nothing).
+
+Cost: the decomposed model runs every adapted layer as the frozen base plus two factored products of full rank
+(the anchor cancels the base), so a KIND pretraining step costs about 3x a normal one on CPU and a transfer step
+about 2x a LoRA step (the timing table); the default 2,000 pretraining steps take about an hour on one core.
 """
 from __future__ import annotations
 
@@ -579,6 +583,7 @@ def main(argv=None) -> dict:
     args.cache = args.cache or str(cache_dir() / "bench_diffusion")
     args.out = args.out or str(common.REPO / "benchmarks" / "results" / "kind")
     if args.report_only:
+        torch.set_num_threads(args.threads)  # the header's machine line names the run's threads
         results = json.loads((Path(args.out) / "results.json").read_text())
         sys.argv = [a for a in sys.argv if a != "--report-only"]  # the header names the command of the run
     else:
