@@ -6,6 +6,7 @@
     dt.save(model, "out/sst2")
 """
 from ._version import __version__  # noqa: E402,F401
+from . import quantized  # noqa: E402,F401  (layer kinds of bitsandbytes' 4-bit / 8-bit linears)
 
 from .deltas import (  # noqa: E402
     Delta, FullDelta, GatedSVDDelta, KindDelta, LowRankDelta, NOLADelta, OrthogonalLowRankDelta, RotationDelta, SlicedDelta,

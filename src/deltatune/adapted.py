@@ -140,6 +140,9 @@ class AdaptedLayer(LayerWrapper):
         if name in self.merged or name not in self.deltas:
             return
         delta = self.deltas[name]
+        why = self.layer_kind.merge_refusal(self.base)
+        if why is not None:
+            raise ValueError(why)
         rotating = [n for n in self.applied if n in self.deltas and n not in self.merged and n != name
                     and self.deltas[n].acts_on_weight]
         if rotating and not delta.acts_on_weight:

@@ -77,16 +77,21 @@ class LayerKind:
     #: ``file_caveat(m)``: why PEFT / diffusers / kohya readers run the LoRA of module ``m`` from a file otherwise
     #: than deltatune does (``None``: they run it the same); exports warn with it
     file_caveat: Callable[[nn.Module], str | None] = lambda m: None
+    #: ``merge_refusal(m)``: why deltas cannot be merged into module ``m``'s weight (a quantized weight, which
+    #: :attr:`weight` can only give as a dequantized copy), or ``None``: they can
+    merge_refusal: Callable[[nn.Module], str | None] = lambda m: None
 
 
 _KINDS: list[LayerKind] = []
 
 
-def register_kind(kind: LayerKind) -> LayerKind:
-    """Make modules that ``kind.matches`` adaptable (the first registered kind that matches wins)."""
+def register_kind(kind: LayerKind, before: str | None = None) -> LayerKind:
+    """Make modules that ``kind.matches`` adaptable (the first registered kind that matches wins; ``before``: ahead
+    of the kind of that name, for a subclass family such as quantized ``nn.Linear`` subclasses)."""
     if any(k.name == kind.name for k in _KINDS):
         raise ValueError(f"a layer kind named {kind.name!r} is already registered")
-    _KINDS.append(kind)
+    at = next((i for i, k in enumerate(_KINDS) if k.name == before), len(_KINDS))
+    _KINDS.insert(at, kind)
     return kind
 
 

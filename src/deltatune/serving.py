@@ -1,4 +1,4 @@
-"""Many adapters, one model: every row of a batch through its own adapter, in one forward pass.
+"""Many adapters, one model: every row of a batch through its own adapter, in one forward pass (and one backward).
 
 For rows ``i = 1..n`` with adapter ``a(i)`` (``None`` or ``"base"``: the base model), every adapted layer computes
 
@@ -6,33 +6,60 @@ For rows ``i = 1..n`` with adapter ``a(i)`` (``None`` or ``"base"``: the base mo
 
 once for the whole batch: the base product is shared and only the delta terms differ per row.
 
-- **Low-rank deltas** (every structure whose :meth:`Delta.lowrank` is exact: LoRA and its SVD-initialized family,
-  gated SVD triplets, frozen-basis adapters) run *gathered*: the layer's factors are stacked once per set of
-  adapters, zero-padded to the largest rank ``r`` with the scale folded into ``B`` (slot 0 is all zeros, for rows
-  without a low-rank delta here), and two batched matmuls over rows compute every row's update with its own
-  factors, ``u_i = A_{a(i)} x_i``, ``y_i += B_{a(i)} u_i`` (``torch.bmm`` on gathered factors): the cost does not
-  grow with the number of adapters, and there is no loop over rows or adapters. The second product accumulates
-  into the layer's output in place (``baddbmm_``): no temporary of the output's size.
-- **Every other structure** (S2FT blocks, sparse entries, OFT rotations, dense and full deltas) runs *grouped*:
-  per adapter present, its rows are gathered, its contribution ``dW_a x`` computed by the delta itself
-  (:meth:`Delta.forward`; for a rotation ``W (R^T - I) x``) and added back to those rows (``index_add``).
+- **Stacked** (every structure whose :meth:`Delta.lowrank` is exact: LoRA and its SVD-initialized family, gated SVD
+  triplets (AdaLoRA, SoRA, ...), frozen-basis adapters (VeRA, NOLA, Orthogonal Adaptation), on layers whose inputs
+  are features on the last dimension: ``Linear``, GPT-2 ``Conv1D``): the layer's factors are stacked, zero-padded
+  to the largest rank ``r`` with the scale folded into ``B`` (slot 0 is all zeros, for rows without a low-rank delta
+  here), and two batched matmuls over rows compute every row's update with its own factors,
+  ``u_i = A_{a(i)} x_i``, ``y_i += B_{a(i)} u_i`` (``torch.bmm`` on gathered factors, or, when rows have a token or
+  two, plain matmuls over all slots with a per-row mask): the cost does not grow with the number of adapters, and
+  there is no loop over rows or adapters. For inference the second product accumulates into the layer's output in
+  place (``baddbmm_``): no temporary of the output's size.
+- **Grouped** (every other structure: S2FT blocks, sparse entries (SpIEL, LT-SFT), OFT rotations, dense and full
+  deltas; and every delta on embeddings and ``nn.Conv1d/2d/3d``, LoCon included): per adapter present, its rows are
+  gathered, its contribution ``dW_a x`` computed by the delta itself (:meth:`Delta.forward`; for a rotation
+  ``W (R^T - I) x``) and added back to those rows (``index_add``). A delta gated per row by the batch's condition
+  (:attr:`Delta.routed`: KIND's class gate) computes its contribution on the whole batch (its gate follows every
+  row of the batch) and only its own rows are added.
 
 Rows the model expands (``num_return_sequences``, beam search, or a layer that sees ``rows x tokens`` flattened)
-follow their source row. The stacked factors are cached on the layer and rebuilt only when a parameter changes
-(tracked by its in-place version counter), so repeated batches and every decoding step reuse them.
+follow their source row.
 
-``merge_single=True`` takes the fastest path for a batch whose rows all use one adapter: that adapter is merged
-into the weights (exactly, and kept merged while following batches use it; taken out again before a batch that
-needs anything else), so the model runs at base-model speed. Merging costs one pass over the adapted weights:
+**Inference** (gradients off, or no parameter of the layer's deltas requires one): the stacked factors are cached
+on the layer (detached) and rebuilt only when a parameter changes (tracked by its in-place version counter), so
+repeated batches and every decoding step reuse them.
+
+**Training** (``model.train()``, gradients on): the same math builds its graph. The stacks are rebuilt every call
+from :meth:`Delta.live_factors` without detaching (``torch.stack`` of zero-padded factors, scale folded into ``B``),
+and the products and ``index_add`` run out of place, so the backward gives each adapter exactly the gradient of its
+own rows: for a loss summed over rows, the gradients of a mixed batch are the sum of each adapter's gradients run
+alone on its rows. Rows of the base model give no adapter a gradient. Each adapter's input transform
+(:meth:`Delta.drop`: input dropout) acts on its own rows (under ``torch.no_grad`` the stacked adapters run the
+inference path, without it). *Which adapters train*: those whose parameters require
+grad, i.e. the registry's trainable adapters: ``dt.set_active(model, ["a", "b", "c"])`` makes all three trainable
+(``trainable=`` picks some of them); the routing, not the active set, decides which rows each one sees, and
+adapters named in the batch but not trainable act on their rows frozen. A trainable adapter with no row in the
+batch takes part on zero rows (an unused stack slot, or a grouped call on no rows), so its gradient is zeros rather
+than ``None``: under ``DistributedDataParallel`` every rank builds the same graph, whichever adapters its rows use,
+and no ``find_unused_parameters`` is needed (with Adam-like optimizers such an adapter still moves by its momentum,
+as it would under DDP anyway; make it non-trainable to leave it out). In training mode nothing is merged and a batch
+whose rows all use one adapter is routed too. Gradient checkpointing recomputes layers during the backward, after
+``model(..., adapter_names=...)`` has returned: that call is refused with it; run forward and backward inside
+``with dt.adapter_rows(model, names):`` instead.
+
+``merge_single=True`` takes the fastest path for an inference batch whose rows all use one adapter: that adapter is
+merged into the weights (exactly, and kept merged while following batches use it; taken out again before a batch
+that needs anything else), so the model runs at base-model speed. Merging costs one pass over the adapted weights:
 it pays off when the same adapter serves several batches in a row (BENCHMARKS.md measures the break-even).
 """
 from __future__ import annotations
 
 import contextlib
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import model as M
@@ -58,17 +85,32 @@ def state(model: nn.Module) -> ServingState:
 
 
 # -- pure tensor math -------------------------------------------------------------------------------------------------
-def stack_factors(factors: list[tuple[torch.Tensor, torch.Tensor, float]], dtype: torch.dtype):
+def stack_factors(factors: list[tuple[torch.Tensor, torch.Tensor, float]], dtype: torch.dtype, detach: bool = True):
     """``(A^T, B^T)`` stacks: ``A^T`` (k+1, in, r) and ``B^T`` (k+1, r, out), slot 0 zero and slot ``j`` holding factor
-    ``j-1`` (scale folded into ``B``), zero-padded to the largest rank ``r`` (laid out for ``x A^T`` and ``u B^T``)."""
+    ``j-1`` (scale folded into ``B``), zero-padded to the largest rank ``r`` (laid out for ``x A^T`` and ``u B^T``).
+    ``detach=False`` keeps the graph (``torch.stack`` of padded factors): gradients of the stacks flow back to every
+    factor, and slots no row uses get zero gradients."""
     r = max(A.shape[0] for _, A, _ in factors)
     out_f, in_f = factors[0][0].shape[0], factors[0][1].shape[1]
-    At = torch.zeros(len(factors) + 1, in_f, r, dtype=dtype, device=factors[0][1].device)
-    Bt = torch.zeros(len(factors) + 1, r, out_f, dtype=dtype, device=factors[0][0].device)
-    for j, (B, A, s) in enumerate(factors, start=1):
-        At[j, :, : A.shape[0]] = A.detach().t()
-        Bt[j, : B.shape[1]] = B.detach().t() * s
-    return At, Bt
+    At = [torch.zeros(in_f, r, dtype=dtype, device=factors[0][1].device)]
+    Bt = [torch.zeros(r, out_f, dtype=dtype, device=factors[0][0].device)]
+    for B, A, s in factors:
+        A, B = (A.detach(), B.detach()) if detach else (A, B)
+        At.append(F.pad(A.t().to(dtype), (0, r - A.shape[0])))
+        Bt.append(F.pad((B.t() * s).to(dtype), (0, 0, 0, r - B.shape[1])))
+    return torch.stack(At), torch.stack(Bt)
+
+
+def drop_rows(x: torch.Tensor, parts: list[tuple[torch.Tensor, Callable]]) -> torch.Tensor:
+    """``x`` (n, ...) with rows ``rows`` replaced by ``drop(x[rows])`` for every ``(rows, drop)`` in ``parts`` (each
+    adapter's input transform, e.g. its input dropout, on its own rows; out of place). Unchanged when every
+    ``drop`` is the identity."""
+    for rows, drop in parts:
+        xs = x.index_select(0, rows)
+        xd = drop(xs)
+        if xd is not xs:
+            x = x.index_copy(0, rows, xd.to(x.dtype))
+    return x
 
 
 def flat_A(At: torch.Tensor) -> torch.Tensor:
@@ -140,8 +182,14 @@ class Rows:
         return self._expanded[n]
 
     def forward(self, layer: AdaptedLayer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """The mixed-batch output of one adapted layer."""
+        """The mixed-batch output of one adapted layer: the training path (:meth:`train_forward`) when gradients are
+        on and a delta of this layer has a parameter that requires them, else the cached inference path."""
         out = layer.base(x, *args, **kwargs)
+        if torch.is_grad_enabled():
+            trained = [n for n, d in layer.deltas.items() if any(p.requires_grad for p in d.parameters())]
+            if trained:
+                present = [n for n in self.adapters if n in layer.deltas]
+                return self.train_forward(layer, x, out, present, trained)
         plan = self._plans.get(id(layer))
         if plan is None:  # once per routing and layer: parameters do not change during inference
             present = [n for n in self.adapters if n in layer.deltas]
@@ -153,8 +201,7 @@ class Rows:
         if stack is not None:
             At, Bt, A_flat, slot_of = stack
             if n_rows not in slots:  # the stack slot of every row
-                table = torch.tensor([0] + [slot_of.get(n, 0) for n in self.adapters])
-                slot = table[self.ids(n_rows)].to(x.device)
+                slot = self.slots(slot_of, n_rows, x.device)
                 slots[n_rows] = (slot, torch.nn.functional.one_hot(slot, At.shape[0]).to(At.dtype))
             slot, onehot = slots[n_rows]
             x3 = x.reshape(n_rows, -1, x.shape[-1]).to(At.dtype)
@@ -170,11 +217,52 @@ class Rows:
             rows = self.rows_of(n, n_rows, x.device)
             if rows.numel() == 0:
                 continue
-            xs = x.index_select(0, rows)
-            delta = layer.deltas[n]
-            contrib = layer.layer_kind.output(layer.base, delta, xs).to(out.dtype)
+            contrib = grouped_output(layer, layer.deltas[n], x, rows).to(out.dtype)
             out = out.index_add_(0, rows, contrib) if inplace else out.index_add(0, rows, contrib)
         return out
+
+    def train_forward(self, layer: AdaptedLayer, x: torch.Tensor, out: torch.Tensor, present: list[str],
+                      trained: list[str]) -> torch.Tensor:
+        """The same sum with gradients, ``out`` the base output: the factors (:meth:`Delta.live_factors`) are stacked
+        every call without detaching (:func:`stack_factors`), each adapter's rows get its input transform
+        (:meth:`Delta.drop`, input dropout: :func:`drop_rows`), and every product and addition runs out of place.
+        The deltas of ``trained`` (this layer's deltas with a parameter that requires grad) that no row uses take
+        part on zero rows (an unused stack slot, or a grouped call on no rows), so their gradients are zeros, not
+        ``None``: every rank of a data-parallel run builds the same graph whichever adapters its rows use."""
+        names = present + [n for n in trained if n not in present]
+        factors = {}
+        if layer.layer_kind.stacked:
+            factors = {n: f for n in names if not layer.deltas[n].replaces_output and not layer.deltas[n].routed
+                       and (f := layer.deltas[n].live_factors()) is not None}
+        n_rows = x.shape[0]
+        if factors:
+            lowrank = list(factors)
+            At, Bt = stack_factors([factors[n] for n in lowrank], factors[lowrank[0]][1].dtype, detach=False)
+            slot = self.slots({n: j for j, n in enumerate(lowrank, start=1)}, n_rows, x.device)
+            x3 = x.reshape(n_rows, -1, x.shape[-1]).to(At.dtype)
+            x3 = drop_rows(x3, [(self.rows_of(n, n_rows, x.device), layer.deltas[n].drop) for n in lowrank
+                                if n in present])
+            out3 = out.reshape(n_rows, -1, out.shape[-1])
+            target = out3 if out3.dtype == At.dtype else torch.zeros_like(out3, dtype=At.dtype)
+            if masked_is_cheaper(n_rows, x3.shape[1], At.shape[0]):
+                onehot = torch.nn.functional.one_hot(slot, At.shape[0]).to(At.dtype)
+                upd = add_masked_lowrank(target, x3, flat_A(At), Bt, onehot, inplace=False)
+            else:
+                upd = add_gathered_lowrank(target, x3, At, Bt, slot, inplace=False)
+            out = upd.reshape(out.shape) if target is out3 else out + upd.reshape(out.shape).to(out.dtype)
+        for n in names:
+            if n in factors:
+                continue
+            rows = self.rows_of(n, n_rows, x.device) if n in present else torch.zeros(0, dtype=torch.long,
+                                                                                      device=x.device)
+            contrib = grouped_output(layer, layer.deltas[n], x, rows)
+            out = out.index_add(0, rows, contrib.to(out.dtype))
+        return out
+
+    def slots(self, slot_of: dict[str, int], n_rows: int, device) -> torch.Tensor:
+        """The stack slot of every row of a tensor of ``n_rows`` rows (0 for rows whose adapter is not stacked)."""
+        table = torch.tensor([0] + [slot_of.get(n, 0) for n in self.adapters])
+        return table[self.ids(n_rows)].to(device)
 
     def rows_of(self, name: str, n_rows: int, device) -> torch.Tensor:
         """The rows (of a tensor of ``n_rows`` rows) that use adapter ``name``."""
@@ -182,6 +270,15 @@ class Rows:
         if key not in self._rows:
             self._rows[key] = (self.ids(n_rows) == self.adapters.index(name) + 1).nonzero().squeeze(1).to(device)
         return self._rows[key]
+
+
+def grouped_output(layer: AdaptedLayer, delta, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """One grouped delta's contribution to ``rows`` of ``x``: computed on those rows alone, or, for a delta gated per
+    row (:attr:`Delta.routed`, e.g. KIND's class gate: its gate follows the whole batch's condition), on the whole
+    batch and then cut to ``rows``."""
+    if delta.routed:
+        return layer.layer_kind.output(layer.base, delta, x).index_select(0, rows)
+    return layer.layer_kind.output(layer.base, delta, x.index_select(0, rows))
 
 
 def layer_plan(layer: AdaptedLayer, names: list[str]):
@@ -194,7 +291,8 @@ def layer_plan(layer: AdaptedLayer, names: list[str]):
                 for n, d in ((n, layer.deltas[n]) for n in names))
     cache = layer.__dict__.get("_plan_cache")
     if cache is None or cache[0] != key:
-        factors = {n: layer.deltas[n].lowrank() for n in names if not layer.deltas[n].replaces_output}
+        factors = {n: layer.deltas[n].lowrank() for n in names
+                   if not layer.deltas[n].replaces_output and not layer.deltas[n].routed}
         lowrank = [n for n, f in factors.items() if f is not None]
         stack = None
         if lowrank:
@@ -224,16 +322,15 @@ def check_names(model: nn.Module, names) -> list[str | None]:
 def adapter_rows(model: nn.Module, names, merge_single: bool | None = None):
     """Inside the block, row ``i`` of every batch runs through adapter ``names[i]`` (``None`` / ``"base"``: the base
     model). ``merge_single``: when every row uses one adapter, run it merged (default: the model's setting,
-    :func:`set_serving`)."""
+    :func:`set_serving`). In training mode (``model.train()``) nothing is merged and every batch runs the routed
+    path, also one whose rows all use one adapter (so that every rank of a data-parallel run builds the same
+    graph); a backward inside the block is routed too (gradient checkpointing recomputes there)."""
     model = unwrap(model)
     rows = check_names(model, names)
-    if model.training:
-        raise ValueError("mixed-adapter batches are for inference; call model.eval() first (train one adapter at a "
-                         "time with dt.set_active)")
     serving = state(model)
-    merge_single = serving.merge_single if merge_single is None else merge_single
+    merge_single = (serving.merge_single if merge_single is None else merge_single) and not model.training
     layers = [layer for _, layer in adapted_layers(model)]
-    single = len(set(rows)) == 1
+    single = len(set(rows)) == 1 and not model.training
     keep = rows[0] if single and merge_single and rows[0] is not None else None
     if serving.merged not in (None, keep):
         _release_serving_merge(model)
@@ -317,11 +414,21 @@ def _enter(module: nn.Module, args, kwargs):
     n = _batch_size(args, kwargs)
     if n is not None and not isinstance(names, str) and len(names) != n:
         raise ValueError(f"adapter_names has {len(names)} entries for a batch of {n} rows; give one per row")
+    if module.training and torch.is_grad_enabled() and _checkpointing(module):
+        raise ValueError("model(..., adapter_names=[...]) with gradient checkpointing: the backward recomputes the "
+                         "layers after the call has ended, without the routing, so the gradients would be wrong. "
+                         "Run the forward and the backward inside `with dt.adapter_rows(model, names):` instead")
     ctx = adapter_rows(module, names)
     ctx.__enter__()
     handle = module.register_forward_hook(_leave, with_kwargs=True, always_call=True)
     module.__dict__.setdefault("_deltatune_rows", []).append((ctx, handle))
     return args, kwargs
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    """Whether some submodule recomputes its forward in the backward (the ``gradient_checkpointing`` flag that
+    ``transformers`` and ``diffusers`` models set)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
 def _leave(module: nn.Module, args, kwargs, output=None):

@@ -28,6 +28,14 @@ def kind_minilm(minilm_dir, **kw):
     return model
 
 
+def train_mode(model):
+    """``model.train()`` without the encoder's dropout (so that two runs can be compared)."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
 def perturb(model, name="kind", std=0.05, seed=3):
     """Move every trainable component off its SVD init (tailors included), so that classes differ."""
     g = torch.Generator().manual_seed(seed)
@@ -236,7 +244,7 @@ def test_gradient_checkpointing_keeps_the_condition_for_the_rerun(minilm_dir, mi
     n = minilm_batch["input_ids"].shape[0]
     task = torch.tensor([0, 1, 2, 1, 0, 2][:n])
     params = [p for p in model.parameters() if p.requires_grad]
-    model.train()
+    train_mode(model)
     model(**minilm_batch, condition=task).logits.pow(2).sum().backward()
     ref = [p.grad.clone() for p in params]
     model.zero_grad()
@@ -279,3 +287,34 @@ def test_two_ddp_ranks_train_kind_like_one_process(tmp_path):
     for k, v in ranks[0].items():
         assert torch.equal(v, ranks[1][k]), f"ranks disagree on {k}"
         torch.testing.assert_close(v, single[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_kind_rows_mix_with_other_adapters_in_one_batch_inference_and_training(minilm_dir, minilm_batch):
+    model = kind_minilm(minilm_dir)
+    dt.attach(model, dt.LoRA(r=4, targets=TARGETS), name="lora", activate=False)
+    perturb(model)
+    perturb(model, "lora", std=0.5)
+    n = minilm_batch["input_ids"].shape[0]
+    names = ["kind", "lora", "kind", None, "lora", "kind"][:n]
+    task = torch.tensor([2, 0, 1, 0, 0, 0][:n])  # read by the KIND rows only
+    with torch.no_grad():
+        mixed = model(**minilm_batch, adapter_names=names, condition=task).logits
+        for name in ("kind", "lora", None):
+            rows = torch.tensor([i for i, a in enumerate(names) if a == name])
+            sub = {k: v[rows] for k, v in minilm_batch.items()}
+            with dt.adapter_rows(model, [name] * len(rows)):
+                alone = model(**sub, condition=task[rows]).logits
+            torch.testing.assert_close(mixed[rows], alone, atol=1e-5, rtol=1e-5, msg=str(name))
+    # training: one backward gives both adapters the gradients of their own rows
+    train_mode(model)
+    dt.set_active(model, ["kind", "lora"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    model(**minilm_batch, adapter_names=names, condition=task).logits.pow(2).sum().backward()
+    together = [p.grad.clone() for p in params]
+    model.zero_grad()
+    for name in ("kind", "lora"):
+        rows = torch.tensor([i for i, a in enumerate(names) if a == name])
+        sub = {k: v[rows] for k, v in minilm_batch.items()}
+        model(**sub, adapter_names=[name] * len(rows), condition=task[rows]).logits.pow(2).sum().backward()
+    for a, p in zip(together, params):
+        torch.testing.assert_close(a, p.grad, atol=1e-6, rtol=1e-4)

@@ -242,11 +242,31 @@ class FrozenWeight:
         return self.bias
 
 
-def fusable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> bool:
-    """Whether a delta of ``dtype`` may compute a layer's whole output as one autograd node (:meth:`Delta.fuse`):
-    the weight and bias are frozen, input, weight and delta share one dtype, and autocast is off."""
+def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype a layer computes ``x W^T`` in, as ``F.linear`` would: the autocast dtype while autocast is on for
+    ``x``'s device, else the dtype ``x`` and ``W`` share (``None`` when they differ: no fused node then)."""
+    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype if x.dtype == weight.dtype else None
+
+
+def fusable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype | None = None) -> bool:
+    """Whether a delta may compute a layer's whole output as one autograd node (:meth:`Delta.fuse`): the weight and
+    bias are frozen and the layer has a compute dtype (:func:`compute_dtype`; the delta's own dtype may differ: a
+    float32 adapter on a bfloat16 base, or under autocast)."""
     frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
-    return frozen and x.dtype == weight.dtype == dtype and not torch.is_autocast_enabled(x.device.type)
+    return frozen and compute_dtype(x, weight) is not None
+
+
+def fused_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *params: torch.Tensor):
+    """``(x, W, b, *params)`` in the layer's compute dtype for a fused node, or ``None`` when the layer is not
+    :func:`fusable`. The casts are autograd ops outside the node: the node computes in the compute dtype (bfloat16
+    under bf16 autocast, as ``F.linear`` would) while float32 master parameters get their gradients cast back to
+    float32 (no cast, and no copy, where the dtypes already agree)."""
+    if not fusable(x, weight, bias):
+        return None
+    c = compute_dtype(x, weight)
+    return (x.to(c), weight.to(c), None if bias is None else bias.to(c), *(p.to(c) for p in params))
 
 
 def structure_class(structure: str) -> type[Delta]:

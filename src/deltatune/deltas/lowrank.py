@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Delta, fusable
+from .base import Delta, fused_inputs
 
 #: the PEFT LoRA tensor names per layer kind (``lora_A`` / ``lora_B`` of a Linear or GPT-2 Conv1D, the parameters
 #: ``lora_embedding_A`` / ``lora_embedding_B`` of an embedding); kinds not listed use :data:`PEFT_LORA_DEFAULT`
@@ -85,15 +85,18 @@ def lowrank_apply(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.
 
 
 class _LowRankLinear(torch.autograd.Function):
-    """``x W^T + b + s * (xd A^T) B^T`` for a frozen ``W, b``; ``xd`` is ``x`` or its dropout."""
+    """``x W^T + b + s * (xd A^T) B^T`` for a frozen ``W, b``; ``xd`` is the dropout of ``x``, or ``None`` for ``x``
+    itself (never the same tensor twice: ``torch.compile`` breaks the graph on duplicate inputs of a Function)."""
 
     @staticmethod
     def forward(ctx, x, xd, W, b, A, B, s):
+        same = xd is None
+        xd = x if same else xd
         out = torch.addmm(b, x, W.t()) if b is not None else torch.mm(x, W.t())
         xa = xd @ A.t()
         out.addmm_(xa, B.t(), alpha=s)
         ctx.save_for_backward(xd, W, A, B, xa)
-        ctx.s, ctx.same = s, xd is x
+        ctx.s, ctx.same = s, same
         return out
 
     @staticmethod
@@ -112,8 +115,9 @@ class _LowRankLinear(torch.autograd.Function):
 
 def lowrank_linear(x, xd, W, b, A, B, s: float) -> torch.Tensor:
     """The frozen linear layer plus its low-rank update, ``x W^T + b + s (xd A^T) B^T``, as one autograd node.
-    ``x``, ``xd``: (tokens x in); ``W``: (out x in) without gradient; ``b``: (out,) or None."""
-    return _LowRankLinear.apply(x, xd, W, b, A, B, float(s))
+    ``x``, ``xd``: (tokens x in), ``xd`` the input of the low-rank path (its dropout; ``x`` itself is passed as
+    ``None``); ``W``: (out x in) without gradient; ``b``: (out,) or None."""
+    return _LowRankLinear.apply(x, None if xd is x else xd, W, b, A, B, float(s))
 
 
 class FactoredDelta(Delta):
@@ -170,10 +174,13 @@ class FactoredDelta(Delta):
         return lowrank_apply(out, self._input(x), A, B, self.scale, inplace)
 
     def fuse(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-        if not fusable(x, weight, bias, self.dtype):
-            return None
         B, A = self.factors()
-        return lowrank_linear(x, self._input(x), weight, bias, A, B, self.scale)
+        cast = fused_inputs(x, weight, bias, A, B)
+        if cast is None:
+            return None
+        x, weight, bias, A, B = cast
+        xd = self.dropout(x) if self.dropout is not None else x
+        return lowrank_linear(x, xd, weight, bias, A, B, self.scale)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         B, A = self.factors()

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Delta, fusable
+from .base import Delta, fused_inputs
 
 CAYLEY = ("exact", "neumann")
 
@@ -173,11 +173,12 @@ class RotationDelta(Delta):
         W, b = self.base_weight()
         R = self.rotation()
         x2 = x.reshape(-1, self.in_features)
-        x2 = x2 if x2.dtype == R.dtype else x2.to(R.dtype)
-        if fusable(x2, W, b, R.dtype):
-            out = rotated_linear(x2, R, W, b)
+        cast = fused_inputs(x2, W, b, R)
+        if cast is not None:
+            xc, Wc, bc, Rc = cast
+            out = rotated_linear(xc, Rc, Wc, bc)
         else:
-            out = F.linear(rotate(x2, R).to(W.dtype), W, b)
+            out = F.linear(rotate(x2.to(R.dtype), R).to(W.dtype), W, b)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

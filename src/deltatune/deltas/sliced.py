@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Delta, fusable
+from .base import Delta, fused_inputs
 
 ROWS, COLUMNS = 0, 1
 
@@ -116,9 +116,10 @@ class SlicedDelta(Delta):
         return sliced_apply(out, x.to(self.dtype), self.D, self.idx, self.axis)
 
     def fuse(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-        if not fusable(x, weight, bias, self.dtype):
+        cast = fused_inputs(x, weight, bias, self.D)
+        if cast is None:
             return None
-        return sliced_linear(x, weight, bias, self.D, self.idx, self.axis)
+        return sliced_linear(*cast, self.idx, self.axis)
 
     def dense(self) -> torch.Tensor:
         return sliced_dense(self.D, self.idx, self.axis, (self.out_features, self.in_features))

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Delta, fusable
+from .base import Delta, fused_inputs
 
 Observer = Callable[[torch.Tensor], None]
 
@@ -100,9 +100,10 @@ class SparseDelta(Delta):
         return F.linear(x.to(self.dtype), self.dense())
 
     def fuse(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-        if not fusable(x, weight, bias, self.dtype):
+        cast = fused_inputs(x, weight, bias, self.values)
+        if cast is None:
             return None
-        return sparse_linear(x, weight, bias, self.values, self.idx, self.observer)
+        return sparse_linear(*cast, self.idx, self.observer)
 
     def keep_(self, index: torch.Tensor) -> None:
         """Keep only entries ``index`` (positions in ``idx``); ``values`` becomes a new parameter."""

@@ -1,0 +1,65 @@
+"""Quantized frozen bases (QLoRA-style): layer kinds for bitsandbytes' 4-bit (NF4 / FP4) and 8-bit linears.
+
+A quantized linear keeps its weight packed (``Params4bit``: uint8 blocks plus a quantization state; ``Int8Params``:
+int8 rows with one scale each) and computes ``y = x deq(W_q)^T + b`` in its own ``forward``. As a layer kind:
+
+- the linear layout is the *dequantized* weight ``deq(W_q)`` (out x in, in the dtype it was quantized from), read
+  when a delta needs it (initializations such as PiSSA or KIND that take an SVD of ``W``, OFT's rotation of the
+  base, export against a base); adapters train in float32 (the usual bf16 base + fp32 adapter setup);
+- the forward is the module's own (its quantized kernel) plus each delta's contribution, so every structure that
+  adds ``dW x`` trains on it: low-rank (LoRA and its family), gated SVD, frozen bases, S2FT blocks, sparse entries,
+  KIND; OFT runs too, on the dequantized weight (one dequantization per call: slow, and it never uses the
+  quantized kernel);
+- the base is never modified: merging is refused (writing ``W + dW`` back would re-quantize it, with an output
+  error of the order of the quantization error itself; merge into the unquantized base instead: ``dt.save`` the
+  adapter and ``dt.load`` it onto the original model). Adapter files are the ordinary ones: the update of a
+  weight, valid on the unquantized base, whose quantization the adapter was trained against.
+
+bitsandbytes is an optional dependency: the kinds match by type name (nothing is imported until a bitsandbytes
+module is met). Registered ahead of ``linear`` (these modules subclass ``nn.Linear``).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layers import LayerKind, register_kind
+
+MERGE_REFUSAL = ("{title} holds a quantized weight: merging would re-quantize W + dW (an output error as large as the "
+                 "quantization error) and change the base; merge into the unquantized model instead (dt.save the "
+                 "adapter, dt.load it onto the original weights, dt.merge there)")
+
+
+def _is(m: nn.Module, name: str) -> bool:
+    t = type(m)
+    return t.__module__.startswith("bitsandbytes") and any(c.__name__ == name for c in t.__mro__)
+
+
+def dequantize_4bit(m: nn.Module) -> torch.Tensor:
+    """``deq(W_q)`` (out x in) of a bitsandbytes ``Linear4bit``."""
+    import bitsandbytes.functional as bnbf
+
+    w = m.weight
+    if getattr(w, "quant_state", None) is None:  # not quantized yet (before .to(device) / .cuda())
+        return w.data
+    return bnbf.dequantize_4bit(w.data, w.quant_state)
+
+
+def dequantize_8bit(m: nn.Module) -> torch.Tensor:
+    """``deq(W_q) = CB * SCB / 127`` (out x in, float32) of a bitsandbytes ``Linear8bitLt`` (row-wise int8)."""
+    w = m.weight
+    scale = getattr(w, "SCB", None)
+    if scale is None:  # after the first forward bitsandbytes keeps the scales in the module's matmul state
+        scale = getattr(getattr(m, "state", None), "SCB", None)
+    if w.dtype != torch.int8:  # not quantized (fp16 weights kept)
+        return w.data
+    if scale is None:
+        raise ValueError(f"a {type(m).__name__} with int8 weights but no row scales (SCB): cannot dequantize it")
+    return w.data.float() * (scale.float()[:, None] / 127.0)
+
+
+for title, cls, deq in (("bitsandbytes Linear4bit", "Linear4bit", dequantize_4bit),
+                        ("bitsandbytes Linear8bitLt", "Linear8bitLt", dequantize_8bit)):
+    register_kind(LayerKind(
+        f"bnb_{cls.lower()}", matches=lambda m, cls=cls: _is(m, cls), weight=deq, title=title,
+        merge_refusal=lambda m, title=title: MERGE_REFUSAL.format(title=title)), before="linear")
