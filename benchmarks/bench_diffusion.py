@@ -151,9 +151,14 @@ def frechet(f1: torch.Tensor, f2: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def score(j: Judge, images: torch.Tensor, label: int, real: torch.Tensor) -> dict:
-    return {"identity": (j(images).argmax(1) == label).float().mean().item(),
-            "fd": frechet(j.features(images), j.features(real))}
+def score(j: Judge, images: torch.Tensor, label: int, real: torch.Tensor | None = None,
+          real_features: torch.Tensor | None = None) -> dict:
+    """Identity (share of ``images`` the judge puts in class ``label``) and FD to the ``real`` images (or to their
+    judge features ``real_features``, computed once by a caller that scores often)."""
+    if real_features is None:
+        real_features = j.features(real)
+    feats = j.features(images)
+    return {"identity": (j.head(feats).argmax(1) == label).float().mean().item(), "fd": frechet(feats, real_features)}
 
 
 # -- the base model ------------------------------------------------------------------------------------------------

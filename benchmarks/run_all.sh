@@ -22,3 +22,4 @@ python benchmarks/bench_combine.py --what all --rounds 3
 python benchmarks/diffusion_speed.py --rounds 12 --steps 3 --threads 1 --what speed,memory
 python benchmarks/diffusion_speed.py --rounds 12 --steps 3 --threads 2
 python benchmarks/bench_diffusion.py --out bench-diffusion-out --threads 1   # about 45 min on 2 cores; the base is cached
+python benchmarks/bench_kind.py --threads 1   # KIND vs LoRA / full / scratch on new classes; the KIND pretraining (about 3x a normal step) dominates

@@ -112,6 +112,23 @@ def test_the_loop_trains_an_adapter_and_runs_its_controller(digits):
     assert rank == 2 * n_layers  # the budget fell from init_r = 4 to target_r = 2 per layer by the last step
 
 
+def test_on_step_sees_every_step_and_does_not_change_the_training(digits):
+    x, y = digits
+    calls = []
+
+    def look(n):  # sampling in between (eval mode, its own generator) must not change what trains
+        calls.append(n)
+        D.sample(model, [0, 1], (1, 8, 8), steps=2, seed=n)
+
+    runs = []
+    for hook in (None, look):
+        model = unet()
+        runs.append(D.train(model, x[:64], y[:64], steps=4, batch_size=16, lr=1e-3, on_step=hook).losses)
+        assert model.training
+    assert calls == [1, 2, 3, 4]
+    assert runs[0] == runs[1]
+
+
 def test_ema_tracks_and_swaps_back():
     p = torch.nn.Parameter(torch.zeros(3))
     ema = D.EMA([p], decay=0.5)

@@ -282,13 +282,15 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None = 
           concepts: Concepts | None = None, concept_lr: float | None = None, params=None,
           ema_decay: float | None = None, grad_clip: float | None = 1.0, seed: int = 0,
           sample_every: int | None = None, sample_dir: str | Path | None = None, sample_labels=None,
-          sample_steps: int = 25, desc: str = "diffusion") -> History:
+          sample_steps: int = 25, on_step=None, desc: str = "diffusion") -> History:
     """Train ``model`` to predict noise on ``images`` (``N x C x H x W`` in ``[-1, 1]``) with class ``labels``
     (``N``, or ``None`` for an unconditional model), AdamW on ``params`` (default: the parameters that require
     grad, i.e. the active adapters after ``dt.attach``) plus the ``concepts`` rows (learning rate ``concept_lr``,
     default ``lr``). Adapter controllers run by themselves. ``ema_decay`` keeps an :class:`EMA` of the trained
     parameters (``History.ema``). With ``sample_every`` and ``sample_dir``, a PNG grid of ``sample_labels``
-    (default: one of each label seen) is written every ``sample_every`` steps and at the end."""
+    (default: one of each label seen) is written every ``sample_every`` steps and at the end. ``on_step(n)`` is
+    called after the ``n``-th optimizer step (``n`` from 1), e.g. to evaluate the model along the way; the model
+    is put back in train mode afterwards, and the training randomness does not depend on what it does."""
     if not isinstance(steps, int) or steps <= 0:
         raise ValueError(f"train: steps must be a positive int, got {steps!r}")
     if images.dim() < 3 or not torch.is_floating_point(images):
@@ -353,6 +355,9 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None = 
                               steps=sample_steps, seed=seed)
             model.train()
             history.grids.append(save_grid(imgs, Path(sample_dir) / f"{desc}-step{step + 1:06d}.png", nrow=8))
+        if on_step is not None:
+            on_step(step + 1)
+            model.train()
     model.train(was_training)
     return history
 
