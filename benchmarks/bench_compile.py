@@ -88,45 +88,44 @@ class Counting:
         return gm.forward
 
 
-def recompiles(args, inputs) -> list[list[str]]:
-    rows = []
-    # deltatune: two adapters, switch, switch back, delete + dt.load (hot-load)
-    model = ours(base()).eval()
-    ours(model, "b")
-    dt.set_active(model, ["default"])
+def count_compilations(model, inputs, switches) -> tuple[int, int]:
+    """``(graphs of the first compile, compilations after it)`` of ``model`` compiled with a counting backend,
+    called once and then once after each of ``switches`` (callables that change the adapters)."""
     counter = Counting()
     dynamo.reset()
     f = torch.compile(model, backend=counter)
     with torch.no_grad():
         f(**inputs)
         first = counter.graphs
-        dt.set_active(model, ["b"])
-        f(**inputs)
-        dt.set_active(model, ["default"])
-        f(**inputs)
-        with tempfile.TemporaryDirectory() as d:
-            dt.save(model, d, names=["b"])
-            dt.delete(model, "b")
-            dt.load(model, d)
-        dt.set_active(model, ["b"])
-        f(**inputs)
-    rows.append(["deltatune", str(first), str(counter.graphs - first)])
-    # PEFT: two adapters, set_adapter back and forth
-    model = peft_model(base()).eval()
+        for switch in switches:
+            switch()
+            f(**inputs)
+    return first, counter.graphs - first
+
+
+def recompiles(args, inputs) -> list[list[str]]:
     from peft import LoraConfig
 
-    model.add_adapter("b", LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0))
-    counter = Counting()
-    dynamo.reset()
-    f = torch.compile(model, backend=counter)
-    with torch.no_grad():
-        f(**inputs)
-        first = counter.graphs
-        model.set_adapter("b")
-        f(**inputs)
-        model.set_adapter("default")
-        f(**inputs)
-    rows.append(["peft (set_adapter)", str(first), str(counter.graphs - first)])
+    ours_model = ours(base()).eval()  # two adapters: switch, switch back, delete + dt.load (hot-load)
+    ours(ours_model, "b")
+    dt.set_active(ours_model, ["default"])
+
+    def hot_load():
+        with tempfile.TemporaryDirectory() as d:
+            dt.save(ours_model, d, names=["b"])
+            dt.delete(ours_model, "b")
+            dt.load(ours_model, d)
+        dt.set_active(ours_model, ["b"])
+
+    theirs = peft_model(base()).eval()  # two adapters, set_adapter back and forth
+    theirs.add_adapter("b", LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0))
+    runs = {"deltatune": (ours_model, [lambda: dt.set_active(ours_model, ["b"]),
+                                        lambda: dt.set_active(ours_model, ["default"]), hot_load]),
+            "peft (set_adapter)": (theirs, [lambda: theirs.set_adapter("b"), lambda: theirs.set_adapter("default")])}
+    rows = []
+    for name, (model, switches) in runs.items():
+        first, extra = count_compilations(model, inputs, switches)
+        rows.append([name, str(first), str(extra)])
     return rows
 
 
