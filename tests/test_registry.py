@@ -51,13 +51,16 @@ def test_an_unserved_model_carries_one_cheap_hook_and_a_routed_call_leaves_nothi
         for d in dt.deltas(net, name).values():
             torch.nn.init.normal_(d.B, std=0.1)
     pre, post = _hooks(net)
-    assert len(pre) == 1 and getattr(pre[0], "__name__", "") == "_enter" and not post
+    # serving's routing hook, and the pair that hands per-sample conditions to deltas (deltatune.conditioning)
+    assert sorted(f"{h.__module__}.{h.__name__}" for h in pre) == ["deltatune.conditioning._enter",
+                                                                   "deltatune.serving._enter"]
+    assert [f"{h.__module__}.{h.__name__}" for h in post] == ["deltatune.conditioning._leave"]
     assert all(not layer._forward_pre_hooks and not layer._forward_hooks for _, layer in registry.adapted_layers(net))
     x = torch.randn(4, 8)
     net.eval()
     with torch.no_grad():
         mixed = net(x, adapter_names=["a", "b", "base", "a"])
-        assert _hooks(net)[1] == [] and not net.__dict__.get("_deltatune_rows")  # the leaving hook removed itself
+        assert len(_hooks(net)[1]) == 1 and not net.__dict__.get("_deltatune_rows")  # the leaving hook removed itself
         for i, name in enumerate(["a", "b", None, "a"]):
             with dt.adapter_rows(net, [name]):
                 torch.testing.assert_close(mixed[i:i + 1], net(x[i:i + 1]))
