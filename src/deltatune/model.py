@@ -19,6 +19,7 @@ from .checks import finite_number, finite_tensor
 from .deltas import Delta
 from .layers import BaseView, base_bias, base_modules, linear_weight, set_submodule, unwrap
 from .methods.base import Method, check_fields, full_replacement
+from .sharding import refuse_sharded
 from .registry import (BEFORE_SWITCH, ON_DELETE, AdapterInfo, adapted_layers, adapter_names, check_install,
                        check_names, check_new_name, close, notify, registry, sync)
 from .targets import resolve_targets
@@ -41,6 +42,7 @@ def attach(model: nn.Module, method: Method, name: str = "default", activate: bo
     check_fields(method)
     method.validate()
     check_install(model, name, activate)
+    refuse_sharded(model, f"attach adapter {name!r}", ATTACH_BEFORE_SHARDING)
     model = unwrap(model)
 
     view = BaseView(model)
@@ -178,8 +180,16 @@ def _untie(model: nn.Module, layers: list[AdaptedLayer]) -> None:
             layer.base.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
 
 
+#: what to do instead of attaching, loading or merging on an FSDP2-sharded model (see deltatune.sharding)
+ATTACH_BEFORE_SHARDING = ("Attach or dt.load adapters before fully_shard, then shard: the adapters' parameters are "
+                          "sharded with the base and FSDP sees them from the start")
+MERGE_UNSHARDED = ("Merge on an unsharded model: dt.save the adapter (it gathers the shards), dt.load it onto the "
+                   "base model in one process and dt.merge there")
+
+
 def merge_layers(model: nn.Module, names: list[str], weights: dict[str, float] | None = None) -> None:
     """Merge the not yet merged ``names`` on every layer; all or nothing (a refused layer takes the others out)."""
+    refuse_sharded(model, f"merge adapters {names}", MERGE_UNSHARDED)
     todo = [layer for _, layer in adapted_layers(model) if any(n in layer.deltas and n not in layer.merged
                                                               for n in names)]
     _untie(model, todo)
@@ -227,6 +237,7 @@ def merge(model: nn.Module, names: str | Iterable[str] | None = None,
 
 def unmerge(model: nn.Module, names: str | Iterable[str] | None = None) -> nn.Module:
     """Subtract merged adapters from the base weights again (default: all merged adapters)."""
+    refuse_sharded(model, "unmerge adapters", MERGE_UNSHARDED)
     for _, layer in adapted_layers(model):
         for n in list(reversed(layer.merged)) if names is None else check_names(model, names):
             layer.unmerge(n)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from ..sharding import full, is_sharded, shard_like
+
 
 class Sensitivity:
     """EMA-smoothed sensitivity times uncertainty, per entry of each tracked tensor (keyed by the tensor)."""
@@ -72,7 +74,8 @@ def triplet_scores(s_P: torch.Tensor, s_lam: torch.Tensor, s_Q: torch.Tensor) ->
 
 
 def _gram_residual(M: torch.Tensor, left: bool) -> torch.Tensor:
-    """``M M^T - I`` (left, for Q) or ``M^T M - I`` (for P)."""
+    """``M M^T - I`` (left, for Q) or ``M^T M - I`` (for P); an FSDP2-sharded ``M`` is gathered first."""
+    M = full(M)
     G = M @ M.t() if left else M.t() @ M
     return G - torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
 
@@ -90,6 +93,8 @@ def orthogonality_grad(M: torch.Tensor, left: bool, n: int) -> torch.Tensor:
     ``E = M M^T - I`` (``left``, for Q) or ``2 M E / (n ||E||_F)`` with ``E = M^T M - I`` (for P)."""
     if not M.numel():
         return torch.zeros_like(M)
+    if is_sharded(M):  # FSDP2 (outside forward): on the gathered matrix, the result sharded like M
+        return shard_like(orthogonality_grad(full(M), left, n), M)
     E = _gram_residual(M.detach(), left)
     norm = float(torch.linalg.matrix_norm(E))
     coef = 2.0 / (n * norm) if norm > 0 else 0.0

@@ -29,6 +29,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..sharding import refuse_replacing
 from .lowrank import FactoredDelta
 
 #: the layer kinds PEFT's AdaLoRA adapts (``None``: a checkpoint read without a model to look at)
@@ -114,6 +115,11 @@ class GatedSVDDelta(FactoredDelta):
         """Switch components on (1) or off (0) without touching their parameters."""
         self.mask.copy_(mask.to(self.mask.dtype))
 
+    def _check_resizable(self) -> None:
+        refuse_replacing(self, "lam", "resize the components of an SVD delta (AdaLoRA's shrink, IncreLoRA's growth, "
+                         "SoRA's pruning)", "Use AdaLoRA(shrink='never') (the pruned components stay behind a mask, "
+                         "shapes fixed; the export drops them), or train IncreLoRA / SoRA with DDP")
+
     def _replace(self, name: str, value: torch.Tensor) -> None:
         old = getattr(self, name)
         if isinstance(old, nn.Parameter):
@@ -123,6 +129,7 @@ class GatedSVDDelta(FactoredDelta):
     @torch.no_grad()
     def keep_(self, index: torch.Tensor) -> None:
         """Keep only components ``index`` (a LongTensor); ``P``, ``lam``, ``Q`` become new parameters."""
+        self._check_resizable()
         index = index.to(self.lam.device)
         for name, dim in COMPONENT_DIMS.items():
             self._replace(name, getattr(self, name).detach().index_select(dim, index).contiguous())
@@ -130,6 +137,7 @@ class GatedSVDDelta(FactoredDelta):
     @torch.no_grad()
     def grow_(self, n: int, std: float = 0.02, lam: float = 0.0, generator: torch.Generator | None = None) -> None:
         """Append ``n`` components, ``P, Q ~ N(0, std^2)`` and ``lam`` set to ``lam`` (new parameters)."""
+        self._check_resizable()
         like = dict(dtype=self.dtype, device=self.Q.device)
         new = {"P": torch.randn(self.out_features, n, generator=generator, **like) * std,
                "lam": torch.full((n,), float(lam), **like),
@@ -142,6 +150,7 @@ class GatedSVDDelta(FactoredDelta):
     def set_components_(self, tensors: dict[str, torch.Tensor]) -> None:
         """Replace ``P``, ``lam``, ``Q`` and ``mask`` by ``tensors`` (all components, masked-off ones included, as a
         controller keeps them to resume training); new parameters, shapes checked against the delta's."""
+        self._check_resizable()
         r = tensors["lam"].shape[0]
         want = {"P": (self.out_features, r), "lam": (r,), "Q": (r, self.in_features), "mask": (r,)}
         for name, shape in want.items():

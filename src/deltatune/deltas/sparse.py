@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..sharding import refuse_replacing
 from .base import Delta, fused_inputs
 
 Observer = Callable[[torch.Tensor], None]
@@ -107,6 +108,8 @@ class SparseDelta(Delta):
 
     def keep_(self, index: torch.Tensor) -> None:
         """Keep only entries ``index`` (positions in ``idx``); ``values`` becomes a new parameter."""
+        refuse_replacing(self, "values", "drop entries of a sparse delta (LT-SFT's phase 2)",
+                         "Train LT-SFT with DDP, or run its first phase unsharded")
         index = index.to(self.idx.device)
         self.idx = self.idx.index_select(0, index)
         self.values = nn.Parameter(self.values.detach().index_select(0, index).clone(),

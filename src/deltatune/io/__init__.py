@@ -30,6 +30,7 @@ from .. import model as M
 from ..layers import kind_of, unwrap
 from ..registry import adapted_layers, check_names, registry, sync
 from ..checks import export_rank_energy
+from ..sharding import barrier_if_distributed, full, gathered, owned, refuse_sharded, sharded_parameters, writer
 from ..methods import Method
 from ..files import (CONFIG_NAME, WEIGHTS_NAME, adapter_folders, check_output_folder, read_adapter,
                     write_adapter_files, write_generation, write_tensors)
@@ -219,7 +220,7 @@ def model_base(model: nn.Module):
         if layer.merged:
             raise ValueError(f"{mod}: adapters {list(layer.merged)} are merged into its weight, and a "
                              f"{spec['structure']!r} update is relative to the base weight; dt.unmerge(model) first")
-        return layer.linear_weight().detach(), layer.base_bias()
+        return full(layer.linear_weight().detach()), full(layer.base_bias())
     return base
 
 
@@ -259,19 +260,27 @@ def save(model: nn.Module, path: str | Path, names: str | list[str] | None = Non
             if len(n.encode()) > 255:
                 raise ValueError(f"adapter name {n[:40]!r}... is {len(n.encode())} bytes long; a multi-adapter save "
                                  "writes one folder per adapter and folder names are limited to 255 bytes: rename it")
-    records = [record_from_model(model, n, controller_state and format == "deltatune") for n in names]
-    base = model_base(model)
-    # convert all before writing any (a non-LoRA delta fails here, not half-way)
-    converted = []
-    for rec in records:
-        errors: dict[str, float] = {}
-        converted.append((rec, errors, _convert(rec, format, rank, errors, energy, base, component)))
+    sharded = bool(sharded_parameters(model))
+    with gathered(model):  # FSDP2: all ranks gather the full tensors (every rank calls dt.save)
+        records = [record_from_model(model, n, controller_state and format == "deltatune") for n in names]
+        base = model_base(model)
+        # convert all before writing any (a non-LoRA delta fails here, not half-way)
+        converted = []
+        for rec in records:
+            errors: dict[str, float] = {}
+            files = _convert(rec, format, rank, errors, energy, base, component)
+            converted.append((rec, errors, owned(files) if sharded else files))
 
     def fill(staging: Path) -> None:
         for rec, _, files in converted:
             write_files(staging if len(records) == 1 else staging / rec.name, files)
 
-    write_generation(path, fill)
+    # FSDP2: every rank gathered the shards above (a collective: all ranks call dt.save), rank 0 writes, the others
+    # wait for it; an unsharded model (one process, or DDP where rank 0 alone may call dt.save) just writes
+    if not sharded or writer():
+        write_generation(path, fill)
+    if sharded:
+        barrier_if_distributed()
     if format != "deltatune":
         warn_file_caveats(model, records, format)
     for rec, errors, _ in converted:
@@ -350,6 +359,7 @@ def load(model: nn.Module, path: str | Path, name: str | None = None, activate: 
     else:
         records = [read_lora_file(f, name or sub or None, model, component) for sub, f in files.items()]
     built = []
+    refuse_sharded(model, f"load {path}", M.ATTACH_BEFORE_SHARDING)
     for rec, folder in zip(records, folders.values()):
         try:
             M.check_install(model, rec.name, activate)

@@ -17,6 +17,7 @@ from .. import control as C
 from .. import model as M
 from ..layers import kind_of, linear_weight, unwrap
 from ..registry import adapted_layers
+from ..sharding import full
 from ..deltas import Delta, delta_from_spec
 from ..deltas.base import check_spec
 from ..methods.base import Method, check_fields
@@ -61,11 +62,11 @@ def record_from_model(model: nn.Module, name: str, controller_state: bool = True
         if name in layer.deltas:
             delta = layer.deltas[name]
             modules[mod_name] = {"layer": layer.kind, **layer.layer_kind.geometry(layer.base), **delta.spec()}
-            tensors[mod_name] = delta.tensors()
+            tensors[mod_name] = full(delta.tensors())  # FSDP2: gathered on every rank (a collective)
     config = getattr(model, "config", None)
     return AdapterRecord(name, M.method_of(model, name).to_dict(), modules, tensors,
                          base_model=getattr(config, "_name_or_path", None) or None, task_type=task_type_of(model),
-                         controller=C.saved_state(model, name) if controller_state else None)
+                         controller=full(C.saved_state(model, name)) if controller_state else None)
 
 
 def check_fits(model: nn.Module, record: AdapterRecord) -> dict[str, nn.Module]:

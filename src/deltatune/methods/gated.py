@@ -32,6 +32,7 @@ from ..budget import (
     triplet_scores,
 )
 from ..deltas import Delta, GatedSVDDelta
+from ..sharding import full, is_sharded, zero_where_
 from .base import Controller, StepInfo
 
 INIT_STD = 0.02
@@ -92,6 +93,17 @@ class GatedController(Controller):
                 handle.remove()
                 self._hooks[(key_id, attr)] = (d, hook, getattr(d, attr).register_post_accumulate_grad_hook(hook))
         self._arm()
+
+    def after_backward(self, info: StepInfo) -> None:
+        """FSDP2: hooks on a sharded parameter never fire (FSDP writes the reduce-scattered gradient into ``.grad``
+        itself), so the loss terms of sharded parameters are added here, after the backward pass (and after any
+        gradient clipping) instead; a no-op for unsharded parameters, whose hooks already ran."""
+        for (_, attr), (d, hook, _) in list(self._hooks.items()):
+            p = getattr(d, attr)
+            if is_sharded(p):
+                if p not in self._due:  # dt.begin ran before fully_shard replaced the parameters
+                    self._arm()
+                hook(p)
 
     def _arm(self) -> None:
         self._due = {getattr(d, attr): True for (_, attr), (d, _, _) in self._hooks.items()}
@@ -193,7 +205,8 @@ class GatedController(Controller):
 
     def _scores(self) -> list[torch.Tensor]:
         """Triplet scores per delta (rank 0's under torch.distributed)."""
-        scores = [triplet_scores(self.sens.score(d.P), self.sens.score(d.lam), self.sens.score(d.Q))
+        # FSDP2: the scores of sharded P / lam / Q are gathered (every rank calls dt.step), the budget is global
+        scores = [triplet_scores(full(self.sens.score(d.P)), full(self.sens.score(d.lam)), full(self.sens.score(d.Q)))
                   for d in self.deltas.values()]
         broadcast_(scores)
         for sc, d in zip(scores, self.deltas.values()):  # masked-off components never take a place in the budget
@@ -203,8 +216,7 @@ class GatedController(Controller):
     @staticmethod
     def _mask_out(delta: GatedSVDDelta, keep: torch.Tensor) -> None:
         """Switch the triplets not in ``keep`` off for good (gate zeroed, mask 0), keeping shapes."""
-        with torch.no_grad():
-            delta.lam[~keep] = 0
+        zero_where_(delta.lam, ~keep)
         delta.set_mask(delta.mask * keep)
 
     def _check_optimizer(self, optimizer) -> None:

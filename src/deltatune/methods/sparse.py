@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from ..budget.resize import keep_components_, reset_entries_
+from ..sharding import is_sharded
 from ..budget.sync import broadcast_exact_
 from ..deltas import Delta, SparseDelta
 from ..layers import base_parameter_count
@@ -220,6 +221,11 @@ class SpIELController(Controller):
         return False
 
     def _reselect(self, optimizer, step: int) -> None:
+        for d in self.deltas.values():
+            if is_sharded(d.values):
+                raise RuntimeError("SpIEL regrowth under FSDP2 is not supported (the entries would have to move "
+                                   "between shards): train SpIEL with DDP, or with reselection_steps larger than the "
+                                   "run (a fixed support) under FSDP2")
         fraction = 1.0 if self.selections == 0 else replace_fraction(step, self.total, self.m.replace_rate,
                                                                      self.m.schedule)
         for name, d in self.deltas.items():
