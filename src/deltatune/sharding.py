@@ -121,9 +121,13 @@ def gathered(module: nn.Module):
     """Inside the block every FSDP2 unit of ``module`` is unsharded (its parameters are the plain full tensors, as
     inside ``forward``), so code written for ordinary tensors (a delta's ``tensors()``, its exported factors) runs
     unchanged; resharded on exit. A collective: every rank enters it. A no-op for an unsharded model."""
-    units = [m for m in module.modules() if callable(getattr(m, "unshard", None)) and callable(
-        getattr(m, "reshard", None)) and type(m).__name__.startswith("FSDP")]
-    if not units or not sharded_parameters(module):
+    if not sharded_parameters(module):
+        yield module
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    if not units:
         yield module
         return
     for m in units:
