@@ -51,6 +51,10 @@ CONFIGS = {
                     targets="all-linear", modules_to_save=None),
 }
 VARIANTS = ("floor", "ours", "peft", "full")
+#: ``fp32``; ``bf16``: the base model's weights in bfloat16, adapters in float32 (what ``dt.attach`` and PEFT's
+#: ``autocast_adapter_dtype=True`` both give); ``autocast``: fp32 weights, steps under ``torch.autocast(bf16)``
+PRECISIONS = ("fp32", "bf16", "autocast")
+PRECISION = "fp32"
 
 
 # -- models and data ---------------------------------------------------------------------------------------------
@@ -64,7 +68,8 @@ def load_base(model_name: str):
         model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
     else:
         model = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32)
-    return model.float().train()
+    model = model.float()
+    return (model.to(torch.bfloat16) if PRECISION == "bf16" else model).train()
 
 
 def make_batches(model_name: str, cfg: dict, n: int = 4) -> list[dict]:
@@ -120,7 +125,8 @@ def build(name: str, base: torch.nn.Module, cfg: dict) -> Variant:
 
 
 def train_step(v: Variant, batch: dict) -> None:
-    loss = v.model(**batch).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=PRECISION == "autocast"):
+        loss = v.model(**batch).loss
     backward_step(v, loss)
 
 
@@ -182,7 +188,8 @@ def bench_speed_separate(model_name: str, variants: list[str], rounds: int, step
     res = {n: {"trainable": 0, "times": [], "faults": 0} for n in variants}
     for r in range(rounds):
         for n in variants[r % len(variants):] + variants[:r % len(variants)]:
-            cmd = [sys.executable, __file__, "--model", model_name, "--speed-child", n, "--steps", str(steps),
+            cmd = [sys.executable, __file__, "--model", model_name, "--speed-child", n, "--precision", PRECISION,
+                   "--steps", str(steps),
                    "--warmup", str(warmup), "--first", str(r), "--malloc", malloc]
             out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
             res[n]["times"].append(out["times"])
@@ -252,7 +259,8 @@ def mem_child(model_name: str, cfg: dict, variant: str, steps: int) -> None:
 def bench_memory(model_name: str, variants: list[str], steps: int) -> dict:
     out = {}
     for v in variants:
-        cmd = [sys.executable, __file__, "--model", model_name, "--mem-child", v, "--mem-steps", str(steps)]
+        cmd = [sys.executable, __file__, "--model", model_name, "--mem-child", v, "--precision", PRECISION,
+               "--mem-steps", str(steps)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
         out[v] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"  memory {v}: {out[v]}", file=sys.stderr, flush=True)
@@ -321,6 +329,8 @@ def main() -> None:
     ap.add_argument("--malloc", choices=["default", "retain"], default="default",
                     help="glibc malloc as it comes, or deltatune.runtime.retain_freed_memory() (no heap trimming) "
                          "for the whole process, i.e. for every variant")
+    ap.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                    help="fp32; bf16 base weights with float32 adapters; or fp32 under CPU bf16 autocast")
     ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     ap.add_argument("--processes", choices=["one", "separate"], default="one",
                     help="speed: all variants interleaved in one process (default), or each variant in a fresh "
@@ -329,6 +339,8 @@ def main() -> None:
     ap.add_argument("--speed-child", help=argparse.SUPPRESS)
     ap.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global PRECISION
+    PRECISION = args.precision
     torch.set_num_threads(args.threads)
     if args.malloc == "retain":
         from deltatune.runtime import retain_freed_memory
@@ -349,11 +361,13 @@ def main() -> None:
         cfg = CONFIGS[model_name]
         targets = cfg["targets"] if isinstance(cfg["targets"], str) else "/".join(cfg["targets"])
         setting = "one process" if args.processes == "one" else "separate processes"
-        body = [header(f"LoRA training step: {cfg['label']}, malloc {args.malloc}, {setting}")]
+        prec = "" if args.precision == "fp32" else f", {args.precision}"
+        body = [header(f"LoRA training step: {cfg['label']}{prec}, malloc {args.malloc}, {setting}")]
         body.append(f"- setup: batch {cfg['batch']}, sequence length {cfg['seq']}, LoRA r={cfg['r']} "
                     f"alpha={cfg['alpha']} dropout=0 on {targets}"
                     + (f", modules_to_save={cfg['modules_to_save']} (both libraries)" if cfg["modules_to_save"]
-                       else "") + ", fp32, train mode (model dropout on), AdamW; glibc malloc "
+                       else "") + {"fp32": ", fp32", "bf16": ", bf16 base weights with float32 adapters (both libraries)",
+                       "autocast": ", fp32 weights under CPU `torch.autocast(bfloat16)`"}[args.precision] + ", train mode (model dropout on), AdamW; glibc malloc "
                     + ("as it comes" if args.malloc == "default" else
                        "with `deltatune.runtime.retain_freed_memory()` for the whole process (every variant)") + "\n")
         if "speed" in what:
@@ -388,7 +402,8 @@ def main() -> None:
         text = "\n".join(body)
         print(text)
         if not args.no_write:
-            update_section(f"bench_lora:{model_name}:{args.malloc}:{args.processes}", text)
+            update_section(f"bench_lora:{model_name}:{args.malloc}:{args.processes}"
+                           + ("" if args.precision == "fp32" else f":{args.precision}"), text)
 
 
 if __name__ == "__main__":
