@@ -4,6 +4,8 @@ from here, never from each other."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -157,3 +159,15 @@ def mixed_structures(minilm_dir):
         dt.attach(model, method, name=name, activate=False)
         randomize(model, name, std=0.02, seed=len(name))
     return model
+
+
+def run_one_and_two_ranks(worker: Path, args: list[str], one: Path, two: Path, timeout: int = 600) -> None:
+    """Run ``worker`` (a script taking ``--out``) in one process writing to ``one`` and under ``torchrun`` on 2
+    gloo ranks writing to ``two``; fail with the output tail if either exits non-zero."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    for cmd in ([sys.executable, str(worker), *args, "--out", str(one)],
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
+                 *args, "--out", str(two)]):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"

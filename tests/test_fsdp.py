@@ -6,14 +6,11 @@ unsharded base); merge, attach, load and resizes on the sharded model are refuse
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import DATA, logits, make_minilm
+from helpers import DATA, logits, make_minilm, run_one_and_two_ranks
 from safetensors.torch import load_file
 
 import deltatune as dt
@@ -26,14 +23,7 @@ METHODS = ["lora", "adalora", "s2ft", "spiel", "oft", "vera", "orthogonal", "sor
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    worker = [str(HERE / "fsdp_worker.py"), "--data", str(SST2 / "dev.tsv")]
-    for cmd in ([sys.executable, *worker, "--out", str(tmp / "one")],
-                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *worker,
-                 "--out", str(tmp / "two")]):
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    run_one_and_two_ranks(HERE / "fsdp_worker.py", ["--data", str(SST2 / "dev.tsv")], tmp / "one", tmp / "two")
     return tmp / "one", tmp / "two"
 
 

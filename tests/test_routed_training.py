@@ -4,15 +4,12 @@ so the equality is exact up to float32 rounding), on real MiniLM weights, convol
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import SST2, tokenizer
+from helpers import SST2, run_one_and_two_ranks, tokenizer
 from torch import nn
 
 import deltatune as dt
@@ -380,14 +377,8 @@ def test_two_ddp_ranks_train_a_routed_batch_like_one_process(tmp_path):
     """2 gloo ranks, each with half of a routed batch (each half lacks one adapter, and one adapter
     has rows on neither), plain DDP (no find_unused_parameters): both ranks end with identical adapters, equal to
     one process on the whole batch."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
-           "PYTHONPATH": os.pathsep.join([str(HERE.parent / "src"), str(HERE), os.environ.get("PYTHONPATH", "")])}
-    worker = [str(HERE / "routed_ddp_worker.py"), "--data", str(SST2 / "dev.tsv")]
-    for cmd in ([sys.executable, *worker, "--out", str(tmp_path / "one")],
-                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *worker,
-                 "--out", str(tmp_path / "two")]):
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
-        assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    run_one_and_two_ranks(HERE / "routed_ddp_worker.py", ["--data", str(SST2 / "dev.tsv")], tmp_path / "one",
+                          tmp_path / "two", timeout=400)
     single = torch.load(tmp_path / "one" / "rank0.pt")
     ranks = [torch.load(tmp_path / "two" / f"rank{r}.pt") for r in (0, 1)]
     info = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
