@@ -173,8 +173,8 @@ def _untie(model: nn.Module, layers: list[AdaptedLayer]) -> None:
     for _, p in unwrap(model).named_parameters(remove_duplicate=False):
         count[id(p)] = count.get(id(p), 0) + 1
     for layer in layers:
-        w = layer.base.weight
-        if count.get(id(w), 0) > 1:
+        w = getattr(layer.base, "weight", None)  # None: a layer without one (e.g. HQQ's), which refuses merging
+        if w is not None and count.get(id(w), 0) > 1:
             warnings.warn(f"untying a shared weight of shape {tuple(w.shape)} before merging into it (tied "
                           "embeddings); the other module keeps the original values", stacklevel=3)
             layer.base.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)

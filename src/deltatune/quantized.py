@@ -15,8 +15,12 @@ int8 rows with one scale each) and computes ``y = x deq(W_q)^T + b`` in its own 
   adapter and ``dt.load`` it onto the original model). Adapter files are the ordinary ones: the update of a
   weight, valid on the unquantized base, whose quantization the adapter was trained against.
 
-bitsandbytes is an optional dependency: the kinds match by type name (nothing is imported until a bitsandbytes
-module is met). Registered ahead of ``linear`` (these modules subclass ``nn.Linear``).
+The same holds for torchao's int8 weight-only linears (an ``nn.Linear`` whose weight is a torchao tensor subclass,
+``quantize_(model, Int8WeightOnlyConfig())``), HQQ's ``HQQLinear`` and optimum-quanto's ``QLinear`` (after
+``quantize`` + ``freeze``); each dequantizes with its package's own ``dequantize()``.
+
+All these packages are optional dependencies: the kinds match by type name (nothing is imported until such a module
+is met). Registered ahead of ``linear`` (most of these modules are ``nn.Linear`` subclasses or instances).
 """
 from __future__ import annotations
 
@@ -56,6 +60,34 @@ def dequantize_8bit(m: nn.Module) -> torch.Tensor:
     if scale is None:
         raise ValueError(f"a {type(m).__name__} with int8 weights but no row scales (SCB): cannot dequantize it")
     return w.data.float() * (scale.float()[:, None] / 127.0)
+
+
+def _torchao(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) and type(m.weight).__module__.startswith("torchao")
+
+
+def _hqq(m: nn.Module) -> bool:
+    t = type(m)
+    return t.__module__.startswith("hqq") and any(c.__name__ == "HQQLinear" for c in t.__mro__)
+
+
+def _quanto(m: nn.Module) -> bool:
+    t = type(m)
+    return t.__module__.startswith("optimum.quanto") and any(c.__name__ == "QLinear" for c in t.__mro__)
+
+
+def dequantize_weight(m: nn.Module) -> torch.Tensor:
+    """``deq(W_q)`` (out x in) of a torchao- or quanto-quantized linear: the weight tensor subclass's own
+    ``dequantize()`` (a quanto layer not yet frozen still holds float weights)."""
+    w = m.weight
+    return w.dequantize() if hasattr(w, "dequantize") else w.data
+
+
+for name, title, match, deq in (("torchao_linear", "torchao quantized Linear", _torchao, dequantize_weight),
+                                ("hqq_linear", "HQQ HQQLinear", _hqq, lambda m: m.dequantize()),
+                                ("quanto_qlinear", "optimum-quanto QLinear", _quanto, dequantize_weight)):
+    register_kind(LayerKind(name, matches=match, weight=deq, title=title,
+                            merge_refusal=lambda m, title=title: MERGE_REFUSAL.format(title=title)), before="linear")
 
 
 for title, cls, deq in (("bitsandbytes Linear4bit", "Linear4bit", dequantize_4bit),
