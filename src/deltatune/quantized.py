@@ -34,9 +34,10 @@ MERGE_REFUSAL = ("{title} holds a quantized weight: merging would re-quantize W 
                  "adapter, dt.load it onto the original weights, dt.merge there)")
 
 
-def _is(m: nn.Module, name: str) -> bool:
+def _is(m: nn.Module, name: str, package: str = "bitsandbytes") -> bool:
+    """``m`` is a ``package`` class named ``name`` or a subclass of one (matched by name: nothing is imported)."""
     t = type(m)
-    return t.__module__.startswith("bitsandbytes") and any(c.__name__ == name for c in t.__mro__)
+    return t.__module__.startswith(package) and any(c.__name__ == name for c in t.__mro__)
 
 
 def dequantize_4bit(m: nn.Module) -> torch.Tensor:
@@ -66,16 +67,6 @@ def _torchao(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear) and type(m.weight).__module__.startswith("torchao")
 
 
-def _hqq(m: nn.Module) -> bool:
-    t = type(m)
-    return t.__module__.startswith("hqq") and any(c.__name__ == "HQQLinear" for c in t.__mro__)
-
-
-def _quanto(m: nn.Module) -> bool:
-    t = type(m)
-    return t.__module__.startswith("optimum.quanto") and any(c.__name__ == "QLinear" for c in t.__mro__)
-
-
 def dequantize_weight(m: nn.Module) -> torch.Tensor:
     """``deq(W_q)`` (out x in) of a torchao- or quanto-quantized linear: the weight tensor subclass's own
     ``dequantize()`` (a quanto layer not yet frozen still holds float weights)."""
@@ -84,8 +75,10 @@ def dequantize_weight(m: nn.Module) -> torch.Tensor:
 
 
 for name, title, match, deq in (("torchao_linear", "torchao quantized Linear", _torchao, dequantize_weight),
-                                ("hqq_linear", "HQQ HQQLinear", _hqq, lambda m: m.dequantize()),
-                                ("quanto_qlinear", "optimum-quanto QLinear", _quanto, dequantize_weight)):
+                                ("hqq_linear", "HQQ HQQLinear", lambda m: _is(m, "HQQLinear", "hqq"),
+                                 lambda m: m.dequantize()),
+                                ("quanto_qlinear", "optimum-quanto QLinear",
+                                 lambda m: _is(m, "QLinear", "optimum.quanto"), dequantize_weight)):
     register_kind(LayerKind(name, matches=match, weight=deq, title=title,
                             merge_refusal=lambda m, title=title: MERGE_REFUSAL.format(title=title)), before="linear")
 
